@@ -1,0 +1,13 @@
+"""The one error type users see: a single line naming the thing and what would be valid."""
+
+
+class LongtailError(Exception):
+    """A user-facing error. The CLI prints ``error: <message>`` on one line and exits 2."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def unknown(kind: str, name: object, valid) -> LongtailError:
+    """``unknown loss 'foo' (valid: ce, focal, mm)``."""
+    return LongtailError(f"unknown {kind} {name!r} (valid: {', '.join(sorted(map(str, valid))) or 'none installed'})")
