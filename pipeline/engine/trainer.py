@@ -1,0 +1,167 @@
+"""The training loop: plain, explicit and resumable (a checkpoint holds model, optimizer, epoch,
+RNG states, history and the best-epoch weights, so a run split into pretrain + finetune equals
+one uninterrupted run).
+
+The whole training set lives on the device as one uint8 tensor; samplers give index tensors;
+augmentation and normalisation run batched on the device. The trainer receives objects (model,
+criterion, a per-epoch re-balancing policy), never method names."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..data.augment import augment, normalize
+from .schedule import lr_at
+
+
+@dataclass
+class Rebalance:
+    """What re-balancing is active in one epoch: per-class loss weights (or None) and a sampler."""
+
+    class_weight: torch.Tensor | None
+    sampler: object
+
+
+@dataclass
+class DeviceData:
+    x_train: torch.Tensor  # uint8 [N, C, H, W] on the device
+    y_train: torch.Tensor  # int64 [N] on the device
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    mean: torch.Tensor  # [C] on the device
+    std: torch.Tensor
+    y_train_cpu: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.y_train_cpu = self.y_train.cpu()
+
+
+class Trainer:
+    def __init__(self, model, criterion, data: DeviceData, cfg, policy: Callable[[int], Rebalance],
+                 device: torch.device, seed: int, pad: int, flip: bool):
+        self.model, self.criterion, self.data, self.cfg = model, criterion, data, cfg
+        self.policy, self.device, self.pad, self.flip = policy, device, pad, flip
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.sample_gen = torch.Generator().manual_seed(seed)  # epoch orders (CPU)
+        self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1)  # crops and flips
+        self.epoch = 0  # next epoch to run
+        self.history: list[dict] = []
+        self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
+        self.needs_norms = bool(getattr(criterion, "needs_norms", False))
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "sample_gen": self.sample_gen.get_state(),
+            "aug_gen": self.aug_gen.get_state(),
+            "history": self.history,
+            "best": self.best,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.sample_gen.set_state(state["sample_gen"])
+        self.aug_gen.set_state(state["aug_gen"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def _logits(self, x):
+        if self.needs_norms:
+            feats = self.model.features(x)
+            return self.model.classifier(feats), feats
+        return self.model(x), None
+
+    def _loss(self, logits, feats, y, weight):
+        if self.needs_norms:
+            norms = (self.model.classifier.weight.norm(dim=1), feats.norm(dim=1))
+            return self.criterion(logits, y, class_weight=weight, norms=norms)
+        return self.criterion(logits, y, class_weight=weight)
+
+    def train_epoch(self, epoch: int, on_batch: Callable | None = None) -> dict:
+        cfg, d = self.cfg, self.data
+        lr = lr_at(epoch, cfg.lr, cfg.warmup_epochs, cfg.milestones, cfg.milestone_factors)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if hasattr(self.criterion, "set_epoch"):
+            self.criterion.set_epoch(epoch, cfg.epochs)
+        rebalance = self.policy(epoch)
+        order = rebalance.sampler.indices(d.y_train_cpu, epoch, cfg.epochs, self.sample_gen).to(self.device)
+        weight = None if rebalance.class_weight is None else rebalance.class_weight.to(self.device)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        start, n = time.perf_counter(), len(order)
+        steps = (n + cfg.batch_size - 1) // cfg.batch_size
+        for step in range(steps):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = normalize(augment(d.x_train[idx], self.pad, self.flip, self.aug_gen), d.mean, d.std)
+            y = d.y_train[idx]
+            logits, feats = self._logits(x)
+            loss = self._loss(logits, feats, y, weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            if on_batch is not None:
+                on_batch(step + 1, steps)
+        seconds = time.perf_counter() - start
+        return {"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
+                "images_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds,
+                "reweighted": weight is not None}
+
+    @torch.no_grad()
+    def predict(self, x_uint8: torch.Tensor, model=None) -> torch.Tensor:
+        model = model or self.model
+        model.eval()
+        out = []
+        for i in range(0, len(x_uint8), self.cfg.eval_batch_size):
+            x = normalize(x_uint8[i:i + self.cfg.eval_batch_size], self.data.mean, self.data.std)
+            out.append(model(x).argmax(1))
+        return torch.cat(out)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, until: int, on_epoch: Callable[[dict], None] | None = None,
+            save: Callable[[dict], None] | None = None, checkpoint_every: int = 1,
+            on_batch: Callable | None = None) -> None:
+        """Run epochs [self.epoch, until); evaluate every `eval_every` epochs and at the last one."""
+        while self.epoch < until:
+            e = self.epoch
+            row = self.train_epoch(e, on_batch)
+            last = e == self.cfg.epochs - 1 or e == until - 1
+            if (e + 1) % self.cfg.eval_every == 0 or last:
+                pred = self.predict(self.data.x_test)
+                acc = (pred == self.data.y_test).float().mean().item()
+                row["test_acc"] = acc
+                if acc > self.best["test_acc"]:
+                    self.best = {"epoch": e, "test_acc": acc,
+                                 "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+            self.history.append(row)
+            self.epoch = e + 1
+            if on_epoch is not None:
+                on_epoch(row)
+            if save is not None and (self.epoch % checkpoint_every == 0 or self.epoch == until):
+                save(self.state_dict())
+
+
+def best_model(model, state: dict):
+    """A copy of `model` holding the best-epoch weights recorded in a checkpoint (or None)."""
+    if state["best"]["model"] is None:
+        return None
+    m = copy.deepcopy(model)
+    m.load_state_dict(state["best"]["model"])
+    return m

@@ -1,0 +1,232 @@
+"""params.yaml -> validated settings. Every error names the key and the valid values.
+
+Validation runs before any work (each stage validates the whole file, so an inconsistent file fails
+in its first stage). Plugin names are checked against the installed entry points (metadata only).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import registry
+from .errors import LongtailError
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
+IMBALANCES = ("exp", "step")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Data:
+    root: str
+    n_max: int | None  # None = the source's own per-class count
+
+
+@dataclass(frozen=True)
+class Train:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup_epochs: int
+    milestones: tuple[int, ...]
+    milestone_factors: tuple[float, ...]
+    eval_every: int
+    eval_batch_size: int
+    reweighting: str
+    sampler: str
+    pad: int | None  # None = auto (image side / 8)
+    flip: bool | None  # None = auto (as the source allows)
+    device: str
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class Finetune:
+    start_epoch: int
+    reweighting: str
+    sampler: str
+
+
+@dataclass(frozen=True)
+class Params:
+    dataset: str
+    imbalance: str
+    ratio: float
+    loss: str
+    seed: int
+    data: Data
+    model_arch: str
+    model_params: dict
+    train: Train
+    finetune: Finetune
+    loss_params: dict
+    reweighting_params: dict  # name -> params
+    sampler_params: dict  # name -> params
+    experiment: str
+    raw: dict = field(repr=False, compare=False)
+
+    def section(self, *keys: str) -> dict:
+        """The raw values of some top-level keys (what a stage logs as its params)."""
+        return {k: copy.deepcopy(self.raw[k]) for k in keys if k in self.raw}
+
+
+def _get(d: dict, key: str, path: str):
+    if not isinstance(d, dict):
+        raise LongtailError(f"{path} must be a mapping, got {type(d).__name__}")
+    if key not in d:
+        raise LongtailError(f"missing key {path + '.' if path else ''}{key} in params.yaml")
+    return d[key]
+
+
+def _int(value, key: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LongtailError(f"{key} must be an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise LongtailError(f"{key} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise LongtailError(f"{key} must be <= {hi}, got {value}")
+    return value
+
+
+def _float(value, key: str, lo: float | None = None, hi: float | None = None, lo_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LongtailError(f"{key} must be a number, got {value!r}")
+    value = float(value)
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise LongtailError(f"{key} must be {'>' if lo_open else '>='} {lo}, got {value:g}")
+    if hi is not None and value > hi:
+        raise LongtailError(f"{key} must be <= {hi}, got {value:g}")
+    return value
+
+
+def _choice(value, key: str, valid) -> str:
+    if value not in valid:
+        raise LongtailError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+    return value
+
+
+def _auto(value, key: str, conv):
+    return None if value == "auto" else conv(value, key)
+
+
+def _bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise LongtailError(f"{key} must be true, false or auto, got {value!r}")
+    return value
+
+
+def _plugin(group: str, name, key: str) -> str:
+    if not isinstance(name, str):
+        raise LongtailError(f"{key} must be a plugin name, got {name!r}")
+    valid = registry.names(group)
+    if name not in valid:
+        raise LongtailError(f"{key}: unknown {group} plugin {name!r} (valid: {', '.join(valid) or 'none installed'})")
+    registry.check_name(group, name)
+    return name
+
+
+def _plugin_params(raw: dict, group_key: str, name: str) -> dict:
+    groups = raw.get(group_key) or {}
+    if not isinstance(groups, dict):
+        raise LongtailError(f"{group_key} must be a mapping of plugin name -> parameters")
+    params = groups.get(name) or {}
+    if not isinstance(params, dict):
+        raise LongtailError(f"{group_key}.{name} must be a mapping of parameters, got {params!r}")
+    return dict(params)
+
+
+def parse(raw: dict) -> Params:
+    """Validate a params mapping (as read from params.yaml) and return typed settings."""
+    if not isinstance(raw, dict):
+        raise LongtailError("params.yaml must be a mapping of keys to values")
+    dataset = _choice(_get(raw, "dataset", ""), "dataset", DATASETS)
+    imbalance = _choice(_get(raw, "imbalance", ""), "imbalance", IMBALANCES)
+    ratio = _float(_get(raw, "ratio", ""), "ratio", lo=1)
+    seed = _int(_get(raw, "seed", ""), "seed", lo=0)
+    loss = _plugin("losses", _get(raw, "loss", ""), "loss")
+
+    d = _get(raw, "data", "")
+    data = Data(root=str(_get(d, "root", "data")), n_max=_auto(_get(d, "n_max", "data"), "data.n_max",
+                                                                  lambda v, k: _int(v, k, lo=1)))
+
+    m = _get(raw, "model", "")
+    arch = _plugin("models", _get(m, "arch", "model"), "model.arch")
+    model_params = {k: v for k, v in m.items() if k != "arch"}
+
+    t = _get(raw, "train", "")
+    epochs = _int(_get(t, "epochs", "train"), "train.epochs", lo=1)
+    milestones = _get(t, "milestones", "train")
+    factors = _get(t, "milestone_factors", "train")
+    if not isinstance(milestones, list) or not isinstance(factors, list) or len(milestones) != len(factors):
+        raise LongtailError("train.milestones and train.milestone_factors must be lists of the same length")
+    milestones = tuple(_int(v, "train.milestones[]", lo=0) for v in milestones)
+    if list(milestones) != sorted(milestones):
+        raise LongtailError(f"train.milestones must be increasing, got {list(milestones)}")
+    factors = tuple(_float(v, "train.milestone_factors[]", lo=0, lo_open=True) for v in factors)
+    train = Train(
+        epochs=epochs,
+        batch_size=_int(_get(t, "batch_size", "train"), "train.batch_size", lo=1),
+        lr=_float(_get(t, "lr", "train"), "train.lr", lo=0, lo_open=True),
+        momentum=_float(_get(t, "momentum", "train"), "train.momentum", lo=0, hi=1),
+        weight_decay=_float(_get(t, "weight_decay", "train"), "train.weight_decay", lo=0),
+        warmup_epochs=_int(_get(t, "warmup_epochs", "train"), "train.warmup_epochs", lo=0, hi=epochs),
+        milestones=milestones,
+        milestone_factors=factors,
+        eval_every=_int(_get(t, "eval_every", "train"), "train.eval_every", lo=1),
+        eval_batch_size=_int(t.get("eval_batch_size", 1024), "train.eval_batch_size", lo=1),
+        reweighting=_plugin("reweighting", _get(t, "reweighting", "train"), "train.reweighting"),
+        sampler=_plugin("samplers", _get(t, "sampler", "train"), "train.sampler"),
+        pad=_auto(_get(t, "pad", "train"), "train.pad", lambda v, k: _int(v, k, lo=0)),
+        flip=_auto(_get(t, "flip", "train"), "train.flip", _bool),
+        device=_choice(t.get("device", "auto"), "train.device", DEVICES),
+        checkpoint_every=_int(t.get("checkpoint_every", 10), "train.checkpoint_every", lo=1),
+    )
+
+    f = _get(raw, "finetune", "")
+    finetune = Finetune(
+        start_epoch=_int(_get(f, "start_epoch", "finetune"), "finetune.start_epoch", lo=0),
+        reweighting=_plugin("reweighting", _get(f, "reweighting", "finetune"), "finetune.reweighting"),
+        sampler=_plugin("samplers", _get(f, "sampler", "finetune"), "finetune.sampler"),
+    )
+    if finetune.start_epoch > epochs:
+        raise LongtailError(
+            f"finetune.start_epoch ({finetune.start_epoch}) is beyond the last epoch: "
+            f"it must be between 0 and train.epochs ({epochs})"
+        )
+
+    tracking = raw.get("tracking") or {}
+    return Params(
+        dataset=dataset,
+        imbalance=imbalance,
+        ratio=ratio,
+        loss=loss,
+        seed=seed,
+        data=data,
+        model_arch=arch,
+        model_params=model_params,
+        train=train,
+        finetune=finetune,
+        loss_params=_plugin_params(raw, "losses", loss),
+        reweighting_params={n: _plugin_params(raw, "reweightings", n)
+                            for n in {train.reweighting, finetune.reweighting}},
+        sampler_params={n: _plugin_params(raw, "samplers", n) for n in {train.sampler, finetune.sampler}},
+        experiment=str(tracking.get("experiment", "longtail")),
+        raw=copy.deepcopy(raw),
+    )
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise LongtailError(f"params file {path} not found (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise LongtailError(f"params file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    return parse(raw)

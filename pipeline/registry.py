@@ -1,0 +1,146 @@
+"""Entry-point registry: every method (built-in or third-party) is found the same way.
+
+Listing reads package metadata and the plugin's source text only; it never imports the plugin
+(so ``longtail plugins list`` stays fast and torch-free). ``load`` imports one plugin on demand.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from .errors import LongtailError, unknown
+
+# group suffix -> what a plugin of that group builds (shown by `longtail plugins list`)
+GROUPS = {
+    "losses": "build(class_counts, **params) -> nn.Module with forward(logits, target, class_weight=None) and .head",
+    "reweighting": "build(class_counts, **params) -> list[float] per-class weights",
+    "samplers": "build(class_counts, **params) -> sampler with .indices(labels, epoch, epochs, generator)",
+    "models": "build(num_classes, in_channels, head, **params) -> nn.Module with .features(x) and .classifier",
+    "finetune": "build(**params) -> strategy with .run(context) for the fine-tune stage",
+}
+# the user-facing key that selects a plugin of each group, for error messages
+SELECTOR = {
+    "losses": "loss",
+    "reweighting": "train.reweighting / finetune.reweighting",
+    "samplers": "train.sampler / finetune.sampler",
+    "models": "model.arch",
+    "finetune": "finetune.strategy",
+}
+
+
+@dataclass
+class Plugin:
+    group: str
+    name: str
+    value: str  # "module:attr"
+    dist: str
+    problem: str = ""  # empty when the plugin looks loadable
+
+
+def _entry_points(group: str):
+    return entry_points(group=f"longtail.{group}")
+
+
+def _static_problem(value: str) -> str:
+    """Find what makes an entry point unloadable without running its code."""
+    module, _, attr = value.partition(":")
+    if not module or not attr:
+        return f"entry point {value!r} is not of the form 'module:function'"
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        return f"module {module!r} cannot be found ({exc.__class__.__name__}: {exc})"
+    if spec is None:
+        return f"module {module!r} is not installed"
+    if not spec.origin or not spec.origin.endswith(".py"):
+        return ""  # compiled or namespace module: only a real load can tell
+    try:
+        with open(spec.origin, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), filename=spec.origin)
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"module {module!r} does not parse ({exc.__class__.__name__}: {exc})"
+    top = attr.split(".")[0]
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == top:
+            return ""
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == top for t in targets):
+                return ""
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((a.asname or a.name.split(".")[0]) == top for a in node.names):
+                return ""
+    return f"module {module!r} defines no {top!r}"
+
+
+def discover(group: str | None = None) -> list[Plugin]:
+    """All installed plugins (of one group or all), with problems found statically and name clashes."""
+    groups = [group] if group else list(GROUPS)
+    found: list[Plugin] = []
+    for g in groups:
+        seen: dict[str, Plugin] = {}
+        for ep in _entry_points(g):
+            dist = ep.dist.name if ep.dist else "?"
+            plugin = Plugin(g, ep.name, ep.value, dist, _static_problem(ep.value))
+            if ep.name in seen and seen[ep.name].value != ep.value:
+                clash = f"name clash: {g} {ep.name!r} is declared by {seen[ep.name].dist} and {dist}"
+                plugin.problem = plugin.problem or clash
+                seen[ep.name].problem = seen[ep.name].problem or clash
+            seen.setdefault(ep.name, plugin)
+            found.append(plugin)
+    return found
+
+
+def names(group: str) -> list[str]:
+    return sorted({p.name for p in discover(group)})
+
+
+def check_name(group: str, name: str) -> None:
+    """Raise a one-line error if `name` is not an installed, unique plugin of `group`."""
+    matches = [p for p in discover(group) if p.name == name]
+    if not matches:
+        raise unknown(SELECTOR[group].split(" / ")[0] if group != "losses" else "loss", name, names(group))
+    if matches[0].problem:
+        raise LongtailError(f"{group} plugin {name!r} ({matches[0].dist}) is broken: {matches[0].problem}")
+
+
+def load(group: str, name: str):
+    """Import and return a plugin's build function; any failure is one clear line."""
+    check_name(group, name)
+    (ep,) = [ep for ep in _entry_points(group) if ep.name == name][:1]
+    try:
+        return ep.load()
+    except Exception as exc:  # a broken third-party package must not crash with a traceback
+        dist = ep.dist.name if ep.dist else "?"
+        raise LongtailError(
+            f"{group} plugin {name!r} ({dist}, {ep.value}) failed to import: {exc.__class__.__name__}: {exc}"
+        ) from exc
+
+
+def build(group: str, name: str, *args, params: dict | None = None, param_key: str = ""):
+    """Load a plugin and call its build function; bad params become a one-line error naming the key."""
+    fn = load(group, name)
+    params = dict(params or {})
+    try:
+        return fn(*args, **params)
+    except TypeError as exc:
+        if "argument" in str(exc):
+            raise LongtailError(f"bad parameters for {group} plugin {name!r} under {param_key or group}: {exc}") from exc
+        raise
+
+
+def check_all() -> list[Plugin]:
+    """Import every plugin for real (slow: imports torch); returns them with load errors filled in."""
+    plugins = discover()
+    for p in plugins:
+        if p.problem:
+            continue
+        try:
+            load(p.group, p.name)
+        except LongtailError as exc:
+            p.problem = str(exc)
+    return plugins

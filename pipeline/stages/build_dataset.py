@@ -1,0 +1,39 @@
+"""Stage 1: a source (cifar10, cifar100, imagefolder, digits) -> the long-tailed train split and the
+balanced test split, decoded once into one compact .npz, plus class_counts.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import io
+from ..data.profiles import lt_counts, select_long_tailed
+from ..data.sources import load_source, source_n_max
+from ..data.store import save_dataset
+from ..errors import LongtailError
+from ..params import Params
+
+OUT_DIR = Path("data/prepared")
+
+
+def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
+    raw = load_source(p.dataset, p.data.root)
+    available = source_n_max(raw)
+    n_max = p.data.n_max or available
+    if n_max > available:
+        raise LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that "
+                            f"{p.dataset} has (valid: 1..{available} or auto)")
+    counts = lt_counts(n_max, len(raw.classes), p.imbalance, p.ratio)
+    keep = select_long_tailed(raw.y_train, counts, seed=0)
+    save_dataset(out_dir / "dataset.npz", raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test,
+                 raw.classes, raw.mean, raw.std, raw.hflip)
+    summary = {"dataset": p.dataset, "imbalance": p.imbalance, "ratio": p.ratio, "n_max": n_max,
+               "train_images": int(sum(counts)), "test_images": int(len(raw.y_test)),
+               "image_shape": list(raw.x_train.shape[1:]),
+               "classes": list(raw.classes), "class_counts": [int(c) for c in counts]}
+    io.write_json(out_dir / "class_counts.json", summary)
+    if log is not None:
+        log.log_metrics({"train_images": summary["train_images"], "test_images": summary["test_images"]})
+        log.log_artifact(out_dir / "class_counts.json")
+    print(f"build-dataset: {p.dataset} {p.imbalance} r={p.ratio:g}: {summary['train_images']} train images "
+          f"{counts}, {summary['test_images']} test images -> {out_dir / 'dataset.npz'}")
+    return summary

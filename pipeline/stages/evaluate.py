@@ -1,0 +1,105 @@
+"""Stage 4: per-class evaluation of the final-epoch and the best-epoch weights on the balanced test
+set. Papers in the LDAM-DRW line report the best test accuracy over all (evaluated) epochs, which
+is optimistic; both are written, and the metrics say which is which."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from .. import figures, io
+from ..build import device_data, pick_device
+from ..data.store import load_dataset
+from ..engine.metrics import classification_report
+from ..engine.trainer import best_model
+from ..errors import LongtailError
+from ..params import Params
+from ..registry import build as build_plugin
+from .training import DATASET, FINAL
+
+METRICS = Path("metrics/eval.json")
+PLOTS = Path("plots")
+SUMMARY_KEYS = ("top1", "error", "many", "medium", "few")
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metrics: Path = METRICS,
+        plots: Path = PLOTS) -> dict:
+    ds = load_dataset(dataset)
+    state = io.load_checkpoint(final, "final checkpoint", "finetune")
+    meta = state.get("meta", {})
+    if meta.get("class_counts") != ds.class_counts:
+        raise LongtailError(f"{final} was trained on other data than {dataset}: re-run `dvc repro`")
+    device = pick_device(p.train.device)
+    torch.manual_seed(0)
+    model = build_plugin("models", meta["arch"], len(ds.class_counts), meta["in_channels"], meta["head"],
+                         params=meta["model_params"], param_key="model")
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    data = device_data(ds, device)
+
+    @torch.no_grad()
+    def predict(m):
+        out = []
+        for i in range(0, len(data.x_test), p.train.eval_batch_size):
+            x = data.x_test[i:i + p.train.eval_batch_size].float().div_(255)
+            x = (x - data.mean[None, :, None, None]) / data.std[None, :, None, None]
+            out.append(m(x).argmax(1).cpu())
+        return torch.cat(out).numpy()
+
+    y = ds.y_test
+    final_pred = predict(model)
+    best = best_model(model, state)
+    best_pred = predict(best.eval()) if best is not None else final_pred
+    rep_final = classification_report(y, final_pred, ds.class_counts)
+    rep_best = classification_report(y, best_pred, ds.class_counts)
+    history = state["history"]
+    evaluated = [r["epoch"] for r in history if "test_acc" in r]
+    result = {
+        "final": {"epoch": state["epoch"] - 1, **{k: rep_final[k] for k in SUMMARY_KEYS}},
+        "best": {"epoch": state["best"]["epoch"], **{k: rep_best[k] for k in SUMMARY_KEYS}},
+        "epochs_evaluated": len(evaluated),
+        "shots": {g: rep_final[f"{g}_classes"] for g in ("many", "medium", "few")},
+        "note": "best = the best test accuracy over the evaluated epochs (what LDAM-DRW-style papers report; "
+                "optimistic); final = the last epoch",
+    }
+    io.write_json(metrics, result)
+
+    classes = ds.classes
+    _write_csv(plots / "per_class.csv", ["class", "name", "train_images", "acc_final", "acc_best"],
+               [[i, classes[i], ds.class_counts[i], rep_final["per_class"][i], rep_best["per_class"][i]]
+                for i in range(len(classes))])
+    _write_csv(plots / "history.csv", ["epoch", "lr", "train_loss", "train_acc", "test_acc"],
+               [[r["epoch"], r["lr"], r["train_loss"], r["train_acc"], r.get("test_acc", "")] for r in history])
+    _write_csv(plots / "confusion.csv", ["actual", "predicted"],
+               [[classes[a], classes[b]] for a, b in zip(y.tolist(), final_pred.tolist())])
+    figures.curves(history, p.finetune.start_epoch, plots / "curves.png")
+    figures.per_class(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
+                      plots / "per_class.png")
+    figures.confusion(rep_final["confusion"], classes, plots / "confusion.png")
+
+    if log is not None:
+        flat = {f"{which}_{k}": v for which, rep in (("final", result["final"]), ("best", result["best"]))
+                for k, v in rep.items() if v is not None}
+        flat.update({f"class_acc_final/{i:03d}": a for i, a in enumerate(rep_final["per_class"]) if a is not None})
+        flat.update({f"class_acc_best/{i:03d}": a for i, a in enumerate(rep_best["per_class"]) if a is not None})
+        log.log_metrics(flat)
+        for f in (metrics, plots / "per_class.csv", plots / "history.csv", plots / "curves.png",
+                  plots / "per_class.png", plots / "confusion.png"):
+            log.log_artifact(f, "evaluation")
+    print(f"evaluate: final epoch {result['final']['epoch'] + 1}: top-1 {100 * rep_final['top1']:.2f}% "
+          f"(many {_pct(rep_final['many'])} / medium {_pct(rep_final['medium'])} / few {_pct(rep_final['few'])}); "
+          f"best epoch {result['best']['epoch'] + 1}: top-1 {100 * rep_best['top1']:.2f}%")
+    return result
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.1f}%"

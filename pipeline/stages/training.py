@@ -1,0 +1,110 @@
+"""Stages 2 and 3: pretrain runs epochs [0, finetune.start_epoch); finetune resumes that checkpoint
+exactly (lr schedule, momentum buffers, RNG states) for [start_epoch, train.epochs) with the
+deferred re-balancing switched on. Both keep a resume file outside DVC's outputs, so a stage that
+was killed picks up from its last checkpoint when re-run with the same inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .. import io
+from ..build import augmentation, build_loss, build_model, build_policy, device_data, pick_device
+from ..data.store import load_dataset
+from ..engine.progress import Progress
+from ..engine.trainer import Trainer
+from ..errors import LongtailError
+from ..params import Params
+
+DATASET = Path("data/prepared/dataset.npz")
+PRETRAIN = Path("models/pretrain.pt")
+FINAL = Path("models/final.pt")
+RESUME_DIR = Path(".longtail/resume")
+# the params that decide what training produces (evaluation-only settings are left out)
+TRAINING_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "data", "model", "train", "finetune",
+                 "losses", "reweightings", "samplers")
+
+
+def _fingerprint(stage: str, p: Params, dataset: Path) -> str:
+    h = hashlib.sha256(stage.encode())
+    h.update(json.dumps(p.section(*TRAINING_KEYS), sort_keys=True, default=str).encode())
+    with open(dataset, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def setup(p: Params, dataset: Path = DATASET):
+    """Everything a training stage needs, built from params: (trainer, meta)."""
+    ds = load_dataset(dataset)
+    device = pick_device(p.train.device)
+    torch.manual_seed(p.seed)
+    counts = ds.class_counts
+    loss = build_loss(p, counts).to(device)
+    model = build_model(p, len(counts), ds.x_train.shape[3], loss.head).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    aug = augmentation(p, ds)
+    trainer = Trainer(model, loss, device_data(ds, device), p.train, build_policy(p, counts), device,
+                      p.seed, aug.pad, aug.flip)
+    meta = {"class_counts": counts, "classes": ds.classes, "in_channels": int(ds.x_train.shape[3]),
+            "head": loss.head, "arch": p.model_arch, "model_params": p.model_params, "loss": p.loss,
+            "pad": aug.pad, "flip": aug.flip, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    return trainer, meta
+
+
+def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path = PRETRAIN,
+        final: Path = FINAL, resume_dir: Path = RESUME_DIR) -> dict:
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(stage)
+    trainer, meta = setup(p, dataset)
+    until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
+    out = pretrain if stage == "pretrain" else final
+    fingerprint = _fingerprint(stage, p, dataset)
+    resume = resume_dir / f"{stage}.pt"
+
+    if stage == "finetune":
+        state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain")
+        if state.get("epoch") != p.finetune.start_epoch or state.get("meta", {}).get("loss") != p.loss:
+            raise LongtailError(f"pretrain checkpoint {pretrain} stopped at epoch {state.get('epoch')} with loss "
+                                f"{state.get('meta', {}).get('loss')!r}, but finetune.start_epoch is "
+                                f"{p.finetune.start_epoch} and loss is {p.loss!r}: re-run `dvc repro pretrain`")
+        trainer.load_state_dict(state)
+    if resume.exists():
+        state = io.load_checkpoint(resume, "resume checkpoint")
+        if state.get("fingerprint") == fingerprint:
+            trainer.load_state_dict(state)
+            print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
+        else:
+            resume.unlink()
+
+    def save(state):
+        io.save_torch(resume, {**state, "fingerprint": fingerprint, "meta": meta})
+
+    def on_epoch(row):
+        progress.epoch(row)
+        if log is not None:
+            log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+    progress = Progress(stage, trainer.epoch, until, p.train.epochs)
+    if log is not None:
+        log.set_tags({"longtail.device": meta["device_name"]})
+        log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
+                        "resolved.device": meta["device"]})
+    trainer.fit(until, on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
+                on_batch=progress.batch if progress.tty else None)
+    io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "meta": meta})
+    if resume.exists():
+        os.unlink(resume)
+    ran = [r for r in trainer.history if r["epoch"] >= (0 if stage == "pretrain" else p.finetune.start_epoch)]
+    summary = {"epochs_run": len(ran),
+               "images_per_s": sum(r["images_per_s"] for r in ran) / len(ran) if ran else 0.0,
+               "seconds": sum(r["epoch_seconds"] for r in ran)}
+    if log is not None and ran:
+        log.log_metrics({"mean_images_per_s": summary["images_per_s"], "train_seconds": summary["seconds"]})
+    return summary

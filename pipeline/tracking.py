@@ -1,0 +1,149 @@
+"""The one place that talks to MLflow.
+
+Store: $MLFLOW_TRACKING_URI, else sqlite at the project root (mlflow.db; artifacts in mlartifacts/).
+The root is $DVC_ROOT when DVC runs the stage, so `dvc exp run --temp/--queue` (which run in a
+temporary copy) still log into the project's store. Each stage is an MLflow run, nested under one
+parent run per pipeline execution: the DVC experiment name when there is one, else a hash of the
+params and the git commit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+GROUP_TAG = "longtail.group"
+
+
+def project_root() -> Path:
+    env = os.environ.get("LONGTAIL_ROOT") or os.environ.get("DVC_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "dvc.yaml").exists() or (p / ".dvc").is_dir():
+            return p
+    return here
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _retry(fn, *args, **kwargs):
+    """SQLite allows one writer at a time: parallel queued experiments retry on a locked store."""
+    for attempt in range(30):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # mlflow wraps the sqlite error in its own exception types
+            if "locked" not in str(exc).lower() or attempt == 29:
+                raise
+            time.sleep(0.2 + 0.1 * attempt)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class StageRun:
+    """A thin handle that stages use to log; all MLflow calls go through here."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
+        for i in range(0, len(items), 100):
+            _retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            _retry(self.client.log_batch, self.run_id, metrics=items[i:i + 500])
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
+    except Exception:  # created meanwhile by a parallel run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _group(raw_params: dict) -> tuple[str, str]:
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    commit = _git_commit()
+    if exp_name:
+        return exp_name, commit
+    digest = hashlib.sha256((json.dumps(raw_params, sort_keys=True) + commit).encode()).hexdigest()[:12]
+    return f"repro-{digest}", commit
+
+
+@contextmanager
+def stage_run(stage: str, raw_params: dict, experiment: str = "longtail"):
+    """Open an MLflow run for one stage, nested under its pipeline-execution parent run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    exp_id = _retry(_experiment_id, client, experiment)
+    group, commit = _group(raw_params)
+    tags = {GROUP_TAG: group, "longtail.commit": commit, "mlflow.source.git.commit": commit,
+            "longtail.dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
+            "longtail.dataset": raw_params.get("dataset"), "longtail.loss": raw_params.get("loss")}
+    parents = _retry(client.search_runs, [exp_id],
+                     filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'",
+                     max_results=1)
+    if parents:
+        parent_id = parents[0].info.run_id
+    else:
+        parent = _retry(client.create_run, exp_id, run_name=group, tags={**tags, "longtail.parent": "true"})
+        parent_id = parent.info.run_id
+        StageRun(client, parent_id).log_params(raw_params)
+    run = _retry(client.create_run, exp_id, run_name=f"{group}/{stage}",
+                 tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id})
+    handle = StageRun(client, run.info.run_id)
+    handle.log_params(raw_params)
+    status = "FAILED"
+    try:
+        yield handle
+        status = "FINISHED"
+    finally:
+        _retry(client.set_terminated, run.info.run_id, status)
