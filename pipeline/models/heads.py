@@ -20,6 +20,8 @@ class CosineLinear(nn.Module):
 def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_features, num_classes)
+    if kind == "linear_nobias":  # L-Softmax works on W_j . x exactly (Liu et al., ICML 2016)
+        return nn.Linear(in_features, num_classes, bias=False)
     if kind == "cosine":
         return CosineLinear(in_features, num_classes)
     from ..errors import LongtailError

@@ -45,14 +45,15 @@ def setup(p: Params, dataset: Path = DATASET):
     torch.manual_seed(p.seed)
     counts = ds.class_counts
     loss = build_loss(p, counts).to(device)
-    model = build_model(p, len(counts), ds.x_train.shape[3], loss.head).to(device)
+    head = "linear_nobias" if getattr(loss, "needs_norms", False) else loss.head
+    model = build_model(p, len(counts), ds.x_train.shape[3], head).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     aug = augmentation(p, ds)
     trainer = Trainer(model, loss, device_data(ds, device), p.train, build_policy(p, counts), device,
                       p.seed, aug.pad, aug.flip)
     meta = {"class_counts": counts, "classes": ds.classes, "in_channels": int(ds.x_train.shape[3]),
-            "head": loss.head, "arch": p.model_arch, "model_params": p.model_params, "loss": p.loss,
+            "head": head, "arch": p.model_arch, "model_params": p.model_params, "loss": p.loss,
             "pad": aug.pad, "flip": aug.flip, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     return trainer, meta
