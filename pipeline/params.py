@@ -51,6 +51,8 @@ class Finetune:
     start_epoch: int
     reweighting: str
     sampler: str
+    strategy: str
+    strategy_params: dict
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,8 @@ def parse(raw: dict) -> Params:
         start_epoch=_int(_get(f, "start_epoch", "finetune"), "finetune.start_epoch", lo=0),
         reweighting=_plugin("reweighting", _get(f, "reweighting", "finetune"), "finetune.reweighting"),
         sampler=_plugin("samplers", _get(f, "sampler", "finetune"), "finetune.sampler"),
+        strategy=(strategy := _plugin("finetune", f.get("strategy", "continue"), "finetune.strategy")),
+        strategy_params=_plugin_params(raw, "finetunes", strategy),
     )
     if finetune.start_epoch > epochs:
         raise LongtailError(

@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import io
+from .. import io, registry
 from ..build import augmentation, build_loss, build_model, build_policy, device_data, pick_device
 from ..data.store import load_dataset
 from ..engine.progress import Progress
@@ -27,6 +28,22 @@ RESUME_DIR = Path(".longtail/resume")
 # the params that decide what training produces (evaluation-only settings are left out)
 TRAINING_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "data", "model", "train", "finetune",
                  "losses", "reweightings", "samplers")
+
+
+@dataclass
+class FinetuneContext:
+    """What a `longtail.finetune` strategy gets: the trainer resumed from the pretrain checkpoint
+    (model, optimizer, data on the device, the train.*/finetune.* re-balancing policy), the epoch to
+    train until, and the callbacks that print progress, log to MLflow and write resume checkpoints.
+    A strategy may replace `trainer.model` (e.g. a re-built classifier); it must then update `meta`
+    (`head`, ...) so that the evaluate stage can rebuild the model from the checkpoint."""
+
+    params: Params
+    trainer: Trainer
+    meta: dict
+    until: int
+    fit_kwargs: dict = field(default_factory=dict)
+    log: object = None
 
 
 def _fingerprint(stage: str, p: Params, dataset: Path) -> str:
@@ -97,8 +114,14 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         log.set_tags({"longtail.device": meta["device_name"]})
         log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
                         "resolved.device": meta["device"]})
-    trainer.fit(until, on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
-                on_batch=progress.batch if progress.tty else None)
+    fit_kwargs = dict(on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
+                      on_batch=progress.batch if progress.tty else None)
+    if stage == "pretrain":
+        trainer.fit(until, **fit_kwargs)
+    else:
+        strategy = registry.build("finetune", p.finetune.strategy, params=p.finetune.strategy_params,
+                                  param_key=f"finetunes.{p.finetune.strategy}")
+        strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log))
     io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "meta": meta})
     if resume.exists():
         os.unlink(resume)

@@ -1,0 +1,17 @@
+"""Built-in fine-tune strategies (entry-point group `longtail.finetune`).
+
+A strategy is `build(**params) -> object` with `run(ctx: FinetuneContext)`; it trains (or
+transforms) `ctx.trainer.model` from `ctx.trainer.epoch` up to `ctx.until`."""
+
+
+class Continue:
+    """Keep training the whole model with the same schedule; the finetune.* re-balancing is on from
+    finetune.start_epoch. With finetune.reweighting = cb this is DRW, with finetune.sampler =
+    class_balanced DRS (Cao et al., NeurIPS 2019, §3.3)."""
+
+    def run(self, ctx) -> None:
+        ctx.trainer.fit(ctx.until, **ctx.fit_kwargs)
+
+
+def build_continue() -> Continue:
+    return Continue()
