@@ -1,0 +1,57 @@
+"""Long-tailed class profiles and the LDAM-DRW image selection (docs/methods.md §1). numpy only."""
+
+import numbers
+
+import numpy as np
+
+from pipeline.errors import LongtailError, unknown
+
+IMBALANCE = ("exp", "step")
+
+
+def lt_counts(n_max: int, num_classes: int, imbalance: str, ratio: float) -> list[int]:
+    """Images per class, head first, for imbalance ratio r = n_max / n_min (Cao et al., NeurIPS 2019).
+
+    exp:  n_i = int(n_max * (1/r) ** (i / (C-1))), i = 0..C-1.
+    step: the first C//2 classes keep n_max, the other C - C//2 keep int(n_max / r)
+          (for odd C the extra class goes to the tail).
+    r = 1 gives the balanced profile [n_max] * C.
+    """
+    if imbalance not in IMBALANCE:
+        raise unknown("imbalance", imbalance, IMBALANCE)
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio >= 1:
+        raise LongtailError(f"ratio must be a number >= 1 (n_max / n_min), got {ratio!r}")
+    if num_classes < 1 or n_max < 1:
+        raise LongtailError(f"need num_classes >= 1 and n_max >= 1, got num_classes={num_classes}, n_max={n_max}")
+    if num_classes == 1:
+        return [int(n_max)]
+    if imbalance == "exp":
+        counts = [int(n_max * (1 / ratio) ** (i / (num_classes - 1))) for i in range(num_classes)]
+    else:
+        head = num_classes // 2
+        counts = [int(n_max)] * head + [int(n_max / ratio)] * (num_classes - head)
+    if min(counts) < 1:
+        raise LongtailError(f"ratio {ratio} leaves a class with no images (n_max = {n_max}); use ratio <= {n_max}")
+    return counts
+
+
+def select_long_tailed(labels: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
+    """Indices of the long-tailed subset, as in the LDAM-DRW code (Cao et al., NeurIPS 2019).
+
+    Seed numpy once, then for each class c in label order shuffle np.where(labels == c)[0] and keep
+    the first counts[c]. A private RandomState(seed) gives the same stream as np.random.seed(seed)
+    without touching the global state. The chosen images depend only on each class's internal order.
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) and (present[0] < 0 or present[-1] >= len(counts)):
+        raise LongtailError(f"labels span {present[0]}..{present[-1]} but the profile has {len(counts)} classes")
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for c, n in enumerate(counts):
+        idx = np.where(labels == c)[0]
+        if len(idx) < n:
+            raise LongtailError(f"class {c} has {len(idx)} training images but the profile asks for {n}")
+        rng.shuffle(idx)
+        chosen.append(idx[:n])
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,96 @@
+"""The prepared dataset artifact: one uncompressed .npz, written atomically. numpy only."""
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import LongtailError
+
+KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "mean", "std", "hflip")
+
+
+@dataclass
+class Prepared:
+    x_train: np.ndarray  # uint8 [N, H, W, C]
+    y_train: np.ndarray  # int64 [N]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    mean: tuple[float, ...]  # per channel, [0, 1] units
+    std: tuple[float, ...]
+    hflip: bool
+    class_counts: list[int]  # training images per class, from y_train
+
+
+def save_dataset(path, x_train, y_train, x_test, y_test, classes, mean, std, hflip) -> None:
+    """Write the dataset to `path` atomically: a temp file in the same folder, fsync, then os.replace."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    arrays = dict(
+        x_train=np.ascontiguousarray(x_train, dtype=np.uint8), y_train=np.asarray(y_train, dtype=np.int64),
+        x_test=np.ascontiguousarray(x_test, dtype=np.uint8), y_test=np.asarray(y_test, dtype=np.int64),
+        classes=np.asarray([str(c) for c in classes], dtype=np.str_), mean=np.asarray(mean, dtype=np.float64),
+        std=np.asarray(std, dtype=np.float64), hflip=np.asarray(bool(hflip)),
+    )
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the artifact is an ordinary shared file
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_dataset(path) -> Prepared:
+    """Read and check a dataset written by save_dataset."""
+    path = os.fspath(path)
+    redo = "re-run the build-dataset stage (dvc repro build_dataset)"
+
+    def bad(why):
+        return LongtailError(f"prepared dataset {path} {why}; {redo}")
+
+    if not os.path.isfile(path):
+        raise bad("does not exist")
+    if not zipfile.is_zipfile(path):
+        raise bad("is not an .npz archive (empty, truncated or overwritten)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in KEYS if k not in z.files]
+            if missing:
+                raise bad(f"lacks {', '.join(missing)}")
+            a = {k: z[k] for k in KEYS}
+    except LongtailError:
+        raise
+    except Exception as e:  # truncated, not a zip, bad CRC, pickled object arrays, ...
+        raise bad(f"is unreadable ({type(e).__name__}: {e})") from None
+
+    for split in ("train", "test"):
+        x, y = a[f"x_{split}"], a[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int64 or y.shape != (len(x),):
+            raise bad(f"has x_{split} {x.dtype}{list(x.shape)}, y_{split} {y.dtype}{list(y.shape)} "
+                      f"(expected uint8 [N,H,W,C] and int64 [N])")
+    c = a["x_train"].shape[3]
+    if a["x_test"].shape[1:] != a["x_train"].shape[1:]:
+        raise bad(f"has test images {list(a['x_test'].shape[1:])} but train images {list(a['x_train'].shape[1:])}")
+    if a["classes"].dtype.kind != "U" or a["classes"].ndim != 1 or len(a["classes"]) == 0:
+        raise bad("has no valid class-name list")
+    if a["mean"].shape != (c,) or a["std"].shape != (c,) or a["hflip"].shape != () or a["hflip"].dtype != bool:
+        raise bad(f"has mean/std/hflip of the wrong shape (expected {c} channels)")
+    k = len(a["classes"])
+    for split in ("train", "test"):
+        y = a[f"y_{split}"]
+        if len(y) and (y.min() < 0 or y.max() >= k):
+            raise bad(f"has y_{split} labels outside 0..{k - 1}")
+    return Prepared(
+        a["x_train"], a["y_train"], a["x_test"], a["y_test"], [str(s) for s in a["classes"]],
+        tuple(float(v) for v in a["mean"]), tuple(float(v) for v in a["std"]), bool(a["hflip"]),
+        np.bincount(a["y_train"], minlength=k).tolist(),
+    )

@@ -1,0 +1,164 @@
+"""Re-sampling (docs/methods.md §3). Entry points of group longtail.samplers.
+
+Contract: build_<name>(class_counts, **params) -> a sampler with
+  indices(labels, epoch, epochs, generator) -> int64 tensor: the sample order of one epoch
+      (labels: int64 CPU tensor whose class counts equal class_counts; epoch 0-based; CPU generator),
+  class_probabilities(epoch, epochs) -> list[float]: the probability p_j of drawing class j,
+  strong_augment (bool) and last_repeat_mask (bool tensor aligned with the last indices(), True for
+      extra copies of an image, or None when the sampler never repeats on purpose).
+Samplers with replacement draw each sample with probability p_y / n_y, so class j gets p_j.
+"""
+
+import torch
+
+from pipeline.errors import LongtailError
+
+
+def _counts(class_counts) -> list[int]:
+    counts = [int(n) for n in class_counts]
+    if not counts or min(counts) < 1 or counts != list(class_counts):
+        raise LongtailError(f"class_counts must be positive integers, got {list(class_counts)}")
+    return counts
+
+
+class Sampler:
+    strong_augment = False
+    last_repeat_mask = None
+
+    def __init__(self, class_counts):
+        self.class_counts = _counts(class_counts)
+
+    def class_probabilities(self, epoch: int = 0, epochs: int = 1) -> list[float]:
+        raise NotImplementedError
+
+    def indices(self, labels: torch.Tensor, epoch: int, epochs: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _members(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Sample positions of each class, in order; checks labels against class_counts."""
+        if labels.ndim != 1 or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be a 1-D int64 tensor, got {labels.dtype} {list(labels.shape)}")
+        counts = torch.bincount(labels, minlength=len(self.class_counts)).tolist()
+        if counts != self.class_counts:
+            j = next(j for j, (a, b) in enumerate(zip(counts + [0], self.class_counts + [0])) if a != b)
+            have, want = (counts + [0])[j], (self.class_counts + [0])[j]
+            raise LongtailError(f"the sampler was built for other class counts: class {j} has {have} "
+                                f"labels, expected {want} ({len(self.class_counts)} classes)")
+        return list(torch.argsort(labels, stable=True).split(counts))
+
+    def _draw(self, labels, p, generator):
+        """len(labels) draws with replacement, sample i with probability p[y_i] / n[y_i]."""
+        self._members(labels)
+        p = torch.tensor(p, dtype=torch.float64) / torch.tensor(self.class_counts, dtype=torch.float64)
+        return torch.multinomial(p[labels], len(labels), replacement=True, generator=generator)
+
+
+class InstanceSampler(Sampler):
+    """Instance-balanced (plain) sampling, q = 1: every image once per epoch in random order."""
+
+    def class_probabilities(self, epoch=0, epochs=1):
+        total = sum(self.class_counts)
+        return [n / total for n in self.class_counts]
+
+    def indices(self, labels, epoch, epochs, generator):
+        self._members(labels)
+        return torch.randperm(len(labels), generator=generator)
+
+
+class PowerSampler(Sampler):
+    """p_j proportional to n_j^q, len(labels) draws with replacement (Kang et al., ICLR 2020:
+    q = 0 class-balanced, q = 1/2 square-root; q = -1 is BBN's reversed sampler, p_j ~ n_max / n_j)."""
+
+    def __init__(self, class_counts, q: float):
+        super().__init__(class_counts)
+        self.q = q
+
+    def class_probabilities(self, epoch=0, epochs=1):
+        w = [n ** self.q for n in self.class_counts]
+        return [v / sum(w) for v in w]
+
+    def indices(self, labels, epoch, epochs, generator):
+        return self._draw(labels, self.class_probabilities(epoch, epochs), generator)
+
+
+class ProgressiveSampler(Sampler):
+    """Progressively balanced (Kang et al., ICLR 2020): p_j(t) = (1 - t/T) p_j^IB + (t/T) p_j^CB,
+    t = epoch, T = epochs; draws with replacement."""
+
+    def class_probabilities(self, epoch=0, epochs=1):
+        if not (epochs >= 1 and 0 <= epoch <= epochs):
+            raise ValueError(f"need 0 <= epoch <= epochs and epochs >= 1, got epoch={epoch}, epochs={epochs}")
+        t = epoch / epochs
+        total, c = sum(self.class_counts), len(self.class_counts)
+        return [(1 - t) * n / total + t / c for n in self.class_counts]
+
+    def indices(self, labels, epoch, epochs, generator):
+        return self._draw(labels, self.class_probabilities(epoch, epochs), generator)
+
+
+class OversampleSampler(Sampler):
+    """Random over-sampling to n_max per class. Rule: each image of class j is kept floor(n_max / n_j)
+    times and (n_max mod n_j) of them, drawn without replacement, once more; the epoch (C * n_max
+    samples) is then permuted. The first copy of an image is the original, the others are repeats
+    (last_repeat_mask), which the trainer may augment more strongly when strong_augment is set."""
+
+    def __init__(self, class_counts, strong_augment: bool = False):
+        super().__init__(class_counts)
+        if not isinstance(strong_augment, bool):
+            raise LongtailError(f"samplers.oversample.strong_augment must be true or false, got {strong_augment!r}")
+        self.strong_augment = strong_augment
+
+    def class_probabilities(self, epoch=0, epochs=1):
+        return [1 / len(self.class_counts)] * len(self.class_counts)
+
+    def indices(self, labels, epoch, epochs, generator):
+        n_max = max(self.class_counts)
+        idx, repeat = [], []
+        for members in self._members(labels):
+            k, r = divmod(n_max, len(members))
+            idx += [members.repeat(k), members[torch.randperm(len(members), generator=generator)[:r]]]
+            repeat += [torch.arange(k * len(members)) >= len(members), torch.ones(r, dtype=torch.bool)]
+        perm = torch.randperm(n_max * len(self.class_counts), generator=generator)
+        self.last_repeat_mask = torch.cat(repeat)[perm]
+        return torch.cat(idx)[perm]
+
+
+class UndersampleSampler(Sampler):
+    """Random under-sampling: each epoch every class keeps n_min images chosen without replacement,
+    then the C * n_min samples are permuted."""
+
+    def class_probabilities(self, epoch=0, epochs=1):
+        return [1 / len(self.class_counts)] * len(self.class_counts)
+
+    def indices(self, labels, epoch, epochs, generator):
+        n_min = min(self.class_counts)
+        idx = [m[torch.randperm(len(m), generator=generator)[:n_min]] for m in self._members(labels)]
+        return torch.cat(idx)[torch.randperm(n_min * len(self.class_counts), generator=generator)]
+
+
+def build_instance(class_counts):
+    return InstanceSampler(class_counts)
+
+
+def build_class_balanced(class_counts):
+    return PowerSampler(class_counts, q=0.0)
+
+
+def build_sqrt(class_counts):
+    return PowerSampler(class_counts, q=0.5)
+
+
+def build_reversed(class_counts):
+    return PowerSampler(class_counts, q=-1.0)
+
+
+def build_progressive(class_counts):
+    return ProgressiveSampler(class_counts)
+
+
+def build_oversample(class_counts, strong_augment: bool = False):
+    return OversampleSampler(class_counts, strong_augment)
+
+
+def build_undersample(class_counts):
+    return UndersampleSampler(class_counts)

@@ -1,0 +1,187 @@
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import sources
+from pipeline.data.sources import load_source, source_n_max
+from pipeline.errors import LongtailError
+
+
+# ------------------------------------------------------------------------------------ digits
+
+def test_digits_split_is_balanced_and_deterministic():
+    raw = load_source("digits", "unused")
+    assert raw.x_train.shape == (1297, 8, 8, 1) and raw.x_test.shape == (500, 8, 8, 1)
+    assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
+    assert np.bincount(raw.y_test).tolist() == [50] * 10
+    assert raw.x_train.max() == 255 and raw.hflip is False and raw.classes == [str(i) for i in range(10)]
+    assert source_n_max(raw) == 124  # class 8: 174 images - 50
+    assert len(raw.mean) == len(raw.std) == 1 and 0 < raw.mean[0] < 1
+    assert np.allclose(raw.mean[0], (raw.x_train / 255).mean()) and np.allclose(raw.std[0], (raw.x_train / 255).std())
+    # the test images are the last 50 of each class in the original order
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    last = np.concatenate([np.where(d.target == c)[0][-50:] for c in range(10)])
+    assert np.array_equal(raw.x_test[..., 0], np.rint(d.images[np.sort(last)] * 255 / 16).astype(np.uint8))
+
+
+def test_unknown_source():
+    with pytest.raises(LongtailError, match="unknown dataset 'mnist'.*cifar10"):
+        load_source("mnist", ".")
+
+
+# ------------------------------------------------------------------------------ image folder
+
+def _tree(root, sizes=None, fmt="png", per_class=(3, 2)):
+    """root/{train,test}/{cat,ant}/: small images whose first pixel encodes (split, class, index)."""
+    rng = np.random.default_rng(0)
+    for s, split in enumerate(("train", "test")):
+        for c, name in enumerate(("cat", "ant")):  # sorted order: ant = 0, cat = 1
+            os.makedirs(root / split / name)
+            for i in range(per_class[s]):
+                a = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+                a[0, 0] = (s, c, i)
+                Image.fromarray(a).save(root / split / name / f"{i:02d}.{fmt}")
+    return root
+
+
+def test_imagefolder_order_and_labels(tmp_path):
+    raw = load_source("imagefolder", str(_tree(tmp_path)))
+    assert raw.classes == ["ant", "cat"] and raw.hflip is True
+    assert raw.x_train.shape == (6, 6, 5, 3) and raw.x_test.shape == (4, 6, 5, 3)
+    assert raw.y_train.tolist() == [0, 0, 0, 1, 1, 1] and raw.y_test.tolist() == [0, 0, 1, 1]
+    # class index follows sorted folder names ("ant" was written as c=1), files sorted by name
+    assert raw.x_train[:, 0, 0].tolist() == [[0, 1, i] for i in range(3)] + [[0, 0, i] for i in range(3)]
+    assert raw.x_test[:, 0, 0].tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 0, 1]]
+    mean, std = raw.mean, raw.std
+    assert np.allclose(mean, (raw.x_train / 255).mean((0, 1, 2)))
+    assert np.allclose(std, (raw.x_train / 255).std((0, 1, 2)))
+
+
+def test_imagefolder_jpeg_grayscale_and_parallel_decode(tmp_path, monkeypatch):
+    _tree(tmp_path, fmt="jpg")
+    Image.new("L", (5, 6), 7).save(tmp_path / "train" / "ant" / "zz.jpeg")  # grayscale -> RGB
+    (tmp_path / "train" / "ant" / "notes.txt").write_text("ignored")
+    serial = load_source("imagefolder", str(tmp_path))
+    assert serial.x_train.shape == (7, 6, 5, 3) and (serial.x_train[3] == 7).all()
+    monkeypatch.setattr(sources, "PARALLEL_DECODE_MIN", 1)  # exercise the process pool on the tiny tree
+    parallel = load_source("imagefolder", str(tmp_path))
+    assert np.array_equal(serial.x_train, parallel.x_train) and np.array_equal(serial.x_test, parallel.x_test)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_imagefolder_corrupt_file(tmp_path, monkeypatch, parallel):
+    _tree(tmp_path)
+    (tmp_path / "train" / "cat" / "01.png").write_bytes(b"\x89PNG not really")
+    if parallel:
+        monkeypatch.setattr(sources, "PARALLEL_DECODE_MIN", 1)
+    with pytest.raises(LongtailError, match=r"cannot decode image .*train/cat/01\.png"):
+        load_source("imagefolder", str(tmp_path))
+
+
+def test_imagefolder_size_mismatch(tmp_path):
+    _tree(tmp_path)
+    Image.new("RGB", (9, 9)).save(tmp_path / "test" / "ant" / "05.png")
+    with pytest.raises(LongtailError, match=r"test/ant/05\.png is 9x9 .* 5x6"):
+        load_source("imagefolder", str(tmp_path))
+
+
+def test_imagefolder_layout_errors(tmp_path):
+    _tree(tmp_path)
+    os.rename(tmp_path / "test", tmp_path / "val")
+    with pytest.raises(LongtailError, match=r"test is not a directory; expected .*train/<class>/<image>"):
+        load_source("imagefolder", str(tmp_path))
+    os.makedirs(tmp_path / "test" / "ant")
+    with pytest.raises(LongtailError, match="test/ant holds no images"):
+        load_source("imagefolder", str(tmp_path))
+    with pytest.raises(LongtailError, match="not a directory"):
+        load_source("imagefolder", str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------------------------- CIFAR
+
+def _cifar_files(name, per_batch=20, seed=0):
+    """Synthetic archives with the original layout: {member: pickled dict}, plus the expected arrays."""
+    rng = np.random.default_rng(seed)
+    c = 10 if name == "cifar10" else 100
+    key = "labels" if name == "cifar10" else "fine_labels"
+    train = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
+    files, xs, ys = {}, {}, {}
+    for member in train + (["test_batch"] if name == "cifar10" else ["test"]):
+        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        y = rng.integers(0, c, per_batch).tolist()
+        d = {"batch_label": member, key: y, "data": x, "filenames": [f"{i}.png" for i in range(per_batch)]}
+        if name == "cifar100":
+            d["coarse_labels"] = [v // 5 for v in y]
+        files[member], xs[member], ys[member] = pickle.dumps(d, protocol=2), x, y
+    names = [f"class{i}" for i in range(c)]
+    meta = {"label_names": names} if name == "cifar10" else {"fine_label_names": names, "coarse_label_names": []}
+    files["batches.meta" if name == "cifar10" else "meta"] = pickle.dumps(meta, protocol=2)
+    hwc = lambda m: xs[m].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    test = "test_batch" if name == "cifar10" else "test"
+    x_train, y_train = np.concatenate([hwc(m) for m in train]), np.concatenate([ys[m] for m in train])
+    return files, (x_train, y_train, hwc(test), ys[test], names)
+
+
+def _write(root, name, files, archive):
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    os.makedirs(root / folder)
+    for m, blob in files.items():
+        (root / folder / m).write_bytes(blob)
+    if archive:
+        tar_name = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
+        with tarfile.open(root / tar_name, "w:gz") as tar:
+            tar.add(root / folder, arcname=folder)
+        for m in files:
+            os.remove(root / folder / m)
+        os.rmdir(root / folder)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("archive", [False, True])
+def test_cifar_archives(tmp_path, name, archive):
+    files, (x_train, y_train, x_test, y_test, names) = _cifar_files(name)
+    _write(tmp_path, name, files, archive)
+    raw = load_source(name, str(tmp_path))
+    n_train = 100 if name == "cifar10" else 20
+    assert raw.x_train.shape == (n_train, 32, 32, 3) and raw.x_test.shape == (20, 32, 32, 3)
+    assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
+    assert np.array_equal(raw.x_train, x_train) and raw.y_train.tolist() == y_train.tolist()
+    assert np.array_equal(raw.x_test, x_test) and raw.y_test.tolist() == y_test
+    assert raw.classes == names and raw.hflip is True
+    assert raw.mean == (0.4914, 0.4822, 0.4465) and raw.std == (0.2023, 0.1994, 0.2010)
+
+
+def test_cifar_missing_member(tmp_path):
+    files, _ = _cifar_files("cifar10")
+    del files["data_batch_3"]
+    _write(tmp_path, "cifar10", files, archive=False)
+    with pytest.raises(LongtailError, match="data_batch_3 is missing"):
+        load_source("cifar10", str(tmp_path))
+
+
+def test_cifar_no_data_no_network(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(LongtailError) as e:
+        load_source("cifar10", str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path) in msg and "network is unreachable" in msg
+    assert "cifar-10-python.tar.gz" in msg and "dataset=imagefolder" in msg and "data.root=" in msg
+    with pytest.raises(LongtailError, match="cifar-100-python.tar.gz"):
+        load_source("cifar100", str(tmp_path))
+
+
+def test_source_n_max():
+    raw = sources.RawData(np.zeros((7, 1, 1, 1), np.uint8), np.array([0, 0, 0, 1, 1, 2, 2]), None, None,
+                          ["a", "b", "c"], (0.0,), (1.0,), False)
+    assert source_n_max(raw) == 2

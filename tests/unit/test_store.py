@@ -1,0 +1,95 @@
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from pipeline.data.store import load_dataset, save_dataset
+from pipeline.errors import LongtailError
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(
+        x_train=rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8), y_train=np.array([0] * 6 + [1] * 4 + [2] * 2),
+        x_test=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), y_test=np.array([0, 1, 2] * 2),
+        classes=["airplane", "automobile", "bird"], mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
+        hflip=True,
+    )
+
+
+def test_round_trip(tmp_path):
+    a = _arrays()
+    path = tmp_path / "sub" / "dataset.npz"  # the folder is created
+    save_dataset(path, **a)
+    d = load_dataset(path)
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        assert np.array_equal(getattr(d, k), a[k]) and getattr(d, k).dtype == (np.uint8 if k[0] == "x" else np.int64)
+    assert d.classes == a["classes"] and d.mean == a["mean"] and d.std == a["std"] and d.hflip is True
+    assert d.class_counts == [6, 4, 2]
+    assert os.listdir(tmp_path / "sub") == ["dataset.npz"]
+
+
+def test_overwrite_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    path = tmp_path / "dataset.npz"
+    save_dataset(path, **_arrays(0))
+    save_dataset(path, **_arrays(1))
+    assert os.listdir(tmp_path) == ["dataset.npz"]
+    assert np.array_equal(load_dataset(path).x_train, _arrays(1)["x_train"])
+
+    def crash(*args, **kwargs):  # the writer dies half-way
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_dataset(path, **_arrays(2))
+    assert os.listdir(tmp_path) == ["dataset.npz"]  # old file intact, no temp file left
+    assert np.array_equal(load_dataset(path).x_train, _arrays(1)["x_train"])
+
+
+def _corrupt(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "not a zip":
+        path.write_bytes(b"hello, I am a text file\n")
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "missing key":
+        a = _arrays()
+        del a["hflip"]
+        np.savez(path, **a)
+    elif how == "wrong dtype":
+        a = _arrays()
+        a["x_train"] = a["x_train"].astype(np.float32)
+        np.savez(path, **a)
+    elif how == "wrong shape":
+        a = _arrays()
+        a["y_train"] = a["y_train"][:5]
+        np.savez(path, **{k: np.asarray(v) for k, v in a.items()})
+    elif how == "label out of range":
+        a = _arrays()
+        a["y_test"] = a["y_test"] + 1
+        np.savez(path, **{k: np.asarray(v) for k, v in a.items()})
+    elif how == "flipped byte":
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("x_train.npy")
+        data = bytearray(data)
+        data[info.header_offset + 200] ^= 0xFF  # inside the stored array: CRC mismatch
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "not a zip", "empty", "missing key", "wrong dtype", "wrong shape",
+                                 "label out of range", "flipped byte"])
+def test_corrupt_file(tmp_path, how):
+    path = tmp_path / "dataset.npz"
+    save_dataset(path, **_arrays())
+    _corrupt(path, how)
+    with pytest.raises(LongtailError) as e:
+        load_dataset(path)
+    assert str(path) in str(e.value) and "dvc repro build_dataset" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LongtailError, match=r"nope\.npz does not exist; re-run the build-dataset stage"):
+        load_dataset(tmp_path / "nope.npz")
