@@ -116,6 +116,17 @@ def plugins_check():
         raise typer.Exit(1)
 
 
+@plugins_app.command("new")
+def plugins_new(name: str = typer.Argument(..., help="the loss name, e.g. my_loss"),
+                dest: Optional[Path] = typer.Option(None, help="where to write it (default plugins/longtail-NAME)"),
+                params: Path = ParamsOpt):
+    """Scaffold a new loss plugin package (pyproject with the entry point, loss module, contract test)."""
+    from .scaffold import new_loss
+
+    out = new_loss(name, dest or Path("plugins") / f"longtail-{name.replace('_', '-')}", params)
+    typer.echo(f"wrote {out}; next: pip install -e {out} && pytest {out} && dvc exp run -S loss={name}")
+
+
 def _print_plugins(found) -> None:
     width = max([len(p.name) for p in found] + [4])
     group = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,6 +55,12 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
         self.needs_norms = bool(getattr(criterion, "needs_norms", False))
+        self.channels_last = device.type == "cuda"
+        self.amp = device.type == "cuda" and bool(getattr(cfg, "amp", True))
+
+    def autocast(self):
+        """bf16 autocast on CUDA (the loss itself is computed in float32); a no-op on CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp) if self.amp else _nullcontext()
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -106,12 +113,23 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         start, n = time.perf_counter(), len(order)
         steps = (n + cfg.batch_size - 1) // cfg.batch_size
+        # a sampler that repeats minority images may ask for stronger augmentation of the copies
+        repeats = rebalance.sampler.last_repeat_mask if getattr(rebalance.sampler, "strong_augment", False) else None
+        if repeats is not None:
+            repeats = repeats.to(self.device)
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = normalize(augment(d.x_train[idx], self.pad, self.flip, self.aug_gen), d.mean, d.std)
+            x = augment(d.x_train[idx], self.pad, self.flip, self.aug_gen)
+            if repeats is not None:  # copies: doubled crop padding
+                strong = augment(d.x_train[idx], 2 * self.pad, self.flip, self.aug_gen)
+                x = torch.where(repeats[step * cfg.batch_size:(step + 1) * cfg.batch_size, None, None, None], strong, x)
+            x = normalize(x, d.mean, d.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = d.y_train[idx]
-            logits, feats = self._logits(x)
-            loss = self._loss(logits, feats, y, weight)
+            with self.autocast():
+                logits, feats = self._logits(x)
+                loss = self._loss(logits.float(), feats, y, weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -131,17 +149,24 @@ class Trainer:
         out = []
         for i in range(0, len(x_uint8), self.cfg.eval_batch_size):
             x = normalize(x_uint8[i:i + self.cfg.eval_batch_size], self.data.mean, self.data.std)
-            out.append(model(x).argmax(1))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                out.append(model(x).argmax(1))
         return torch.cat(out)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, until: int, on_epoch: Callable[[dict], None] | None = None,
             save: Callable[[dict], None] | None = None, checkpoint_every: int = 1,
-            on_batch: Callable | None = None) -> None:
-        """Run epochs [self.epoch, until); evaluate every `eval_every` epochs and at the last one."""
+            on_batch: Callable | None = None,
+            train_epoch: Callable[[int, Callable | None], dict] | None = None) -> None:
+        """Run epochs [self.epoch, until); evaluate every `eval_every` epochs and at the last one.
+        `train_epoch(epoch, on_batch) -> row` (same keys as `Trainer.train_epoch`) replaces the built-in
+        epoch, so a fine-tune strategy with its own step keeps evaluation, history, best and checkpoints."""
+        step_epoch = train_epoch or self.train_epoch
         while self.epoch < until:
             e = self.epoch
-            row = self.train_epoch(e, on_batch)
+            row = step_epoch(e, on_batch)
             last = e == self.cfg.epochs - 1 or e == until - 1
             if (e + 1) % self.cfg.eval_every == 0 or last:
                 pred = self.predict(self.data.x_test)

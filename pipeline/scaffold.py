@@ -1,0 +1,133 @@
+"""`longtail plugins new NAME`: a new loss as its own pip-installable package, ready to edit.
+
+The generated package is a working loss (cross-entropy with label smoothing) that passes the
+contract check, so a user starts from something that trains and only changes the formula."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import LongtailError
+
+PYPROJECT = '''[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "longtail-{dist}"
+version = "0.1.0"
+description = "The {name} loss as a longtail plugin."
+requires-python = ">=3.10"
+dependencies = ["longtail", "torch"]
+
+# the registration: `longtail` finds the loss `{name}` through this entry point
+[project.entry-points."longtail.losses"]
+{name} = "longtail_{name}.loss:build"
+
+[tool.setuptools.packages.find]
+where = ["src"]
+'''
+
+LOSS = '''"""The {name} loss (a longtail loss plugin).
+
+Starts as cross-entropy with label smoothing (Szegedy et al., CVPR 2016): the target is
+(1 - eps) one_hot(y) + eps / C. Replace the formula in `forward`; cite its source here.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import LongtailError
+
+
+class Loss(nn.Module):
+    head = "linear"  # or "cosine": the model then gives cos(feature, w_j) and you apply a scale here
+
+    def __init__(self, class_counts, smoothing):
+        super().__init__()
+        self.smoothing = smoothing
+
+    def forward(self, logits, target, class_weight=None):
+        per_sample = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.smoothing)
+        if class_weight is None:
+            return per_sample.mean()
+        w = class_weight.to(per_sample)[target]
+        return (w * per_sample).sum() / w.sum()
+
+
+def build(class_counts, *, smoothing=0.0):
+    """Params come from params.yaml `losses.{name}`."""
+    if not 0.0 <= smoothing < 1.0:
+        raise LongtailError(f"losses.{name}.smoothing must be in [0, 1), got {{smoothing}}")
+    return Loss(class_counts, smoothing)
+'''
+
+TEST = '''import pytest
+import torch
+
+from longtail_{name}.loss import build
+from pipeline.errors import LongtailError
+from pipeline.testing import check_loss_plugin
+
+
+def test_contract():
+    check_loss_plugin(build)
+    check_loss_plugin(build, params={{"smoothing": 0.1}})
+
+
+def test_value_by_hand():
+    # two classes, logits (0, 0): CE = log 2 whatever the smoothing
+    loss = build([10, 1], smoothing=0.2)
+    assert loss(torch.zeros(1, 2), torch.tensor([0])).item() == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_bad_param():
+    with pytest.raises(LongtailError, match="losses.{name}.smoothing"):
+        build([10, 1], smoothing=1.5)
+'''
+
+README = '''# longtail-{dist}
+
+The `{name}` loss as a [longtail] plugin. Install it next to longtail and select it:
+
+    pip install -e {path}
+    longtail plugins list losses          # shows {name}
+    dvc exp run -S loss={name} -S losses.{name}.smoothing=0.1
+
+Edit `src/longtail_{name}/loss.py`; `pytest {path}` checks the plugin contract.
+'''
+
+
+def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
+    """Write plugins/longtail-NAME (or `dest`); add `losses.NAME` to params.yaml if given."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise LongtailError(f"plugin name {name!r} must be a lowercase Python identifier (e.g. my_loss)")
+    from . import registry
+
+    if name in registry.names("losses"):
+        raise LongtailError(f"a loss named {name!r} is already installed (see `longtail plugins list losses`)")
+    if dest.exists():
+        raise LongtailError(f"{dest} already exists; choose another name or --dest")
+    dist = name.replace("_", "-")
+    fields = dict(name=name, dist=dist, path=dest)
+    files = {
+        "pyproject.toml": PYPROJECT,
+        f"src/longtail_{name}/__init__.py": '"""The {name} loss plugin for longtail."""\n',
+        f"src/longtail_{name}/loss.py": LOSS,
+        f"tests/test_{name}.py": TEST,
+        "README.md": README,
+    }
+    for rel, template in files.items():
+        path = dest / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(template.format(**fields))
+    if params_file is not None and params_file.exists():
+        text = params_file.read_text()
+        if re.search(rf"^  {name}:", text, re.M) is None:
+            text, n = re.subn(r"^losses:.*\n", lambda m: m.group(0) + f"  {name}: {{smoothing: 0.0}}   # {dest}\n",
+                              text, count=1, flags=re.M)
+            if n:
+                params_file.write_text(text)
+    return dest
