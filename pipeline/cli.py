@@ -88,7 +88,8 @@ def demo(ctx: typer.Context,
     rc = subprocess.call(cmd)
     if rc != 0:
         raise typer.Exit(rc)
-    subprocess.call(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", "Created|State|Executor"])
+    subprocess.call(["dvc", "exp", "show", "--no-pager", "--drop", ".*",
+                     "--keep", r"Experiment|^loss$|final\.top1|final\.few|best\.top1|best\.epoch"])
     typer.echo("Browse the runs: mlflow ui --backend-store-uri sqlite:///mlflow.db", err=True)
 
 
