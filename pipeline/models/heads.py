@@ -17,6 +17,21 @@ class CosineLinear(nn.Module):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
 
 
+class NormalizedLinear(nn.Module):
+    """z = W f/|f| + b: a linear layer on L2-normalised features. With w_j = 2 mu_j and b_j = -|mu_j|^2
+    its argmax is the nearest class mean mu_j in Euclidean distance, since |f^ - mu_j|^2 = |f^|^2
+    - (2 f^.mu_j - |mu_j|^2) and |f^|^2 is the same for every j (the NCM classifier of Kang et al.,
+    ICLR 2020; filled in by the `ncm` fine-tune strategy)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_classes, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ self.weight.t() + self.bias
+
+
 def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_features, num_classes)
@@ -24,6 +39,8 @@ def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
         return nn.Linear(in_features, num_classes, bias=False)
     if kind == "cosine":
         return CosineLinear(in_features, num_classes)
+    if kind == "ncm":
+        return NormalizedLinear(in_features, num_classes)
     from ..errors import LongtailError
 
-    raise LongtailError(f"unknown head {kind!r} asked for by the loss (valid: linear, cosine)")
+    raise LongtailError(f"unknown head {kind!r} asked for by the loss (valid: linear, linear_nobias, cosine, ncm)")
