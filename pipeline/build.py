@@ -65,6 +65,7 @@ def device_data(ds: Prepared, device: torch.device) -> DeviceData:
         x_test=images(ds.x_test), y_test=torch.from_numpy(ds.y_test).long().to(device),
         mean=torch.tensor(ds.mean, dtype=torch.float32, device=device),
         std=torch.tensor(ds.std, dtype=torch.float32, device=device),
+        host_images=ds.x_train,
     )
 
 

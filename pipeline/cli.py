@@ -23,15 +23,27 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="the params
 NoTrack = typer.Option(False, "--no-track", help="do not log this stage to MLflow")
 
 
-def _stage(name: str, params_path: Path, no_track: bool, fn):
+def _stage(name: str, params_path: Path, no_track: bool, fn, distributed_ok: bool = False):
+    """Load and validate params, open the stage's MLflow run, run it. Under torchrun, training
+    stages run on every rank and only rank 0 tracks and writes; other stages run on rank 0 only."""
+    from .engine import distributed
     from .params import load
-    from .tracking import stage_run
 
     p = load(params_path)
-    if no_track:
-        return fn(p, None)
-    with stage_run(name, p.raw, p.experiment) as log:
-        return fn(p, log)
+    if not distributed.is_main() and not distributed_ok:
+        return None
+    if distributed_ok:
+        distributed.init_from_env(p.train.device)
+    try:
+        if no_track or not distributed.is_main():
+            return fn(p, None)
+        from .tracking import stage_run
+
+        with stage_run(name, p.raw, p.experiment) as log:
+            return fn(p, log)
+    finally:
+        if distributed_ok:
+            distributed.shutdown()
 
 
 @app.command("build-dataset")
@@ -47,7 +59,7 @@ def pretrain(params: Path = ParamsOpt, no_track: bool = NoTrack):
     """Stage 2: train epochs [0, finetune.start_epoch) -> models/pretrain.pt."""
     from .stages import training
 
-    _stage("pretrain", params, no_track, lambda p, log: training.run("pretrain", p, log=log))
+    _stage("pretrain", params, no_track, lambda p, log: training.run("pretrain", p, log=log), distributed_ok=True)
 
 
 @app.command()
@@ -55,7 +67,7 @@ def finetune(params: Path = ParamsOpt, no_track: bool = NoTrack):
     """Stage 3: resume models/pretrain.pt with deferred re-balancing -> models/final.pt."""
     from .stages import training
 
-    _stage("finetune", params, no_track, lambda p, log: training.run("finetune", p, log=log))
+    _stage("finetune", params, no_track, lambda p, log: training.run("finetune", p, log=log), distributed_ok=True)
 
 
 @app.command()
@@ -91,6 +103,70 @@ def demo(ctx: typer.Context,
     subprocess.call(["dvc", "exp", "show", "--no-pager", "--drop", ".*",
                      "--keep", r"Experiment|^loss$|final\.top1|final\.few|best\.top1|best\.epoch"])
     typer.echo("Browse the runs: mlflow ui --backend-store-uri sqlite:///mlflow.db", err=True)
+
+
+@app.command()
+def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output folder"),
+           published: bool = typer.Option(False, "--published",
+                                          help="add the published figures (pipeline/published.yaml) and the difference"),
+           compare: Optional[str] = typer.Option(None, "--compare",
+                                                 help="per-class error figure of these rows, e.g. CB-RW,HMM-DRW"),
+           runs: str = typer.Option("first", "--runs", help="per-run figures: first (lowest seed of each cell), all, none"),
+           where: List[str] = typer.Option([], "--where", help="only runs with KEY=VALUE (a param, a tag or 'method')"),
+           ignore: List[str] = typer.Option([], "--ignore", help="a param (or prefix) that may differ within a row"),
+           experiment: Optional[str] = typer.Option(None, "--experiment",
+                                                    help="MLflow experiment (default: tracking.experiment of params.yaml)"),
+           list_methods: bool = typer.Option(False, "--list-methods", help="print the named-method table and exit")):
+    """Tables (Markdown + CSV) and figures from the finished runs in the MLflow store -> reports/."""
+    from . import report as rep
+
+    if list_methods:
+        typer.echo(rep.MethodNames.load().markdown())
+        return
+    from .tracking import fetch_artifact, finished_runs, tracking_uri
+
+    if experiment is None:
+        import yaml
+
+        raw = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {}
+        experiment = str(((raw or {}).get("tracking") or {}).get("experiment", "longtail"))
+    found = finished_runs("evaluate", experiment)
+    res = rep.generate(found, out, fetch=fetch_artifact, published=published,
+                       compare=[c.strip() for c in compare.split(",") if c.strip()] if compare else None,
+                       per_run=runs, where=rep.parse_where(where), ignore=ignore,
+                       source=f"{tracking_uri()} (experiment {experiment!r})")
+    t = res["table"]
+    typer.echo("\n".join(rep.error_table(t, "best")))
+    typer.echo(f"\n{len(t.runs)} runs, {len(t.rows)} rows x {len(t.columns)} settings; wrote "
+               f"{out / 'table.md'}, {out / 'table.csv'} and {len(res['written']) - 2} more file(s) under {out}/")
+
+
+@app.command()
+def sweep(loss: Optional[str] = typer.Option(None, "--loss", help="losses, comma-separated (e.g. ce,ldam,mm)"),
+          method: Optional[str] = typer.Option(None, "--method",
+                                               help="named methods, comma-separated (e.g. ERM-DRW,LDAM-DRW,HMM-DRW)"),
+          dataset: Optional[str] = typer.Option(None, "--dataset", help="datasets, comma-separated"),
+          imbalance: Optional[str] = typer.Option(None, "--imbalance", help="profiles, comma-separated (exp,step)"),
+          ratio: Optional[str] = typer.Option(None, "--ratio", help="imbalance ratios, comma-separated (e.g. 100,10)"),
+          seeds: int = typer.Option(1, "--seeds", help="number of seeds per combination (seed=0..n-1)"),
+          set_param: List[str] = typer.Option([], "-S", "--set-param", help="KEY=VALUE for every experiment"),
+          name: Optional[str] = typer.Option(None, "--name", help="name the experiments NAME-0, NAME-1, ..."),
+          run: bool = typer.Option(False, "--run", help="also start the queue and wait for it"),
+          jobs: int = typer.Option(1, "-j", "--jobs", help="queue workers with --run"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, queue nothing"),
+          params: Path = ParamsOpt):
+    """Queue a grid of DVC experiments (dvc exp run --queue -S ...), one per combination and seed.
+
+    Values left out come from params.yaml. Everything is validated before anything is queued.
+    A full table is two commands: `longtail sweep ... --run` then `longtail report`."""
+    from . import sweep as sw
+
+    rc = sw.main(params, losses=sw.split_list(loss, "loss"), methods=sw.split_list(method, "method"),
+                 datasets=sw.split_list(dataset, "dataset"), imbalances=sw.split_list(imbalance, "imbalance"),
+                 ratios=sw.split_list(ratio, "ratio"), seeds=seeds, extra=set_param, name=name, run=run,
+                 jobs=jobs, dry_run=dry_run, echo=typer.echo)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @plugins_app.command("list")

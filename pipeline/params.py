@@ -18,6 +18,7 @@ from .errors import LongtailError
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
 IMBALANCES = ("exp", "step")
 DEVICES = ("auto", "cpu", "cuda")
+LOADERS = ("device", "reference")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Train:
     flip: bool | None  # None = auto (as the source allows)
     device: str
     checkpoint_every: int
+    compile: bool | None  # None = auto (on for CUDA)
+    loader: str  # device (fast path) | reference (PIL + DataLoader, as the LDAM-DRW scripts)
+    loader_workers: int
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,9 @@ def parse(raw: dict) -> Params:
         flip=_auto(_get(t, "flip", "train"), "train.flip", _bool),
         device=_choice(t.get("device", "auto"), "train.device", DEVICES),
         checkpoint_every=_int(t.get("checkpoint_every", 10), "train.checkpoint_every", lo=1),
+        compile=_auto(t.get("compile", "auto"), "train.compile", _bool),
+        loader=_choice(t.get("loader", "device"), "train.loader", LOADERS),
+        loader_workers=_int(t.get("loader_workers", 2), "train.loader_workers", lo=0),
     )
 
     f = _get(raw, "finetune", "")

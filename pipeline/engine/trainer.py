@@ -9,6 +9,7 @@ criterion, a per-epoch re-balancing policy), never method names."""
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Callable
 import torch
 
 from ..data.augment import augment, normalize
+from ..errors import LongtailError
+from . import distributed
 from .schedule import lr_at
 
 
@@ -36,6 +39,7 @@ class DeviceData:
     y_test: torch.Tensor
     mean: torch.Tensor  # [C] on the device
     std: torch.Tensor
+    host_images: object = None  # numpy uint8 [N, H, W, C] train images, for the reference loader
     y_train_cpu: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -57,6 +61,28 @@ class Trainer:
         self.needs_norms = bool(getattr(criterion, "needs_norms", False))
         self.channels_last = device.type == "cuda"
         self.amp = device.type == "cuda" and bool(getattr(cfg, "amp", True))
+        self.seed = seed
+        self.rank, self.world = distributed.world()
+        self.net = model  # what the training step calls: the model, DDP-wrapped under torchrun
+        if self.world > 1:
+            if self.needs_norms:
+                raise LongtailError("a loss with needs_norms (lsoftmax) cannot run under torchrun yet; run it "
+                                    "in one process")
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        self.compiled = torch.compile(self.net) if compile_on else None
+
+    def forward(self, x):
+        """The training forward: compiled when train.compile asks for it, else (or on failure) eager."""
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as exc:  # a missing compiler toolchain, an unsupported op...
+                print(f"warning: torch.compile failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+                      "training without it", file=sys.stderr)
+                self.compiled = None
+        return self.net(x)
 
     def autocast(self):
         """bf16 autocast on CUDA (the loss itself is computed in float32); a no-op on CPU."""
@@ -90,7 +116,27 @@ class Trainer:
         if self.needs_norms:
             feats = self.model.features(x)
             return self.model.classifier(feats), feats
-        return self.model(x), None
+        return self.forward(x), None
+
+    def _batches(self, order: torch.Tensor, repeats, epoch: int):
+        """Normalised global batches (x, y) in the sampler's order: device-resident data with batched
+        augmentation (train.loader = device), or the PIL + DataLoader reference pipeline."""
+        cfg, d = self.cfg, self.data
+        if cfg.loader == "reference":
+            from .reference_loader import loader
+
+            for x, y in loader(d.host_images, d.y_train_cpu.numpy(), order.cpu(), cfg.batch_size, self.pad,
+                               self.flip, d.mean.tolist(), d.std.tolist(), cfg.loader_workers,
+                               self.seed * 100003 + epoch):
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            x = augment(d.x_train[idx], self.pad, self.flip, self.aug_gen)
+            if repeats is not None:  # copies: doubled crop padding
+                strong = augment(d.x_train[idx], 2 * self.pad, self.flip, self.aug_gen)
+                x = torch.where(repeats[start:start + cfg.batch_size, None, None, None], strong, x)
+            yield normalize(x, d.mean, d.std), d.y_train[idx]
 
     def _loss(self, logits, feats, y, weight):
         if self.needs_norms:
@@ -117,26 +163,24 @@ class Trainer:
         repeats = rebalance.sampler.last_repeat_mask if getattr(rebalance.sampler, "strong_augment", False) else None
         if repeats is not None:
             repeats = repeats.to(self.device)
-        for step in range(steps):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = augment(d.x_train[idx], self.pad, self.flip, self.aug_gen)
-            if repeats is not None:  # copies: doubled crop padding
-                strong = augment(d.x_train[idx], 2 * self.pad, self.flip, self.aug_gen)
-                x = torch.where(repeats[step * cfg.batch_size:(step + 1) * cfg.batch_size, None, None, None], strong, x)
-            x = normalize(x, d.mean, d.std)
+        for step, (x, y) in enumerate(self._batches(order, repeats, epoch)):
+            if self.world > 1:  # this rank's slice of the global batch
+                x, y = x[self.rank::self.world], y[self.rank::self.world]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = d.y_train[idx]
             with self.autocast():
                 logits, feats = self._logits(x)
                 loss = self._loss(logits.float(), feats, y, weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             if on_batch is not None:
                 on_batch(step + 1, steps)
+        if self.world > 1:
+            distributed.all_reduce_sum(loss_sum)
+            distributed.all_reduce_sum(correct)
         seconds = time.perf_counter() - start
         return {"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
                 "images_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds,

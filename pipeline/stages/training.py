@@ -16,6 +16,7 @@ import torch
 from .. import io, registry
 from ..build import augmentation, build_loss, build_model, build_policy, device_data, pick_device
 from ..data.store import load_dataset
+from ..engine import distributed
 from ..engine.progress import Progress
 from ..engine.trainer import Trainer
 from ..errors import LongtailError
@@ -58,7 +59,7 @@ def _fingerprint(stage: str, p: Params, dataset: Path) -> str:
 def setup(p: Params, dataset: Path = DATASET):
     """Everything a training stage needs, built from params: (trainer, meta)."""
     ds = load_dataset(dataset)
-    device = pick_device(p.train.device)
+    device = distributed.local_device(pick_device(p.train.device))
     torch.manual_seed(p.seed)
     counts = ds.class_counts
     loss = build_loss(p, counts).to(device)
@@ -71,7 +72,7 @@ def setup(p: Params, dataset: Path = DATASET):
                       p.seed, aug.pad, aug.flip)
     meta = {"class_counts": counts, "classes": ds.classes, "in_channels": int(ds.x_train.shape[3]),
             "head": head, "arch": p.model_arch, "model_params": p.model_params, "loss": p.loss,
-            "pad": aug.pad, "flip": aug.flip, "device": str(device),
+            "pad": aug.pad, "flip": aug.flip, "device": str(device), "world_size": distributed.world()[1],
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     return trainer, meta
 
@@ -101,11 +102,15 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         else:
             resume.unlink()
 
+    main = distributed.is_main()
+
     def save(state):
-        io.save_torch(resume, {**state, "fingerprint": fingerprint, "meta": meta})
+        if main:
+            io.save_torch(resume, {**state, "fingerprint": fingerprint, "meta": meta})
 
     def on_epoch(row):
-        progress.epoch(row)
+        if main:
+            progress.epoch(row)
         if log is not None:
             log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
@@ -115,16 +120,17 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
                         "resolved.device": meta["device"]})
     fit_kwargs = dict(on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
-                      on_batch=progress.batch if progress.tty else None)
+                      on_batch=progress.batch if progress.tty and main else None)
     if stage == "pretrain":
         trainer.fit(until, **fit_kwargs)
     else:
         strategy = registry.build("finetune", p.finetune.strategy, params=p.finetune.strategy_params,
                                   param_key=f"finetunes.{p.finetune.strategy}")
         strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log))
-    io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "meta": meta})
-    if resume.exists():
-        os.unlink(resume)
+    if main:
+        io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "meta": meta})
+        if resume.exists():
+            os.unlink(resume)
     ran = [r for r in trainer.history if r["epoch"] >= (0 if stage == "pretrain" else p.finetune.start_epoch)]
     summary = {"epochs_run": len(ran),
                "images_per_s": sum(r["images_per_s"] for r in ran) / len(ran) if ran else 0.0,
