@@ -169,6 +169,21 @@ def sweep(loss: Optional[str] = typer.Option(None, "--loss", help="losses, comma
         raise typer.Exit(rc)
 
 
+@app.command()
+def bench(device: str = typer.Option("auto", help="auto | cpu | cuda"),
+          steps: int = typer.Option(20, min=1, help="timed training steps per pipeline"),
+          workers: int = typer.Option(2, min=0, help="DataLoader workers of the reference pipeline"),
+          compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                                 help="torch.compile the fast path (default: on CUDA only)")):
+    """Benchmark: images/s and projected 200-epoch time, fast path vs reference DataLoader pipeline."""
+    from .bench import run
+    from .params import DEVICES
+
+    if device not in DEVICES:
+        raise LongtailError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    run(device, steps=steps, workers=workers, compile_=compile)
+
+
 @plugins_app.command("list")
 def plugins_list(group: Optional[str] = typer.Argument(None, help="only this group (losses, samplers, ...)")):
     """List installed plugins without importing them; exit 1 if any is broken or clashes."""
