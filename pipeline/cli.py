@@ -27,9 +27,10 @@ def _stage(name: str, params_path: Path, no_track: bool, fn, distributed_ok: boo
     """Load and validate params, open the stage's MLflow run, run it. Under torchrun, training
     stages run on every rank and only rank 0 tracks and writes; other stages run on rank 0 only."""
     from .engine import distributed
-    from .params import load
+    from .params import load, load_plugins
 
     p = load(params_path)
+    load_plugins(p)
     if not distributed.is_main() and not distributed_ok:
         return None
     if distributed_ok:
@@ -81,9 +82,10 @@ def evaluate(params: Path = ParamsOpt, no_track: bool = NoTrack):
 @app.command()
 def check(params: Path = ParamsOpt):
     """Validate params.yaml (keys, values, plugin names) without running anything."""
-    from .params import load
+    from .params import load, load_plugins
 
     p = load(params)
+    load_plugins(p)
     typer.echo(f"{params}: ok (dataset={p.dataset}, {p.imbalance} r={p.ratio:g}, loss={p.loss}, "
                f"epochs={p.train.epochs}, finetune from {p.finetune.start_epoch})")
 

@@ -232,6 +232,15 @@ def parse(raw: dict) -> Params:
     )
 
 
+def load_plugins(p: Params) -> None:
+    """Import every plugin the params select, so that a broken one fails before any work."""
+    selected = {("losses", p.loss), ("models", p.model_arch), ("finetune", p.finetune.strategy),
+                ("reweighting", p.train.reweighting), ("reweighting", p.finetune.reweighting),
+                ("samplers", p.train.sampler), ("samplers", p.finetune.sampler)}
+    for group, name in sorted(selected):
+        registry.load(group, name)
+
+
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():

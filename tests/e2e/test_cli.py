@@ -1,0 +1,127 @@
+"""The CLI on real inputs: CIFAR-shaped archives give the published long-tailed sizes; bad input
+gives one clear line, a non-zero exit and no half-written outputs."""
+
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from .conftest import ROOT, env, sh
+
+pytestmark = pytest.mark.slow
+LONGTAIL = shutil.which("longtail")
+
+
+def _params(path: Path, **top) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in top.items():
+        node = raw
+        *parts, last = key.split("__")
+        for k in parts:
+            node = node[k]
+        node[last] = value
+    (path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cifar_archive(root: Path, classes: int) -> None:
+    """The original archive layout with the real sizes (blank images, labels in a shuffled order)."""
+    rng = np.random.default_rng(0)
+    per_train, per_test = 50000 // classes, 10000 // classes
+    y = rng.permutation(np.repeat(np.arange(classes), per_train)).tolist()
+    yt = rng.permutation(np.repeat(np.arange(classes), per_test)).tolist()
+    if classes == 10:
+        folder, key, names = "cifar-10-batches-py", "labels", {"label_names": [f"c{i}" for i in range(10)]}
+        members = {f"data_batch_{i + 1}": y[i * 10000:(i + 1) * 10000] for i in range(5)}
+        members["test_batch"], meta = yt, "batches.meta"
+    else:
+        folder, key, names = "cifar-100-python", "fine_labels", {"fine_label_names": [f"c{i}" for i in range(100)]}
+        members, meta = {"train": y, "test": yt}, "meta"
+    tar_name = "cifar-10-python.tar.gz" if classes == 10 else "cifar-100-python.tar.gz"
+    with tarfile.open(root / tar_name, "w:gz", compresslevel=1) as tar:
+        def add(name, obj):
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+        for name, labels in members.items():
+            add(name, {key: labels, "data": np.zeros((len(labels), 3072), np.uint8)})
+        add(meta, names)
+
+
+@pytest.mark.parametrize("dataset, classes, imbalance, ratio, expected", [
+    ("cifar10", 10, "exp", 100, 12406),
+    ("cifar100", 100, "exp", 100, 10847),
+    ("cifar10", 10, "step", 10, 27500),
+])
+def test_build_dataset_gives_the_published_sizes(tmp_path, dataset, classes, imbalance, ratio, expected):
+    _cifar_archive(tmp_path, classes)
+    _params(tmp_path, dataset=dataset, imbalance=imbalance, ratio=ratio, data__root=str(tmp_path))
+    sh([LONGTAIL, "build-dataset", "--no-track"], tmp_path)
+    counts = json.loads((tmp_path / "data/prepared/class_counts.json").read_text())
+    assert counts["train_images"] == expected and counts["test_images"] == 10000
+    if dataset == "cifar10" and imbalance == "exp":
+        assert counts["class_counts"] == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+def _fails(cmd, cwd, *fragments, extra_env=None):
+    import subprocess
+
+    e = env()
+    e.update(extra_env or {})
+    out = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    last = out.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("error: "), out.stderr
+    for f in fragments:
+        assert f in last[0], (f, last[0])
+    return last[0]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    _params(tmp_path, dataset="digits", loss="nope")
+    _fails([LONGTAIL, "check"], tmp_path, "loss: unknown losses plugin 'nope'", "valid:", "ce", "mm")
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "loss: unknown losses plugin 'nope'")
+    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=5)
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "finetune.start_epoch (5) is beyond the last epoch")
+    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=1)
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "data/prepared/dataset.npz", "build")
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/dataset.npz").write_bytes(b"PK\x03\x04 truncated")
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "dataset.npz")
+    sh([LONGTAIL, "build-dataset", "--no-track"], tmp_path)
+    _fails([LONGTAIL, "finetune", "--no-track"], tmp_path, "pretrain checkpoint models/pretrain.pt not found",
+           "dvc repro pretrain")
+    _fails([LONGTAIL, "evaluate", "--no-track"], tmp_path, "final checkpoint models/final.pt not found")
+    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=1, losses__ce={"gamma": 2})
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "bad parameters for losses plugin 'ce' under losses.ce")
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    assert not list((tmp_path / "data/prepared").glob(".*.tmp"))
+
+
+def test_a_broken_plugin_package_is_reported(tmp_path):
+    site = tmp_path / "site"
+    info = site / "brokenloss-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenloss\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[longtail.losses]\nbroken = brokenloss_mod:build\n")
+    (site / "brokenloss_mod.py").write_text("import a_dependency_that_is_not_installed\ndef build(c):\n    pass\n")
+    extra = {"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    _params(tmp_path, dataset="digits", loss="broken")
+    import subprocess
+
+    e = env()
+    e.update(extra)
+    listed = subprocess.run([LONGTAIL, "plugins", "check"], cwd=tmp_path, env=e, capture_output=True, text=True)
+    assert listed.returncode == 1 and "broken" in listed.stdout and "BROKEN" in listed.stdout
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path,
+           "losses plugin 'broken' (brokenloss, brokenloss_mod:build) failed to import: ModuleNotFoundError",
+           extra_env=extra)
