@@ -81,3 +81,113 @@ def confusion(cm, classes, path: Path) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("confusion matrix (final epoch, row-normalised colour)")
     _save(fig, path)
+
+
+def _shot_bounds(ax) -> None:
+    """Mark the many (> 100) / medium (20..100) / few (< 20) training-count boundaries on a count axis."""
+    for b in (20, 100):
+        ax.axvline(b, color="gray", ls=":", lw=1)
+
+
+def acc_vs_count(counts, acc_final, acc_best, classes, path: Path) -> None:
+    """Per-class test accuracy against the class's training count (log x), final and best epoch."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    counts = np.asarray(counts, dtype=float)
+    for acc, label, marker in ((acc_final, "final epoch", "o"), (acc_best, "best epoch", "x")):
+        keep = [i for i, a in enumerate(acc) if a is not None]
+        ax.scatter(counts[keep], [100 * acc[i] for i in keep], marker=marker, label=label)
+    if len(classes) <= 20:
+        for i, a in enumerate(acc_final):
+            if a is not None:
+                ax.annotate(str(classes[i]), (counts[i], 100 * a), textcoords="offset points", xytext=(4, 3),
+                            fontsize=7)
+    ax.set_xscale("log")
+    _shot_bounds(ax)
+    ax.set_xlabel("training images of the class (log; dotted: few < 20 <= medium <= 100 < many)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend()
+    ax.set_title("per-class accuracy vs training count")
+    _save(fig, path)
+
+
+def _count_axis(ax, x, counts) -> None:
+    ax2 = ax.twinx()
+    ax2.plot(x, counts, ".-", color="gray", alpha=0.7, lw=1, label="train images")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("train images (log)")
+
+
+def _class_ticks(ax, x, labels) -> None:
+    ax.set_xticks(x, labels, rotation=60 if len(x) > 12 else 0, fontsize=8 if len(x) <= 40 else 5)
+
+
+def per_class_compare(counts, series: dict, classes, path: Path, title: str = "") -> None:
+    """Per-class test error (%) of several methods, classes sorted by training count (head first),
+    with the training count on a second axis. series: label -> (error per class, std per class or None)."""
+    plt = _plt()
+    order = np.argsort(counts, kind="stable")[::-1]
+    x = np.arange(len(counts))
+    fig, ax = plt.subplots(figsize=(max(7, 0.12 * len(x) * len(series)), 4))
+    width = 0.8 / max(len(series), 1)
+    for k, (label, (err, std)) in enumerate(series.items()):
+        ys = [np.nan if err[i] is None else err[i] for i in order]
+        es = None if std is None else [0 if std[i] is None else std[i] for i in order]
+        ax.bar(x - 0.4 + width * (k + 0.5), ys, width, yerr=es, capsize=2 if es is not None else 0, label=label)
+    ax.set_ylabel("test error (%)")
+    _class_ticks(ax, x, [str(classes[i]) for i in order])
+    ax.set_xlabel("class, by training count (gray: train images)")
+    _count_axis(ax, x, [counts[i] for i in order])
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncol=min(len(series), 3), frameon=False, fontsize=8)
+    ax.set_title(title or "per-class error, classes by training count", pad=24)
+    _save(fig, path)
+
+
+def _margin_scale(ax, arrays) -> None:
+    """Symmetric-log y when unnormalised logits give margins far beyond the cosine range."""
+    big = max([float(np.max(np.abs(a))) for a in arrays if len(a)] + [0.0])
+    if big > 20:
+        ax.set_yscale("symlog", linthresh=1.0)
+
+
+def margins(values_by_class, counts, classes, path: Path, unit: str = "logits") -> None:
+    """Box plot of per-sample margins z_y - max_{j != y} z_j of each class, classes by training count."""
+    plt = _plt()
+    order = np.argsort(counts, kind="stable")[::-1]
+    x = np.arange(len(counts))
+    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(x)), 4))
+    data = [np.asarray(values_by_class[i], dtype=float) for i in order]
+    ax.boxplot([d if len(d) else [np.nan] for d in data], positions=x, widths=0.6, showfliers=len(x) <= 20,
+               flierprops={"markersize": 2})
+    ax.axhline(0, color="red", lw=1, ls="--")
+    _margin_scale(ax, data)
+    ax.set_ylabel(f"margin z_y - max z_j ({unit})")
+    _class_ticks(ax, x, [str(classes[i]) for i in order])
+    ax.set_xlabel("class, by training count (below the red line: misclassified)")
+    _count_axis(ax, x, [counts[i] for i in order])
+    ax.set_title("per-class margins on the test set (final model)")
+    _save(fig, path)
+
+
+def margins_compare(counts, series: dict, classes, path: Path, title: str = "") -> None:
+    """Median and inter-quartile band of the per-class margins of several runs, classes by training count.
+    series: label -> list (per class) of margin arrays."""
+    plt = _plt()
+    order = np.argsort(counts, kind="stable")[::-1]
+    x = np.arange(len(counts))
+    fig, ax = plt.subplots(figsize=(max(7, 0.12 * len(x)), 4))
+    for label, by_class in series.items():
+        q = np.array([np.percentile(by_class[i], [25, 50, 75]) if len(by_class[i]) else [np.nan] * 3
+                      for i in order])
+        line, = ax.plot(x, q[:, 1], "o-", ms=3, label=label)
+        ax.fill_between(x, q[:, 0], q[:, 2], color=line.get_color(), alpha=0.15)
+    ax.axhline(0, color="red", lw=1, ls="--")
+    _margin_scale(ax, [v for by_class in series.values() for v in by_class])
+    ax.set_ylabel("margin z_y - max z_j (median, IQR)")
+    _class_ticks(ax, x, [str(classes[i]) for i in order])
+    ax.set_xlabel("class, by training count (cosine-head losses: margins in cosine units)")
+    _count_axis(ax, x, [counts[i] for i in order])
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title or "per-class test margins")
+    _save(fig, path)

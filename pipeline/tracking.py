@@ -18,6 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # longtail report downloads
 
 GROUP_TAG = "longtail.group"
 
@@ -147,3 +148,48 @@ def stage_run(stage: str, raw_params: dict, experiment: str = "longtail"):
         status = "FINISHED"
     finally:
         _retry(client.set_terminated, run.info.run_id, status)
+
+
+def ensure_experiment(experiment: str = "longtail") -> str:
+    """Create the store and the experiment now: parallel queue workers starting on a fresh sqlite store
+    would otherwise race to create its tables (one of them fails). Returns the experiment id."""
+    from mlflow.tracking import MlflowClient
+
+    return _retry(_experiment_id, MlflowClient(tracking_uri=tracking_uri()), experiment)
+
+
+# -- reading (longtail report) -------------------------------------------------------------------
+
+def finished_runs(stage: str = "evaluate", experiment: str = "longtail") -> list[dict]:
+    """Every FINISHED run of one stage, as plain dicts: run_id, group, start_time, params, metrics,
+    tags. An sqlite store that does not exist yet reads as empty (and is not created)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return []
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token,
+                                  filter_string=f"tags.`longtail.stage` = '{stage}' and attributes.status = 'FINISHED'")
+        out.extend({"run_id": r.info.run_id, "group": r.data.tags.get(GROUP_TAG, ""), "start_time": r.info.start_time,
+                    "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
+                   for r in page)
+        token = page.token
+        if not token:
+            return out
+
+
+def fetch_artifact(run_id: str, path: str, dst: str | Path) -> Path | None:
+    """Download one artifact of a run into dst (a folder); None when the run has no such artifact."""
+    from mlflow.tracking import MlflowClient
+
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(MlflowClient(tracking_uri=tracking_uri()).download_artifacts(run_id, path, str(dst)))
+    except Exception:  # missing artifact: mlflow raises its own (store-dependent) exception types
+        return None

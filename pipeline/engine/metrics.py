@@ -39,3 +39,14 @@ def classification_report(y_true, y_pred, class_counts) -> dict:
         out[group] = float(vals.mean()) if len(vals) else None
         out[f"{group}_classes"] = len(idx)
     return out
+
+
+def sample_margins(logits, y_true) -> np.ndarray:
+    """Per-sample margin z_y - max_{j != y} z_j (negative = misclassified), from logits [N, C]."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true)
+    rows = np.arange(len(y))
+    target = z[rows, y]
+    others = z.copy()
+    others[rows, y] = -np.inf
+    return target - others.max(axis=1)

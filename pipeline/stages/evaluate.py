@@ -12,7 +12,7 @@ import torch
 from .. import figures, io
 from ..build import device_data, pick_device
 from ..data.store import load_dataset
-from ..engine.metrics import classification_report
+from ..engine.metrics import classification_report, sample_margins
 from ..engine.trainer import best_model
 from ..errors import LongtailError
 from ..params import Params
@@ -47,18 +47,19 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     data = device_data(ds, device)
 
     @torch.no_grad()
-    def predict(m):
+    def logits_of(m):
         out = []
         for i in range(0, len(data.x_test), p.train.eval_batch_size):
             x = data.x_test[i:i + p.train.eval_batch_size].float().div_(255)
             x = (x - data.mean[None, :, None, None]) / data.std[None, :, None, None]
-            out.append(m(x).argmax(1).cpu())
+            out.append(m(x).float().cpu())
         return torch.cat(out).numpy()
 
     y = ds.y_test
-    final_pred = predict(model)
+    final_logits = logits_of(model)
+    final_pred = final_logits.argmax(1)
     best = best_model(model, state)
-    best_pred = predict(best.eval()) if best is not None else final_pred
+    best_pred = logits_of(best.eval()).argmax(1) if best is not None else final_pred
     rep_final = classification_report(y, final_pred, ds.class_counts)
     rep_best = classification_report(y, best_pred, ds.class_counts)
     history = state["history"]
@@ -85,6 +86,13 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     figures.per_class(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
                       plots / "per_class.png")
     figures.confusion(rep_final["confusion"], classes, plots / "confusion.png")
+    figures.acc_vs_count(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
+                         plots / "acc_vs_count.png")
+    # per-sample margins z_y - max_{j != y} z_j of the final model (cosine units for cosine heads)
+    margins = sample_margins(final_logits, y)
+    _write_csv(plots / "margins.csv", ["class", "margin"], [[int(c), f"{m:.6g}"] for c, m in zip(y.tolist(), margins)])
+    figures.margins([margins[y == c] for c in range(len(classes))], ds.class_counts, classes, plots / "margins.png",
+                    unit="cosine" if str(meta.get("head")) == "cosine" else "logits")
 
     if log is not None:
         flat = {f"{which}_{k}": v for which, rep in (("final", result["final"]), ("best", result["best"]))
@@ -93,7 +101,8 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
         flat.update({f"class_acc_best/{i:03d}": a for i, a in enumerate(rep_best["per_class"]) if a is not None})
         log.log_metrics(flat)
         for f in (metrics, plots / "per_class.csv", plots / "history.csv", plots / "curves.png",
-                  plots / "per_class.png", plots / "confusion.png"):
+                  plots / "per_class.png", plots / "confusion.png", plots / "confusion.csv", plots / "acc_vs_count.png",
+                  plots / "margins.csv", plots / "margins.png"):
             log.log_artifact(f, "evaluation")
     print(f"evaluate: final epoch {result['final']['epoch'] + 1}: top-1 {100 * rep_final['top1']:.2f}% "
           f"(many {_pct(rep_final['many'])} / medium {_pct(rep_final['medium'])} / few {_pct(rep_final['few'])}); "

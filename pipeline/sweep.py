@@ -1,0 +1,287 @@
+"""`longtail sweep`: queue a grid of DVC experiments, one per combination of the given values and
+seed (`dvc exp run --queue -S key=value ...`), and optionally run the queue and wait for it.
+
+Every combination is validated against params.yaml (the same checks as `longtail check`) before
+anything is queued, so a typo fails at once with one line instead of N queued failures."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import LongtailError, unknown
+
+QUEUED = re.compile(r"Queued experiment '([^']+)'")
+DONE_STATES = ("Success", "Failed")
+
+
+@dataclass
+class Combo:
+    sets: list  # [(key, value string)] in -S order
+    label: str  # what the combination varies, for printing
+
+    def args(self) -> list[str]:
+        return [a for k, v in self.sets for a in ("-S", f"{k}={v}")]
+
+
+def split_list(text: str | None, what: str) -> list[str]:
+    if text is None:
+        return []
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise LongtailError(f"--{what} needs at least one value (comma-separated)")
+    return list(dict.fromkeys(items))
+
+
+def _value(text: str):
+    """A -S value as DVC (Hydra) reads it: YAML-like, with 1e-3 style numbers."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _text(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}" if v == int(v) and abs(v) < 1e15 else repr(v)
+    if isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True).strip()
+    return str(v)
+
+
+def parse_set(items) -> list[tuple[str, str]]:
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip("+~ "):
+            raise LongtailError(f"-S takes KEY=VALUE (a params.yaml key with dots), got {item!r}")
+        out.append((key.strip(), value))
+    return out
+
+
+def _set(raw: dict, key: str, value) -> None:
+    add = key.startswith("+")
+    path = key.lstrip("+").split(".")
+    node = raw
+    for i, k in enumerate(path[:-1]):
+        if not isinstance(node.get(k), dict):
+            if not add:
+                raise LongtailError(f"-S {key}: params.yaml has no key {'.'.join(path[:i + 1])!r} "
+                                    f"(prefix the key with + to add one)")
+            node[k] = {}
+        node = node[k]
+    if path[-1] not in node and not add:
+        raise LongtailError(f"-S {key}: params.yaml has no key {'.'.join(path)!r} (prefix the key with + to add one)")
+    node[path[-1]] = value
+
+
+def _has(raw: dict, key: str) -> bool:
+    node = raw
+    for k in key.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return False
+        node = node[k]
+    return True
+
+
+def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(), ratios=(), seeds: int = 1,
+               extra=()) -> list[Combo]:
+    """The combinations, each validated; raises LongtailError before anything is queued."""
+    from . import registry
+    from .params import DATASETS, IMBALANCES, parse
+    from .report import MethodNames
+
+    if losses and methods:
+        raise LongtailError("give --loss or --method, not both (a method fixes its loss)")
+    valid_losses = registry.names("losses")
+    for loss in losses:
+        if loss not in valid_losses:
+            raise unknown("loss", loss, valid_losses)
+    names = MethodNames.load()
+    for m in methods:
+        if m not in names.names:
+            raise LongtailError(f"unknown method {m!r} (valid: {', '.join(names.names)})")
+    for d in datasets:
+        if d not in DATASETS:
+            raise unknown("dataset", d, DATASETS)
+    for i in imbalances:
+        if i not in IMBALANCES:
+            raise unknown("imbalance profile", i, IMBALANCES)
+    ratio_values = []
+    for r in ratios:
+        try:
+            v = float(r)
+        except ValueError:
+            raise LongtailError(f"--ratio values must be numbers >= 1, got {r!r}") from None
+        if not v >= 1:
+            raise LongtailError(f"--ratio values must be numbers >= 1, got {r!r}")
+        ratio_values.append(_text(v))
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise LongtailError(f"--seeds is the number of seeds (0..n-1) and must be >= 1, got {seeds!r}")
+
+    axes = []  # per axis: the choices, each (label, [(key, value)])
+    if methods:  # keys params.yaml lacks (e.g. a plugin's section) are added: +key=value
+        axes.append([(m, [(k if _has(base, k) else f"+{k}", _text(v)) for k, v in names.full(m).items()])
+                     for m in methods])
+    if losses:
+        axes.append([(f"loss={x}", [("loss", x)]) for x in losses])
+    for key, values in (("dataset", datasets), ("imbalance", imbalances), ("ratio", ratio_values)):
+        if values:
+            axes.append([(f"{key}={v}", [(key, v)]) for v in values])
+    axes.append([(f"seed={s}", [("seed", str(s))]) for s in range(seeds)])
+    grid_keys = {k for axis in axes for _, choice in axis for k, _ in choice}
+    extra = list(extra)
+    clash = sorted({k.lstrip("+") for k, _ in extra} & {k.lstrip("+") for k in grid_keys})
+    if clash:
+        raise LongtailError(f"-S {clash[0]} clashes with the grid (set by --method/--loss/--dataset/--imbalance/"
+                            f"--ratio/--seeds): leave it to the grid")
+
+    combos, checked = [], set()
+    for choice in itertools.product(*axes):
+        sets = [kv for _, part in choice for kv in part] + extra
+        label = " ".join(lbl for lbl, _ in choice)
+        raw = copy.deepcopy(base)
+        for k, v in sets:
+            if not k.startswith("~"):
+                _set(raw, k, _value(v))
+        key = json.dumps({k: v for k, v in raw.items() if k != "seed"}, sort_keys=True, default=str)
+        if key not in checked:  # the seeds 0..n-1 are valid; validate each other combination once
+            checked.add(key)
+            try:
+                parse(raw)
+            except LongtailError as exc:
+                raise LongtailError(f"{label}: {exc}") from None
+        combos.append(Combo(sets, label))
+    return combos
+
+
+def _dvc(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        out = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LongtailError("dvc is not installed or not on PATH") from None
+    if check and out.returncode != 0:
+        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise LongtailError(f"`dvc {' '.join(args)}` failed: {msg[-1] if msg else out.returncode}")
+    return out
+
+
+def queue(combos: list[Combo], name: str | None = None, echo=print) -> list[str]:
+    """`dvc exp run --queue` each combination; returns the experiment names DVC gave them."""
+    names = []
+    for i, c in enumerate(combos):
+        args = ["exp", "run", "--queue", *(["-n", f"{name}-{i}"] if name else []), *c.args()]
+        out = _dvc(args)
+        m = QUEUED.search(out.stdout + out.stderr)
+        exp = m.group(1) if m else (f"{name}-{i}" if name else "?")
+        names.append(exp)
+        echo(f"queued {exp}: {c.label}")
+    return names
+
+
+def queue_status() -> dict[str, str]:
+    """Experiment name -> Queued / Running / Success / Failed. Asks DVC in-process (about 0.1 s; the
+    `dvc queue status` command costs seconds of CPU per call, taken from the experiments it waits for)
+    and falls back to parsing that command's table."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(".") as repo:
+            return {e["name"]: e["status"] for e in repo.experiments.celery_queue.status() if e.get("name")}
+    except Exception:  # another DVC version: use the command line
+        pass
+    out = _dvc(["queue", "status"], check=False)
+    states = {}
+    for line in out.stdout.splitlines():
+        tok = line.split()
+        if len(tok) >= 3 and tok[-1] in ("Queued", "Running", *DONE_STATES):
+            states[tok[1]] = tok[-1]
+    return states
+
+
+def start_queue(jobs: int) -> None:
+    """`dvc queue start -j N`. Its output goes to a file, not a pipe: the detached workers inherit the
+    command's output handles, and a pipe would stay open (and block the reader) until they exit."""
+    with tempfile.TemporaryFile("w+") as fh:
+        rc = subprocess.call(["dvc", "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+        if rc != 0:
+            fh.seek(0)
+            lines = fh.read().strip().splitlines()
+            raise LongtailError(f"`dvc queue start -j {jobs}` failed: {lines[-1] if lines else rc}")
+
+
+def run_and_wait(names: list[str], jobs: int = 1, poll: float = 5.0, echo=print, status=queue_status) -> dict:
+    """`dvc queue start -j N`, then wait until every named experiment succeeded or failed."""
+    start_queue(jobs)
+    echo(f"started {jobs} queue worker(s); waiting for {len(names)} experiment(s) (Ctrl-C stops waiting, "
+         "not the queue)")
+    last: dict = {}
+    missing_polls = 0
+    while True:
+        states = status()
+        now = {n: states.get(n, "?") for n in names}
+        for n, s in now.items():
+            if s != last.get(n):
+                echo(f"  {n}: {s}")
+        last = now
+        if all(s in DONE_STATES for s in now.values()):
+            return now
+        missing_polls = missing_polls + 1 if all(s in (*DONE_STATES, "?") for s in now.values()) else 0
+        if missing_polls >= 6:  # left the queue without a result (removed, or the queue was reset)
+            return now
+        time.sleep(poll)
+
+
+def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, extra, name, run, jobs,
+         dry_run, echo=print) -> int:
+    from .params import load
+
+    if not Path("dvc.yaml").exists():
+        raise LongtailError("no dvc.yaml here: run `longtail sweep` from the project root")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise LongtailError(f"--name must be letters, digits, - and _, got {name!r}")
+    if jobs < 1:
+        raise LongtailError(f"-j/--jobs must be >= 1, got {jobs}")
+    base = load(params).raw
+    combos = build_grid(base, losses=losses, methods=methods, datasets=datasets, imbalances=imbalances,
+                        ratios=ratios, seeds=seeds, extra=parse_set(extra))
+    if dry_run:
+        for c in combos:
+            echo("dvc exp run --queue " + " ".join(c.args()))
+        return 0
+    from .tracking import ensure_experiment
+
+    ensure_experiment(str((base.get("tracking") or {}).get("experiment", "longtail")))
+    names = queue(combos, name, echo)
+    echo(f"{len(names)} experiment(s) queued")
+    if not run:
+        echo(f"run them: dvc queue start -j {jobs}   (then: longtail report)")
+        return 0
+    final = run_and_wait(names, jobs, echo=echo)
+    failed = [n for n, s in final.items() if s != "Success"]
+    echo(f"{len(names) - len(failed)} succeeded, {len(failed)} failed")
+    for n in failed:
+        echo(f"  {n}: {final[n]} (see `dvc queue logs {n}`)", )
+    if not failed:
+        echo("next: longtail report")
+    sys.stdout.flush()
+    return 1 if failed else 0

@@ -1,0 +1,154 @@
+"""Two commands to a table: `longtail sweep ... --run` (real DVC queue, two workers) then
+`longtail report`, on the embedded digits data with the FAST schedule: ERM and ERM-DRW x seeds 0, 1.
+ERM-DRW differs from ERM only after the fine-tune start, so DVC's run cache gives each ERM-DRW run
+its seed's pretrain stage (the second pair only fine-tunes and evaluates)."""
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import FAST, ROOT, env, make_repo, set_params, sh
+
+pytestmark = pytest.mark.slow
+PNG = b"\x89PNG\r\n\x1a\n"
+NAMES = {"rep-0": ("ERM", 0), "rep-1": ("ERM", 1), "rep-2": ("ERM-DRW", 0), "rep-3": ("ERM-DRW", 1)}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("report") / "repo")
+    # the project's DVC config (offline `dvc plots show` page) and its template
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / "dvc_plots_template.html", repo / "dvc_plots_template.html")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "plots template"], repo)
+    cmd = ["longtail", "sweep", "--method", "ERM,ERM-DRW", "--seeds", "2", "--name", "rep", *set_params(FAST),
+           "--run", "-j", "2"]
+    # two queue workers on two cores: one thread each
+    sweep = subprocess.run(cmd, cwd=repo, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=900)
+    if sweep.returncode != 0:
+        logs = sh(["dvc", "queue", "logs", "rep-0"], repo, check=False).stdout[-3000:]
+        raise AssertionError(f"sweep failed:\n{sweep.stdout}\n{sweep.stderr[-3000:]}\n{logs}")
+    rep = sh(["longtail", "report", "--compare", "ERM,ERM-DRW", "--published"], repo)
+    return repo, sweep, rep
+
+
+def _evaluate_runs(repo: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("longtail")
+    return client, client.search_runs([exp.experiment_id], "tags.`longtail.stage` = 'evaluate'")
+
+
+def _png_ok(path: Path) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG, path
+    with Image.open(path) as im:
+        w, h = im.size
+    assert 300 <= w <= 4000 and 200 <= h <= 3000, (path, w, h)
+
+
+def test_sweep_queued_and_ran_the_grid(swept):
+    _, sweep, _ = swept
+    for name, (method, seed) in NAMES.items():
+        assert f"queued {name}: {method} seed={seed}" in sweep.stdout
+    assert "4 succeeded, 0 failed" in sweep.stdout
+
+
+def test_table_rows_columns_and_mean_std_from_the_raw_metrics(swept):
+    repo, _, rep = swept
+    client, runs = _evaluate_runs(repo)
+    assert {r.data.tags["longtail.group"] for r in runs} == set(NAMES)
+    raw = {}
+    for r in runs:
+        method, seed = NAMES[r.data.tags["longtail.group"]]
+        assert r.data.params["seed"] == str(seed)
+        raw.setdefault(method, {})[seed] = r.data.metrics
+    # the DVC experiments' metrics/eval.json hold the same numbers
+    shown = json.dumps(json.loads(sh(["dvc", "exp", "show", "--json"], repo).stdout))
+    for m in raw.values():
+        for metrics in m.values():
+            assert json.dumps(metrics["best_error"]) in shown
+
+    md = (repo / "reports" / "table.md").read_text()
+    sections = {title: md.split(title)[1].split("\n## ")[0] for title in
+                ("## Top-1 error (%), best epoch", "## Top-1 error (%), final epoch",
+                 "## Many / medium / few-shot accuracy (%), final epoch")}
+    for title, body in sections.items():
+        lines = [line for line in body.splitlines() if line.startswith("|")]
+        assert lines[0] == "| method | digits exp 100 |" and len(lines) == 4, title
+        assert [line.split(" | ")[0] for line in lines[2:]] == ["| ERM", "| ERM-DRW"]
+    for which in ("best", "final"):
+        lines = [line for line in sections[f"## Top-1 error (%), {which} epoch"].splitlines() if line.startswith("|")]
+        for method, line in zip(("ERM", "ERM-DRW"), lines[2:]):
+            v = [100 * raw[method][s][f"{which}_error"] for s in (0, 1)]
+            assert line == f"| {method} | {statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f} (n=2) |"
+    shots = [line for line in sections["## Many / medium / few-shot accuracy (%), final epoch"].splitlines()
+             if line.startswith("| ERM |")][0]
+    many = statistics.fmean(100 * raw["ERM"][s]["final_many"] for s in (0, 1))
+    assert shots.startswith(f"| ERM | {many:.1f} / ")
+    # the command prints the best-epoch table too
+    assert "| method | digits exp 100 |" in rep.stdout and "4 runs, 2 rows x 1 settings" in rep.stdout
+    # digits is no published setting: the published figures are listed for reference
+    assert "None of these runs is in a published setting" in md and "| LDAM-DRW | 22.97 |" in md
+
+    import csv
+
+    with open(repo / "reports" / "table.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], r["dataset"], r["imbalance"], r["ratio"], r["n"], r["seeds"]) for r in rows] == \
+        [("ERM", "digits", "exp", "100", "2", "0 1"), ("ERM-DRW", "digits", "exp", "100", "2", "0 1")]
+    # each row holds its own method's runs (on this short schedule the two can score alike)
+    assert [r["groups"] for r in rows] == ["rep-0 rep-1", "rep-2 rep-3"]
+    v = [100 * raw["ERM-DRW"][s]["best_error"] for s in (0, 1)]
+    assert float(rows[1]["best_error_mean"]) == pytest.approx(statistics.fmean(v), abs=1e-4)
+    assert float(rows[1]["best_error_std"]) == pytest.approx(statistics.stdev(v), abs=1e-4)
+
+
+def test_figures_are_valid_pngs(swept):
+    repo, _, _ = swept
+    out = repo / "reports"
+    figures = out / "figures"
+    _png_ok(figures / "per_class_error_ERM_vs_ERM-DRW_digits_exp_100.png")
+    _png_ok(figures / "margins_digits_exp_100.png")
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["rep-0", "rep-2"]  # first seed of each cell
+    for run in ("rep-0", "rep-2"):
+        for name in ("curves", "confusion", "per_class", "acc_vs_count", "margins"):
+            _png_ok(out / "runs" / run / f"{name}.png")
+    md = (out / "table.md").read_text()
+    assert "(figures/per_class_error_ERM_vs_ERM-DRW_digits_exp_100.png)" in md and "(runs/rep-0/curves.png)" in md
+
+
+def test_evaluate_logs_the_margins(swept):
+    repo, _, _ = swept
+    client, runs = _evaluate_runs(repo)
+    run = runs[0].info.run_id
+    arts = {a.path for a in client.list_artifacts(run, "evaluation")}
+    assert {"evaluation/margins.csv", "evaluation/margins.png", "evaluation/acc_vs_count.png",
+            "evaluation/confusion.csv"} <= arts
+    path = Path(client.download_artifacts(run, "evaluation/margins.csv", str(repo / "tmp-art")))
+    lines = path.read_text().splitlines()
+    assert lines[0] == "class,margin" and len(lines) == 1 + 500  # the balanced digits test set
+    assert {int(line.split(",")[0]) for line in lines[1:]} == set(range(10))
+    # a sample is correct exactly when its margin is positive: the share matches the final top-1
+    margins = [float(line.split(",")[1]) for line in lines[1:]]
+    top1 = runs[0].data.metrics["final_top1"]
+    assert sum(m > 0 for m in margins) / 500 == pytest.approx(top1, abs=1 / 500)
+
+
+def test_dvc_plots_page_is_offline(swept):
+    repo, _, _ = swept
+    out = sh(["dvc", "plots", "diff", "rep-0", "rep-2"], repo)
+    html = Path(out.stdout.strip().splitlines()[-1].removeprefix("file://")).read_text()
+    assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//", html, re.I)
+    assert "window.vegaEmbed" in html and "margins.png" in html and "acc_vs_count.png" in html
+    assert os.path.getsize(repo / "dvc_plots" / "index.html") > 1000

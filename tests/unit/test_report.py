@@ -1,0 +1,440 @@
+"""`longtail report` and `longtail sweep` without training: aggregation maths on runs written to a
+throwaway MLflow store, method naming, the published-figure comparison, the table's shape, the
+figures, the sweep grid and its validation, and the offline `dvc plots show` page."""
+
+import copy
+import csv
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import figures, report, sweep
+from pipeline.engine.metrics import sample_margins
+from pipeline.errors import LongtailError
+from pipeline.tracking import _flatten
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def flat(raw: dict, **overrides) -> dict:
+    """params.yaml as MLflow logs it (flattened, values as strings), with dotted overrides."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        node = raw
+        *path, last = key.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return {k: str(v) for k, v in _flatten(raw).items()}
+
+
+def run(params: dict, metrics: dict, group: str = "g", start: int = 0, run_id: str = "") -> dict:
+    return {"run_id": run_id or f"{group}-{start}", "group": group, "start_time": start, "params": params,
+            "metrics": metrics, "tags": {"longtail.group": group}}
+
+
+# ------------------------------------------------------------------------------------ naming
+
+@pytest.fixture(scope="module")
+def names():
+    return report.MethodNames.load()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"loss": "ce", "finetune.reweighting": "none"}, "ERM"),
+    ({"loss": "ce", "finetune.reweighting": "cb"}, "ERM-DRW"),
+    ({"loss": "ldam", "finetune.reweighting": "cb"}, "LDAM-DRW"),
+    ({"loss": "ldam", "finetune.reweighting": "none"}, "LDAM"),
+    ({"loss": "mm", "losses.mm.variant": "hmm", "finetune.reweighting": "cb"}, "HMM-DRW"),
+    ({"loss": "mm", "losses.mm.variant": "hmm_ldam", "losses.mm.s": 26.0, "finetune.reweighting": "cb"},
+     "HMM-LDAM-DRW"),
+    ({"loss": "mm", "losses.mm.as_released": True, "finetune.reweighting": "cb"}, "MM-as-released-DRW"),
+    ({"loss": "ce", "train.reweighting": "cb", "finetune.reweighting": "cb"}, "CB-RW"),
+    ({"loss": "ce", "train.sampler": "class_balanced", "finetune.sampler": "class_balanced",
+      "finetune.reweighting": "none"}, "CB-RS"),
+    ({"loss": "ce", "finetune.sampler": "class_balanced", "finetune.reweighting": "none"}, "ERM-DRS"),
+    ({"loss": "focal", "finetune.reweighting": "none"}, "Focal"),
+    ({"loss": "focal", "train.reweighting": "cb", "finetune.reweighting": "cb"}, "CB-Focal"),
+    ({"loss": "am", "finetune.reweighting": "cb"}, "M-DRW"),
+    # no named method: the readable fallback names every re-balancing choice that is not plain
+    ({"loss": "focal", "train.reweighting": "inverse", "finetune.reweighting": "cb"}, "focal+RW:inverse+DRW:cb"),
+    ({"loss": "ldam", "train.sampler": "sqrt", "finetune.reweighting": "none"}, "ldam+RS:sqrt"),
+    ({"loss": "ce", "train.sampler": "class_balanced", "finetune.reweighting": "cb"}, "ce+RS:class_balanced+DRW:cb"),
+])
+def test_method_names_from_logged_params(names, default_params, overrides, expected):
+    assert names.name(flat(default_params, **overrides)) == expected
+
+
+def test_plugin_params_a_run_did_not_log_take_the_plugin_defaults(names, default_params):
+    params = flat(default_params, loss="mm")
+    for k in [k for k in params if k.startswith("losses.mm.")]:
+        del params[k]
+    assert names.name(params) == "HMM-DRW"  # variant hmm, as_released false: the plugin's defaults
+
+
+def test_every_method_names_itself_and_no_two_coincide(names, default_params):
+    from pipeline import registry
+
+    fulls = {}
+    installed = {g: registry.names(g) for g in ("losses", "reweighting", "samplers")}
+    for m in names.methods:
+        full = names.full(m["name"])
+        key = tuple(sorted((k, str(report.norm(v))) for k, v in full.items()))
+        assert key not in fulls, f"{m['name']} and {fulls.get(key)} are the same params"
+        fulls[key] = m["name"]
+        params = flat(default_params, **full)
+        assert names.name(params) == m["name"]
+        # and every plugin the mapping names is installed
+        assert full["loss"] in installed["losses"]
+        for k in ("train.reweighting", "finetune.reweighting"):
+            assert full[k] in installed["reweighting"]
+        for k in ("train.sampler", "finetune.sampler"):
+            assert full[k] in installed["samplers"]
+
+
+def test_method_table_markdown(names):
+    md = names.markdown().splitlines()
+    assert md[0].startswith("| method |") and len(md) == 2 + len(names.methods)
+    assert any(line.startswith("| HMM-DRW | `loss=mm`") for line in md)
+
+
+# ------------------------------------------------------------------------ aggregation (MLflow)
+
+# raw values of two methods x two settings; ERM-DRW cifar10 exp 100 has three seeds, one re-run twice
+RAW = {
+    ("ERM-DRW", "cifar10", "exp", 100): {0: 0.2514, 1: 0.2611, 2: 0.2480},
+    ("ERM-DRW", "cifar10", "exp", 10): {0: 0.1312},
+    ("LDAM-DRW", "cifar10", "exp", 100): {0: 0.2297, 1: 0.2350},
+    ("LDAM-DRW", "cifar100", "step", 100): {0: 0.5464, 1: 0.5570},
+}
+LOSS = {"ERM-DRW": "ce", "LDAM-DRW": "ldam"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A throwaway sqlite store holding evaluate runs (and runs the report must ignore)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import StageRun
+
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    path = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("longtail", artifact_location=(path / "artifacts").as_uri())
+
+    def log(params, metrics, stage="evaluate", status="FINISHED", group="g"):
+        r = client.create_run(exp, tags={"longtail.stage": stage, "longtail.group": group})
+        handle = StageRun(client, r.info.run_id)
+        handle.log_params(params)
+        handle.log_metrics(metrics)
+        client.set_terminated(r.info.run_id, status)
+
+    for (method, ds, prof, ratio), seeds in RAW.items():
+        for seed, err in seeds.items():
+            params = flat(default, loss=LOSS[method], dataset=ds, imbalance=prof, ratio=ratio, seed=seed)
+            metrics = {"best_error": err, "final_error": err + 0.01, "final_top1": 1 - err - 0.01,
+                       "final_many": 0.9 - seed / 100, "final_medium": 0.7, "final_few": 0.5 + seed / 100,
+                       **{f"class_acc_final/{i:03d}": 1 - err - i / 100 for i in range(3)}}
+            if (method, ds, seed) == ("ERM-DRW", "cifar10", 1) and ratio == 100:
+                log(params, {**metrics, "best_error": 0.99}, group="old")  # an older re-run: left out
+            log(params, metrics, group=f"{method}-{seed}")
+    noise = flat(default, dataset="cifar10", imbalance="exp", ratio=100, seed=7)
+    log(noise, {"best_error": 0.5}, status="FAILED")  # failed: left out
+    log(noise, {"best_error": 0.5}, stage="pretrain")  # not an evaluate run: left out
+    return uri
+
+
+@pytest.fixture
+def stored_runs(store, monkeypatch):
+    from pipeline.tracking import finished_runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    return finished_runs("evaluate", "longtail")
+
+
+def test_finished_runs_reads_only_finished_evaluate_runs(stored_runs):
+    assert len(stored_runs) == sum(len(s) for s in RAW.values()) + 1  # + the older re-run
+    assert all(r["params"]["loss"] in ("ce", "ldam") for r in stored_runs)
+
+
+def test_aggregation_mean_std_n_over_seeds(stored_runs):
+    t = report.build_table(stored_runs)
+    assert t.rows == ["ERM-DRW", "LDAM-DRW"]
+    assert [report.column_label(c) for c in t.columns] == ["cifar10 exp 100", "cifar10 exp 10", "cifar100 step 100"]
+    for (method, ds, prof, ratio), seeds in RAW.items():
+        cell = t.cells[(method, (ds, prof, float(ratio)))]
+        values = [100 * v for v in seeds.values()]
+        mean, std, n = cell.stat("best_error")
+        assert n == len(values) and cell.seeds == sorted(seeds)
+        assert mean == pytest.approx(statistics.fmean(values))
+        assert std == (pytest.approx(statistics.stdev(values)) if n > 1 else None)
+        assert cell.stat("final_error")[0] == pytest.approx(statistics.fmean(values) + 1)
+    erm = t.cells[("ERM-DRW", ("cifar10", "exp", 100.0))]
+    assert erm.replaced == 1 and 99.0 not in [100 * r["metrics"]["best_error"] for r in erm.runs]
+    assert erm.stat("final_few")[0] == pytest.approx(100 * statistics.fmean([0.50, 0.51, 0.52]))
+
+
+def test_markdown_and_csv_shape(stored_runs, tmp_path):
+    res = report.generate(stored_runs, tmp_path, source="test store")
+    md = (tmp_path / "table.md").read_text()
+    t = res["table"]
+    for title in ("## Top-1 error (%), best epoch", "## Top-1 error (%), final epoch",
+                  "## Many / medium / few-shot accuracy (%), final epoch"):
+        assert title in md
+    best = md.split("## Top-1 error (%), best epoch")[1].split("##")[0]
+    lines = [line for line in best.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | cifar10 exp 100 | cifar10 exp 10 | cifar100 step 100 |"
+    assert len(lines) == 2 + 2 and all(line.count("|") == 5 for line in lines)
+    v = [100 * x for x in RAW[("ERM-DRW", "cifar10", "exp", 100)].values()]
+    assert lines[2] == (f"| ERM-DRW | {statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f} (n=3) | 13.12 (n=1) | — |")
+    a, b = [100 * x for x in RAW[("LDAM-DRW", "cifar10", "exp", 100)].values()], \
+        [100 * x for x in RAW[("LDAM-DRW", "cifar100", "step", 100)].values()]
+    assert lines[3] == (f"| LDAM-DRW | {statistics.fmean(a):.2f} ± {statistics.stdev(a):.2f} (n=2) | — | "
+                        f"{statistics.fmean(b):.2f} ± {statistics.stdev(b):.2f} (n=2) |")
+    with open(tmp_path / "table.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(RAW) == sum(1 for c in t.cells.values())
+    r = next(r for r in rows if r["label"] == "ERM-DRW" and r["ratio"] == "100")
+    assert (r["method"], r["dataset"], r["imbalance"], r["n"], r["seeds"]) == ("ERM-DRW", "cifar10", "exp", "3", "0 1 2")
+    assert float(r["best_error_mean"]) == pytest.approx(statistics.fmean(v), abs=1e-4)
+    assert float(r["best_error_std"]) == pytest.approx(statistics.stdev(v), abs=1e-4)
+
+
+def test_runs_differing_in_other_params_get_separate_rows(default_params):
+    runs = [run(flat(default_params, seed=s, **{"train.epochs": e}), {"best_error": 0.3}, start=s + e)
+            for s in (0, 1) for e in (8, 200)]
+    runs += [run(flat(default_params, seed=2, **{"losses.ldam.s": 10.0}), {"best_error": 0.3}, start=99)]
+    t = report.build_table(runs)
+    assert sorted(t.rows) == ["ERM-DRW [train.epochs=200]", "ERM-DRW [train.epochs=8]"]
+    assert len(t.cells[("ERM-DRW [train.epochs=8]", ("cifar10", "exp", 100.0))].runs) == 2
+    merged = report.build_table(runs, ignore=["train.epochs"])  # --ignore train.epochs
+    assert merged.rows == ["ERM-DRW"] and merged.cells[("ERM-DRW", ("cifar10", "exp", 100.0))].seeds == [0, 1, 2]
+    only = report.build_table(runs, where=report.parse_where(["train.epochs=8"]))
+    assert only.rows == ["ERM-DRW"] and len(only.runs) == 2
+
+
+def test_no_runs_is_a_one_line_error(tmp_path):
+    with pytest.raises(LongtailError, match="no finished evaluate runs"):
+        report.generate([], tmp_path)
+
+
+# ---------------------------------------------------------------------------------- published
+
+def test_published_figures_have_citations_and_known_names(names):
+    pub = report.Published.load()
+    assert set(pub.sources) == {f["source"] for f in pub.figures}
+    assert all(f["method"] in names.names or f["method"] == "BBN" for f in pub.figures)
+    look = pub.lookup()
+    assert look[("LDAM-DRW", "cifar10 exp 100")]["error"] == 22.97
+    assert look[("ERM-DRW", "cifar100 step 10")]["error"] == 42.78
+    assert look[("HMM-DRW", "cifar10 step 100")]["error"] == pytest.approx(100 - 77.17)  # given as accuracy
+    assert look[("LDAM-DRW", "cifar10 step 100")]["source"] == "cao2019"  # Table 2 listed before the dev logs
+    assert len([f for f in pub.figures if f["source"] == "cao2019"]) == 8 * 8
+
+
+def test_published_difference(stored_runs, tmp_path):
+    t = report.build_table(stored_runs)
+    rows = {(r["label"], r["setting"]): r for r in report.compare_published(t, report.Published.load())}
+    ours = statistics.fmean([22.97, 23.50])
+    r = rows[("LDAM-DRW", "cifar10 exp 100")]
+    assert (r["ours_best"], r["published"], r["n"]) == (pytest.approx(ours), 22.97, 2)
+    assert r["diff_best"] == pytest.approx(ours - 22.97) and r["diff_final"] == pytest.approx(ours + 1 - 22.97)
+    assert rows[("ERM-DRW", "cifar10 exp 10")]["diff_best"] == pytest.approx(0.0)
+    assert rows[("LDAM-DRW", "cifar100 step 100")]["published"] == 54.64
+    assert len(rows) == 4
+    report.generate(stored_runs, tmp_path, published=True)
+    md = (tmp_path / "table.md").read_text()
+    assert f"| LDAM-DRW | {ours:.2f} vs 22.97 (+{ours - 22.97:.2f}) |" in md
+    assert "Table 2" in md and "development logs" in md
+    with open(tmp_path / "published.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+
+# ------------------------------------------------------------------------------------ figures
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_figures_are_valid_pngs(tmp_path):
+    counts, classes = [500, 120, 40, 9], ["a", "b", "c", "d"]
+    rng = np.random.default_rng(0)
+    by_class = [rng.normal(0.3 - 0.1 * i, 0.2, 25) for i in range(4)]
+    figures.acc_vs_count(counts, [0.9, 0.7, None, 0.1], [0.92, 0.71, 0.4, 0.2], classes, tmp_path / "a.png")
+    figures.per_class_compare(counts, {"CB-RW": ([5, 20, 40, None], [1, 2, 3, None]), "HMM-DRW": ([4, 15, 30, 60], None)},
+                              classes, tmp_path / "b.png", title="t")
+    figures.margins(by_class, counts, classes, tmp_path / "c.png", unit="cosine")
+    figures.margins_compare(counts, {"x": by_class, "y": [v * 100 for v in by_class]}, classes, tmp_path / "d.png")
+    for name in "abcd":
+        w, h = _png_size(tmp_path / f"{name}.png")
+        assert 300 < w < 3000 and 200 < h < 2000
+
+
+def test_sample_margins():
+    logits = np.array([[2.0, 1.0, 0.5], [0.1, 0.3, 0.2], [1.0, 1.0, -1.0]])
+    assert sample_margins(logits, [0, 0, 1]).tolist() == pytest.approx([1.0, -0.2, 0.0])
+
+
+def test_report_figures_from_artifacts(stored_runs, tmp_path):
+    """compare + margins + per-run figures, with the artifacts served from a folder."""
+    art = tmp_path / "art"
+    art.mkdir()
+    with open(art / "per_class.csv", "w") as fh:
+        fh.write("class,name,train_images,acc_final,acc_best\n0,a,500,0.9,0.9\n1,b,60,0.5,0.6\n2,c,8,0.1,0.2\n")
+    with open(art / "margins.csv", "w") as fh:
+        fh.write("class,margin\n" + "".join(f"{i % 3},{0.5 - (i % 3) * 0.3 + i / 100}\n" for i in range(30)))
+
+    def fetch(run_id, path, dst):
+        src = art / Path(path).name
+        if not src.exists():
+            return None
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(src, Path(dst) / src.name))
+
+    res = report.generate(stored_runs, tmp_path / "out", fetch=fetch, compare=["ERM-DRW", "LDAM-DRW"])
+    out = tmp_path / "out"
+    cmp = out / "figures" / "per_class_error_ERM-DRW_vs_LDAM-DRW_cifar10_exp_100.png"
+    assert _png_size(cmp)[0] > 300
+    assert (out / "figures" / "margins_cifar100_step_100.png").exists()
+    run_dirs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(run_dirs) == len(RAW)  # --runs first: one run per cell
+    # no PNG artifacts here: acc_vs_count and margins are re-drawn from the CSVs
+    assert {p.name for p in (out / "runs" / run_dirs[0]).iterdir()} == {"acc_vs_count.png", "margins.png"}
+    assert "per_class_error_ERM-DRW_vs_LDAM-DRW_cifar10_exp_100.png" in res["markdown"]
+    with pytest.raises(LongtailError, match="no rows for 'HMM-DRW'"):
+        report.generate(stored_runs, tmp_path / "o2", fetch=fetch, compare=["ERM-DRW", "HMM-DRW"])
+
+
+# -------------------------------------------------------------------------------------- sweep
+
+def test_sweep_grid(default_params):
+    combos = sweep.build_grid(default_params, losses=["ce", "ldam", "mm"], ratios=["100", "10"], seeds=3,
+                              extra=sweep.parse_set(["dataset=digits", "train.milestones=[6,7]"]))
+    assert len(combos) == 3 * 2 * 3
+    assert combos[0].args() == ["-S", "loss=ce", "-S", "ratio=100", "-S", "seed=0", "-S", "dataset=digits",
+                                "-S", "train.milestones=[6,7]"]
+    assert {c.label for c in combos} >= {"loss=mm ratio=10 seed=2", "loss=ce ratio=100 seed=0"}
+    by_method = sweep.build_grid(default_params, methods=["CB-RS", "HMM-DRW"], seeds=1)
+    sets = dict(by_method[0].sets)
+    assert sets["train.sampler"] == sets["finetune.sampler"] == "class_balanced" and sets["finetune.reweighting"] == "none"
+    assert dict(by_method[1].sets)["losses.mm.as_released"] == "false"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"losses": ["ce", "foo"]}, "unknown loss 'foo' (valid: am, "),
+    ({"methods": ["ERM", "Nope"]}, "unknown method 'Nope' (valid: ERM, "),
+    ({"ratios": ["100", "0.5"]}, "--ratio values must be numbers >= 1"),
+    ({"datasets": ["mnist"]}, "unknown dataset 'mnist'"),
+    ({"seeds": 0}, "--seeds"),
+    ({"losses": ["ce"], "methods": ["ERM"]}, "not both"),
+    ({"losses": ["ce"], "extra": [("loss", "ldam")]}, "-S loss clashes with the grid"),
+    ({"extra": [("train.epochz", "3")]}, "no key 'train.epochz'"),
+    ({"extra": [("train.epochs", "0")]}, "seed=0: train.epochs must be >= 1"),
+])
+def test_sweep_validation(default_params, kwargs, message):
+    with pytest.raises(LongtailError) as err:
+        sweep.build_grid(default_params, **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    calls = []
+
+    def fake_dvc(args, check=True):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, f"Queued experiment 'exp-{len(calls)}' for future execution.\n", "")
+
+    monkeypatch.setattr(sweep, "_dvc", fake_dvc)
+    # the store and experiment are created before queueing (parallel workers would race to create them)
+    monkeypatch.setattr("pipeline.tracking.ensure_experiment", lambda name: calls.append(["ensure", name]))
+    return calls
+
+
+def _main(**kw):
+    args = dict(losses=[], methods=[], datasets=[], imbalances=[], ratios=[], seeds=1, extra=[], name=None,
+                run=False, jobs=1, dry_run=False, echo=lambda *a: None)
+    args.update(kw)
+    return sweep.main(Path("params.yaml"), **args)
+
+
+def test_sweep_queues_one_experiment_per_combination(project):
+    assert _main(losses=["ce", "ldam"], seeds=2, extra=["dataset=digits"]) == 0
+    assert project[0] == ["ensure", "longtail"]
+    queued = project[1:]
+    assert len(queued) == 4 and all(c[:3] == ["exp", "run", "--queue"] for c in queued)
+    assert queued[3][3:] == ["-S", "loss=ldam", "-S", "seed=1", "-S", "dataset=digits"]
+
+
+def test_sweep_validates_everything_before_queueing(project):
+    with pytest.raises(LongtailError, match="unknown loss 'cee'"):
+        _main(losses=["ce", "cee"])
+    with pytest.raises(LongtailError, match="loss=ce seed=0: train.epochs must be >= 1"):
+        _main(losses=["ce", "ldam"], extra=["train.epochs=0"])
+    assert project == []  # nothing was queued
+
+
+def test_wait_for_the_queue(monkeypatch):
+    states = iter([{"a": "Queued", "b": "Queued"}, {"a": "Running", "b": "Queued"},
+                   {"a": "Success", "b": "Running"}, {"a": "Success", "b": "Failed", "other": "Running"}])
+    monkeypatch.setattr(sweep, "start_queue", lambda jobs: None)
+    seen = []
+    final = sweep.run_and_wait(["a", "b"], poll=0, echo=seen.append, status=lambda: next(states))
+    assert final == {"a": "Success", "b": "Failed"}
+    assert "  b: Failed" in seen and sum("a:" in s for s in seen) == 3
+
+
+def test_sweep_cli_error_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--loss", "ce,nope", "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error: unknown loss 'nope' (valid: ") and out.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- dvc plots show, offline
+
+def test_dvc_plots_show_loads_nothing_from_the_web(tmp_path):
+    """With the committed .dvc/config (plots.html_template) the page has no remote <script src>."""
+    if shutil.which("dvc") is None or shutil.which("git") is None:
+        pytest.skip("needs dvc and git")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    env["DVC_NO_ANALYTICS"] = "1"
+
+    def sh(*cmd):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, text=True)
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / "dvc_plots_template.html", repo / "dvc_plots_template.html")
+    (repo / "plots").mkdir()
+    (repo / "plots" / "history.csv").write_text("epoch,test_acc\n0,0.1\n1,0.5\n")
+    figures.acc_vs_count([10, 5], [0.5, 0.2], [0.6, 0.3], ["a", "b"], repo / "plots" / "fig.png")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": [{"plots/history.csv": {"x": "epoch", "y": "test_acc"}},
+                                                             "plots/fig.png"]}))
+    sh("dvc", "plots", "show")
+    html = (repo / "dvc_plots" / "index.html").read_text()
+    assert "window.vegaEmbed" in html and "plots/fig.png" in html and '"test_acc"' in html
+    import re
+
+    assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//", html, re.I)
+    assert "cdn.jsdelivr" not in html
