@@ -13,7 +13,7 @@ COPY pipeline ./pipeline
 COPY plugins ./plugins
 RUN pip install -e . -e plugins/longtail-mm
 
-COPY params.yaml dvc.yaml .dvcignore ./
+COPY params.yaml dvc.yaml .dvcignore dvc_plots_template.html ./
 COPY .dvc/config ./.dvc/config
 # no git inside the image: DVC runs the pipeline without an SCM
 RUN dvc config core.no_scm true && dvc config core.analytics false

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pipeline.params import parse
+from pipeline.report import MethodNames
 from pipeline.stages import build_dataset, evaluate, training
 from pipeline.tracking import stage_run
 
@@ -16,36 +17,10 @@ from .conftest import FAST, make_repo, set_params, sh
 
 pytestmark = pytest.mark.slow
 
-# named method -> params overrides (the README's method table); default params = ERM-DRW
-NO_DRW = {"finetune.reweighting": "none"}
-METHODS = {
-    "ERM": {"loss": "ce", **NO_DRW},
-    "Focal": {"loss": "focal", **NO_DRW},
-    "LDAM": {"loss": "ldam", **NO_DRW},
-    "CB-RS": {"train.sampler": "class_balanced", "finetune.sampler": "class_balanced", **NO_DRW},
-    "CB-RW": {"train.reweighting": "cb"},
-    "CB-Focal": {"loss": "focal", "train.reweighting": "cb"},
-    "HG-DRS": {"loss": "hinge", "finetune.sampler": "class_balanced", **NO_DRW},
-    "LDAM-HG-DRS": {"loss": "ldam_hinge", "finetune.sampler": "class_balanced", **NO_DRW},
-    "M-DRW": {"loss": "am"},
-    "ERM-DRW": {"loss": "ce"},
-    "ERM-DRS": {"loss": "ce", "finetune.sampler": "class_balanced", **NO_DRW},
-    "LDAM-DRW": {"loss": "ldam"},
-    "HMM": {"loss": "mm", **NO_DRW},
-    "HMM-DRW": {"loss": "mm"},
-    "HMM-LDAM-DRW": {"loss": "mm", "losses.mm.variant": "hmm_ldam", "losses.mm.s": 26.0},
-    "MM-as-released-DRW": {"loss": "mm", "losses.mm.as_released": True},
-    "LS-SVM": {"loss": "ls_svm", **NO_DRW},
-    "L-Softmax": {"loss": "lsoftmax", **NO_DRW},
-    "Balanced-Softmax": {"loss": "balanced_softmax", **NO_DRW},
-    "Logit-adjust": {"loss": "logit_adjust", **NO_DRW},
-    "Inverse-RW": {"train.reweighting": "inverse", "reweightings.inverse.power": 0.5},
-    "sqrt-RS": {"train.sampler": "sqrt", **NO_DRW},
-    "progressive-RS": {"train.sampler": "progressive", **NO_DRW},
-    "reversed-DRS": {"finetune.sampler": "reversed", **NO_DRW},
-    "oversample-strong": {"train.sampler": "oversample", "samplers.oversample.strong_augment": True, **NO_DRW},
-    "undersample": {"train.sampler": "undersample", **NO_DRW},
-}
+# every named method of the README's table (pipeline/method_names.yaml), plus one params variant
+NAMES = MethodNames.load()
+METHODS = {name: NAMES.full(name) for name in NAMES.names}
+METHODS["oversample-strong"] = {**NAMES.full("oversample"), "samplers.oversample.strong_augment": True}
 
 
 def _apply(raw: dict, overrides: dict) -> dict:
@@ -87,6 +62,8 @@ def test_every_method_runs_and_reaches_mlflow(tmp_path, default_params, monkeypa
                                                        "and tags.`longtail.stage` = 'evaluate'")
         assert len(runs) == 1, name
         m = runs[0].data.metrics
+        if name in NAMES.names:  # the report names the run as the table does
+            assert NAMES.name(runs[0].data.params) == name
         saved = json.loads((tmp_path / name / "eval.json").read_text())
         assert m["final_top1"] == pytest.approx(saved["final"]["top1"]), name
         assert 0.0 <= m["final_top1"] <= 1.0

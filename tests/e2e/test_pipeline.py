@@ -121,7 +121,7 @@ def test_temp_experiment_logs_into_the_project_store(ran):
     client = _client(repo)
     exp = client.get_experiment_by_name("longtail")
     runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'tempexp'")
-    # the dataset is unchanged (DVC restores it from its cache): only the training stages ran
+    # the dataset is unchanged (DVC restores it and class_counts.json from its cache): only training ran
     assert {r.data.tags.get("longtail.stage", "parent") for r in runs} == {"parent", "pretrain", "finetune", "evaluate"}
     ev = [r for r in runs if r.data.tags.get("longtail.stage") == "evaluate"][0]
     assert {a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")}
