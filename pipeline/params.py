@@ -232,6 +232,18 @@ def parse(raw: dict) -> Params:
     )
 
 
+def override(raw: dict, overrides: dict) -> dict:
+    """A copy of a params mapping with dotted keys set (``{"train.epochs": 3}``), as `-S` does."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        node = raw
+        *path, last = key.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return raw
+
+
 def load_plugins(p: Params) -> None:
     """Import every plugin the params select, so that a broken one fails before any work."""
     selected = {("losses", p.loss), ("models", p.model_arch), ("finetune", p.finetune.strategy),

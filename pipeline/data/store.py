@@ -7,21 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.sources import RawData
 from pipeline.errors import LongtailError
 
 KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "mean", "std", "hflip")
 
 
 @dataclass
-class Prepared:
-    x_train: np.ndarray  # uint8 [N, H, W, C]
-    y_train: np.ndarray  # int64 [N]
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: list[str]
-    mean: tuple[float, ...]  # per channel, [0, 1] units
-    std: tuple[float, ...]
-    hflip: bool
+class Prepared(RawData):
     class_counts: list[int]  # training images per class, from y_train
 
 

@@ -1,14 +1,13 @@
 """Every method of the paper's comparison runs end to end on the embedded data and reaches MLflow;
 a loss scaffolded with `longtail plugins new` installs and trains through `dvc exp run`."""
 
-import copy
 import json
 import subprocess
 import sys
 
 import pytest
 
-from pipeline.params import parse
+from pipeline.params import override as _apply, parse
 from pipeline.report import MethodNames
 from pipeline.stages import build_dataset, evaluate, training
 from pipeline.tracking import stage_run
@@ -21,17 +20,6 @@ pytestmark = pytest.mark.slow
 NAMES = MethodNames.load()
 METHODS = {name: NAMES.full(name) for name in NAMES.names}
 METHODS["oversample-strong"] = {**NAMES.full("oversample"), "samplers.oversample.strong_augment": True}
-
-
-def _apply(raw: dict, overrides: dict) -> dict:
-    raw = copy.deepcopy(raw)
-    for key, value in overrides.items():
-        node = raw
-        *path, last = key.split(".")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return raw
 
 
 def test_every_method_runs_and_reaches_mlflow(tmp_path, default_params, monkeypatch):

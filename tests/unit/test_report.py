@@ -2,7 +2,6 @@
 throwaway MLflow store, method naming, the published-figure comparison, the table's shape, the
 figures, the sweep grid and its validation, and the offline `dvc plots show` page."""
 
-import copy
 import csv
 import os
 import shutil
@@ -18,6 +17,7 @@ import yaml
 from pipeline import figures, report, sweep
 from pipeline.engine.metrics import sample_margins
 from pipeline.errors import LongtailError
+from pipeline.params import override
 from pipeline.tracking import _flatten
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,14 +26,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def flat(raw: dict, **overrides) -> dict:
     """params.yaml as MLflow logs it (flattened, values as strings), with dotted overrides."""
-    raw = copy.deepcopy(raw)
-    for key, value in overrides.items():
-        node = raw
-        *path, last = key.split(".")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return {k: str(v) for k, v in _flatten(raw).items()}
+    return {k: str(v) for k, v in _flatten(override(raw, overrides)).items()}
 
 
 def run(params: dict, metrics: dict, group: str = "g", start: int = 0, run_id: str = "") -> dict:
