@@ -1,0 +1,214 @@
+"""Balanced Meta-Softmax (Ren et al., NeurIPS 2020), stage 2: the `meta_sampler` fine-tune strategy.
+
+Stage 1 is Balanced Softmax end to end (loss=balanced_softmax, finetune.start_epoch=train.epochs).
+Stage 2 re-trains the classifier on the frozen backbone with Balanced Softmax,
+CE(z + log n, y), on batches drawn from a learnable class distribution pi = softmax(phi). Each step:
+
+1. draw a batch with straight-through Gumbel-softmax over phi: class c_b = argmax(phi + g_b)
+   (a sample of pi), weight s_b = [hard one-hot - soft.detach() + soft]_{c_b} (value 1, gradient to
+   phi through soft = softmax((phi + g_b) / temperature)), then a uniform image of class c_b;
+2. one virtual SGD step of the classifier: theta' = theta - lr * grad_theta mean_b s_b BS(x_b, c_b);
+3. meta loss = plain CE of the classifier theta' on a small class-balanced meta set taken from the
+   training set; its gradient w.r.t. phi (through theta') updates phi (Adam, meta_lr);
+4. a real SGD step of the classifier with Balanced Softmax on a batch drawn from the updated pi.
+
+Simplifications (kept small on purpose): features are computed once by the frozen backbone
+(eval mode, no augmentation) and reused; the meta set is part of the training set (its tail
+classes have too few images to hold any out) and is scored without augmentation; the classifier
+starts from the stage-1 one (`reinit: true` re-initialises it); phi starts at the instance-balanced
+rates log(n_j / N) (`init: class_balanced` starts uniform); one virtual step per real step, with
+the real step's learning rate. Stage 2 always uses Balanced Softmax (the paper's loss), whatever
+`loss` trained stage 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import LongtailError
+from .decoupling import (balanced_subset, cosine_lr, epoch_logger, extract_features, require_full_stage_one,
+                         reset_best)
+
+
+class ClassSampler:
+    """A learnable class distribution pi = softmax(phi)."""
+
+    def __init__(self, class_counts, init: str = "instance", device="cpu"):
+        counts = torch.tensor(class_counts, dtype=torch.float32)
+        start = counts.log() - counts.sum().log() if init == "instance" else torch.zeros(len(counts))
+        self.phi = nn.Parameter(start.to(device))
+
+    def rates(self) -> torch.Tensor:
+        return torch.softmax(self.phi.detach(), 0)
+
+    def gumbel(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.rand(batch, len(self.phi), generator=generator).clamp_(1e-10, 1 - 1e-7)
+        return (-torch.log(-torch.log(u))).to(self.phi.device)
+
+    def sample_straight_through(self, batch: int, generator, temperature: float):
+        """Classes [B] (samples of pi) and their straight-through weights [B] (value 1, grad to phi)."""
+        soft = torch.softmax((self.phi + self.gumbel(batch, generator)) / temperature, dim=1)
+        cls = soft.detach().argmax(1)
+        hard = F.one_hot(cls, len(self.phi)).to(soft)
+        weight = (hard - soft.detach() + soft).gather(1, cls[:, None]).squeeze(1)
+        return cls, weight
+
+    @torch.no_grad()
+    def sample(self, batch: int, generator) -> torch.Tensor:
+        return (self.phi + self.gumbel(batch, generator)).argmax(1)
+
+
+class MetaSamplerTraining:
+    """Stage-2 training on precomputed features: `epoch(i)` runs one epoch (ceil(N / B) steps) and
+    returns (mean BS loss, accuracy on the real batches, lr)."""
+
+    def __init__(self, classifier: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
+                 meta_feats: torch.Tensor, meta_labels: torch.Tensor, class_counts, generator: torch.Generator, *,
+                 epochs: int, lr: float, batch_size: int, momentum: float, weight_decay: float, meta_lr: float,
+                 temperature: float, init: str):
+        self.classifier, self.feats, self.labels = classifier, feats, labels
+        self.meta_feats, self.meta_labels = meta_feats, meta_labels
+        self.generator, self.epochs, self.lr, self.batch_size = generator, epochs, lr, batch_size
+        self.temperature = temperature
+        device = feats.device
+        counts = torch.tensor(class_counts, dtype=torch.long)
+        self.counts = counts.to(device)
+        self.log_prior = counts.float().log().to(device)
+        # positions of each class's samples, class after class: sample k of class j is at starts[j] + k
+        self.by_class = torch.argsort(labels, stable=True)
+        self.starts = (torch.cumsum(counts, 0) - counts).to(device)
+        self.sampler = ClassSampler(class_counts, init, device)
+        self.meta_opt = torch.optim.Adam([self.sampler.phi], lr=meta_lr)
+        self.opt = torch.optim.SGD([p for p in classifier.parameters() if p.requires_grad], lr=lr,
+                                   momentum=momentum, weight_decay=weight_decay)
+
+    def _instances(self, cls: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(len(cls), generator=self.generator).to(cls.device)
+        k = (u * self.counts[cls]).long().clamp_max(self.counts[cls] - 1)
+        return self.by_class[self.starts[cls] + k]
+
+    def _bs(self, logits, y, reduction="mean"):
+        return F.cross_entropy(logits + self.log_prior, y, reduction=reduction)
+
+    def meta_step(self, lr: float) -> float:
+        cls, weight = self.sampler.sample_straight_through(self.batch_size, self.generator, self.temperature)
+        idx = self._instances(cls)
+        params = {k: v for k, v in self.classifier.named_parameters() if v.requires_grad}
+        logits = functional_call(self.classifier, params, (self.feats[idx],))
+        virtual = (weight * self._bs(logits, cls, "none")).mean()
+        grads = torch.autograd.grad(virtual, list(params.values()), create_graph=True)
+        updated = {k: v - lr * g for (k, v), g in zip(params.items(), grads)}
+        meta_loss = F.cross_entropy(functional_call(self.classifier, updated, (self.meta_feats,)), self.meta_labels)
+        (grad_phi,) = torch.autograd.grad(meta_loss, [self.sampler.phi])
+        self.meta_opt.zero_grad(set_to_none=True)
+        self.sampler.phi.grad = grad_phi
+        self.meta_opt.step()
+        return meta_loss.item()
+
+    def real_step(self):
+        cls = self.sampler.sample(self.batch_size, self.generator)
+        idx = self._instances(cls)
+        logits = self.classifier(self.feats[idx])
+        loss = self._bs(logits, cls)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), (logits.detach().argmax(1) == cls).sum()
+
+    def epoch(self, i: int, on_batch=None):
+        lr = cosine_lr(self.lr, i, self.epochs)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        n = len(self.labels)
+        steps = (n + self.batch_size - 1) // self.batch_size
+        loss_sum = torch.zeros((), device=self.feats.device)
+        correct = torch.zeros((), device=self.feats.device, dtype=torch.long)
+        meta = 0.0
+        for step in range(steps):
+            meta += self.meta_step(lr)
+            loss, right = self.real_step()
+            loss_sum += loss * self.batch_size
+            correct += right
+            if on_batch is not None:
+                on_batch(step + 1, steps)
+        seen = steps * self.batch_size
+        return loss_sum.item() / seen, correct.item() / seen, lr, meta / steps
+
+
+class MetaSampler:
+    def __init__(self, **kw):
+        self.kw = kw
+        self.rates: list[float] | None = None
+
+    def run(self, ctx) -> None:
+        require_full_stage_one(ctx, "meta_sampler")
+        t, kw = ctx.trainer, dict(self.kw)
+        model, counts = t.model, ctx.meta["class_counts"]
+        clf = model.classifier
+        if kw.pop("reinit"):
+            g = torch.Generator().manual_seed(kw["init_seed"])
+            with torch.no_grad():
+                clf.weight.copy_(torch.randn(clf.weight.shape, generator=g) * math.sqrt(2.0 / clf.weight.shape[1]))
+                if getattr(clf, "bias", None) is not None:
+                    clf.bias.zero_()
+        kw.pop("init_seed")
+        meta_idx = balanced_subset(t.data.y_train_cpu, kw.pop("meta_per_class"), kw.pop("meta_seed"))
+        feats = extract_features(t)  # backbone frozen: eval mode, no augmentation, computed once
+        meta_feats = feats[meta_idx.to(feats.device)]
+        meta_labels = t.data.y_train[meta_idx.to(t.data.y_train.device)]
+        training = MetaSamplerTraining(clf, feats, t.data.y_train, meta_feats, meta_labels, counts, t.sample_gen,
+                                       **kw)
+        t.optimizer = training.opt
+        first, epochs = t.epoch, kw["epochs"]
+
+        def train_epoch(e: int, on_batch=None) -> dict:
+            model.eval()
+            start = time.perf_counter()
+            loss, acc, lr, meta = training.epoch(e - first, on_batch)
+            seconds = time.perf_counter() - start
+            rates = training.sampler.rates().tolist()
+            if ctx.log is not None:
+                ctx.log.log_metrics({"meta_loss": meta, **{f"sampler_rate/{j:03d}": r for j, r in enumerate(rates)}},
+                                    step=e)
+            n = len(t.data.y_train)
+            return {"epoch": e, "lr": lr, "train_loss": loss, "train_acc": acc, "images_per_s": n / max(seconds, 1e-9),
+                    "epoch_seconds": seconds, "reweighted": False}
+
+        reset_best(t)
+        on_epoch, on_batch = epoch_logger(ctx, "meta_sampler", first, first + epochs)
+        t.fit(first + epochs, on_epoch=on_epoch, on_batch=on_batch, train_epoch=train_epoch)
+        self.rates = training.sampler.rates().tolist()
+        ctx.meta["meta_sampler_rates"] = self.rates
+        print("finetune[meta_sampler]: learned class sampling rates "
+              + " ".join(f"{r:.3f}" for r in self.rates) + f" (class counts {counts})")
+
+
+def build_meta_sampler(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
+                       weight_decay: float = 5e-4, meta_lr: float = 0.01, temperature: float = 1.0,
+                       meta_per_class: int = 10, meta_seed: int = 0, init: str = "instance",
+                       reinit: bool = False, init_seed: int = 0) -> MetaSampler:
+    """Classifier schedule as cRT (10 epochs, SGD momentum 0.9, wd 5e-4, cosine lr from 0.05);
+    Adam on the sampling logits; meta set = meta_per_class training images per class (capped at n_j)."""
+    for key, v in (("epochs", epochs), ("batch_size", batch_size), ("meta_per_class", meta_per_class)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LongtailError(f"finetunes.meta_sampler.{key} must be a positive integer, got {v!r}")
+    for key, v in (("lr", lr), ("meta_lr", meta_lr), ("temperature", temperature)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise LongtailError(f"finetunes.meta_sampler.{key} must be a positive number, got {v!r}")
+    for key, v in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise LongtailError(f"finetunes.meta_sampler.{key} must be a number >= 0, got {v!r}")
+    if init not in ("instance", "class_balanced"):
+        raise LongtailError(f"finetunes.meta_sampler.init must be one of instance, class_balanced, got {init!r}")
+    if not isinstance(reinit, bool):
+        raise LongtailError(f"finetunes.meta_sampler.reinit must be true or false, got {reinit!r}")
+    return MetaSampler(epochs=epochs, lr=float(lr), batch_size=batch_size, momentum=float(momentum),
+                       weight_decay=float(weight_decay), meta_lr=float(meta_lr), temperature=float(temperature),
+                       meta_per_class=meta_per_class, meta_seed=meta_seed, init=init, reinit=reinit,
+                       init_seed=init_seed)

@@ -1,0 +1,76 @@
+"""Bilateral-branch ResNet-32 of BBN (Zhou et al., CVPR 2020): the `bbn_resnet32` entry point of
+`longtail.models`.
+
+The two branches share the whole ResNet-32 except the last residual block(s): a shared trunk
+(conv1, BN, the first 15 - branch_blocks basic blocks) and, per branch, its own last
+`branch_blocks` basic blocks and global average pool. The paper: "the two branches use the same
+residual network structure and share all the weights except for the last residual block", so
+branch_blocks defaults to 1; branch_blocks = 5 gives each branch its own whole last stage.
+
+The classifier sees the concatenation [alpha f_c ; (1 - alpha) f_r] (128-d for ResNet-32), i.e.
+logits = alpha W_c f_c + (1 - alpha) W_r f_r. `features(x)` / `forward(x)` use alpha = 0.5, the
+test-time mix; training (the `bbn` fine-tune strategy) calls `branch_features` per branch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LongtailError
+from .heads import make_head
+from .resnet import BasicBlock
+
+BRANCHES = ("conventional", "rebalancing")
+
+
+class BBNResNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, head: str = "linear", branch_blocks: int = 1,
+                 blocks_per_stage: int = 5, widths=(16, 32, 64)):
+        super().__init__()
+        plan, in_planes = [], widths[0]  # (in_planes, planes, stride) of every basic block, in order
+        for i, w in enumerate(widths):
+            for b in range(blocks_per_stage):
+                plan.append((in_planes, w, 2 if (i > 0 and b == 0) else 1))
+                in_planes = w
+        if not 1 <= branch_blocks <= len(plan):
+            raise LongtailError(f"model.branch_blocks must be between 1 and {len(plan)}, got {branch_blocks}")
+        shared, own = plan[:-branch_blocks], plan[-branch_blocks:]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.trunk = nn.Sequential(*[BasicBlock(*b) for b in shared])
+        self.conventional = nn.Sequential(*[BasicBlock(*b) for b in own])
+        self.rebalancing = nn.Sequential(*[BasicBlock(*b) for b in own])
+        self.branch_dim = in_planes
+        self.feature_dim = 2 * in_planes
+        self.classifier = make_head(head, self.feature_dim, num_classes)
+        for mod in self.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(mod.weight)
+
+    def shared(self, x):
+        return self.trunk(F.relu(self.bn1(self.conv1(x))))
+
+    def _pool(self, branch: nn.Module, h):
+        return F.adaptive_avg_pool2d(branch(h), 1).flatten(1)
+
+    def branch_features(self, x, branch: str):
+        """The pooled feature of one branch ("conventional" or "rebalancing") for input x."""
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        return self._pool(getattr(self, branch), self.shared(x))
+
+    def features(self, x, alpha: float = 0.5):
+        """[alpha f_c ; (1 - alpha) f_r] for one input (the trunk runs once)."""
+        h = self.shared(x)
+        return torch.cat([alpha * self._pool(self.conventional, h), (1 - alpha) * self._pool(self.rebalancing, h)], 1)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def build_bbn_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", *,
+                       branch_blocks: int = 1) -> nn.Module:
+    if isinstance(branch_blocks, bool) or not isinstance(branch_blocks, int):
+        raise LongtailError(f"model.branch_blocks must be an integer, got {branch_blocks!r}")
+    return BBNResNet(num_classes, in_channels, head, branch_blocks)

@@ -1,0 +1,139 @@
+"""BBN (Zhou et al., CVPR 2020): alpha schedule, test-time mix, the two samplers, branch structure,
+and one short run through the pretrain / finetune / evaluate stages."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from twostage_util import prepare, project_params, tiny_raw
+
+from pipeline import io
+from pipeline.errors import LongtailError
+from pipeline.methods.bbn import bbn_alpha, build_bbn
+from pipeline.models.bbn import BBNResNet, build_bbn_resnet32
+from pipeline.models.resnet import build_resnet32
+from pipeline.params import parse
+
+
+def test_alpha_schedule():
+    assert bbn_alpha(0, 200) == 1.0
+    assert bbn_alpha(100, 200) == 0.75
+    assert bbn_alpha(50, 200) == pytest.approx(1 - 1 / 16)
+    assert bbn_alpha(150, 200) == pytest.approx(1 - 9 / 16)
+    assert bbn_alpha(200, 200) == 0.0
+    values = [bbn_alpha(e, 200) for e in range(200)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_the_plain_forward_mixes_the_branches_with_alpha_one_half():
+    torch.manual_seed(0)
+    m = build_bbn_resnet32(4, 3, "linear").eval()
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        f_c, f_r = m.branch_features(x, "conventional"), m.branch_features(x, "rebalancing")
+        z = m(x)
+        w_c, w_r = m.classifier.weight[:, :64], m.classifier.weight[:, 64:]
+        assert torch.allclose(z, 0.5 * f_c @ w_c.t() + 0.5 * f_r @ w_r.t() + m.classifier.bias, atol=1e-5)
+        assert torch.allclose(m.features(x), torch.cat([0.5 * f_c, 0.5 * f_r], 1))
+        # and it is not some other mix
+        assert not torch.allclose(z, m.classifier(torch.cat([f_c, 0 * f_r], 1)), atol=1e-3)
+
+
+def test_branch_structure():
+    m = build_bbn_resnet32(10, 3, "linear")
+    assert len(m.trunk) == 14 and len(m.conventional) == 1 and len(m.rebalancing) == 1
+    assert m.feature_dim == 128 and m.classifier.weight.shape == (10, 128)
+    # the last blocks are distinct modules with distinct parameters, initialised independently
+    pc, pr = list(m.conventional.parameters()), list(m.rebalancing.parameters())
+    assert len(pc) == len(pr) and not {id(p) for p in pc} & {id(p) for p in pr}
+    assert not torch.equal(m.conventional[0].conv1.weight, m.rebalancing[0].conv1.weight)
+    # the shared trunk: one set of parameter objects, used by both branches
+    x = torch.randn(2, 3, 8, 8)
+    for branch, other in (("conventional", "rebalancing"), ("rebalancing", "conventional")):
+        m.zero_grad(set_to_none=True)
+        m.branch_features(x, branch).sum().backward()
+        assert all(p.grad is not None for p in m.trunk.parameters())
+        assert m.conv1.weight.grad is not None
+        assert all(p.grad is not None for p in getattr(m, branch).parameters())
+        assert all(p.grad is None for p in getattr(m, other).parameters())
+    # one extra basic block (and a wider classifier) over ResNet-32
+    plain = sum(p.numel() for p in build_resnet32(10, 3, "linear").parameters())
+    block = sum(p.numel() for p in m.rebalancing.parameters())
+    assert sum(p.numel() for p in m.parameters()) == plain + block + 64 * 10
+    # branch_blocks = 5: each branch owns the whole last stage
+    m5 = BBNResNet(10, 3, "linear", branch_blocks=5)
+    assert len(m5.trunk) == 10 and len(m5.conventional) == 5
+    with pytest.raises(LongtailError, match="model.branch_blocks"):
+        build_bbn_resnet32(10, 3, "linear", branch_blocks=0)
+
+
+def test_the_two_samplers_class_frequencies():
+    counts = [100, 30, 10, 3]
+    ctx = SimpleNamespace(meta={"class_counts": counts}, params=SimpleNamespace(raw={}))
+    conventional, rebalancing = build_bbn().samplers(ctx)
+    labels = torch.arange(4).repeat_interleave(torch.tensor(counts))
+    g = torch.Generator().manual_seed(0)
+    epochs = 300
+    draws_c = torch.cat([conventional.indices(labels, e, epochs, g) for e in range(epochs)])
+    draws_r = torch.cat([rebalancing.indices(labels, e, epochs, g) for e in range(epochs)])
+    freq_c = torch.bincount(labels[draws_c], minlength=4).double() / len(draws_c)
+    freq_r = torch.bincount(labels[draws_r], minlength=4).double() / len(draws_r)
+    n = torch.tensor(counts, dtype=torch.float64)
+    # conventional: uniform over instances, every image once an epoch -> exactly n_j / N
+    assert torch.allclose(freq_c, n / n.sum())
+    first = conventional.indices(labels, 0, epochs, g)
+    assert sorted(first.tolist()) == list(range(len(labels)))
+    # re-balancing (reversed): p_j proportional to 1 / n_j
+    inv = (1 / n) / (1 / n).sum()
+    assert torch.allclose(freq_r, inv, atol=0.01), (freq_r, inv)
+    assert freq_r[3] > 0.6 and freq_r[0] < 0.03
+
+
+def test_bbn_runs_through_the_stages_and_evaluates(tmp_path):
+    from pipeline.stages import evaluate, training
+
+    raw = tiny_raw(project_params(), epochs=3)
+    raw["model"] = {"arch": "bbn_resnet32"}
+    raw["finetune"].update(strategy="bbn", start_epoch=0)
+    p, ds = prepare(tmp_path, raw)
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    assert training.run("pretrain", p, **files)["epochs_run"] == 0
+    summary = training.run("finetune", p, **files)
+    assert summary["epochs_run"] == 3
+    state = io.load_checkpoint(tmp_path / "final.pt")
+    keys = {"epoch", "lr", "train_loss", "train_acc", "images_per_s", "epoch_seconds", "reweighted", "test_acc"}
+    assert [set(r) for r in state["history"]] == [keys] * 3
+    assert [r["epoch"] for r in state["history"]] == [0, 1, 2] and state["best"]["epoch"] in (0, 1, 2)
+    result = evaluate.run(p, dataset=ds, final=tmp_path / "final.pt", metrics=tmp_path / "eval.json",
+                          plots=tmp_path / "plots")
+    assert result["final"]["epoch"] == 2 and 0 <= result["final"]["top1"] <= 1
+    # killed after epoch 0 and resumed: the same model as the uninterrupted run (the strategy keeps
+    # to the trainer's RNGs, optimizer and checkpoints)
+    (tmp_path / "final.pt").unlink()
+    trainer, meta = training.setup(p, ds)
+    trainer.load_state_dict(io.load_checkpoint(tmp_path / "pre.pt"))
+    build_bbn().run(training.FinetuneContext(p, trainer, meta, 1, {}, None))
+    assert trainer.epoch == 1
+    io.save_torch(tmp_path / "r" / "finetune.pt", {**trainer.state_dict(), "meta": meta,
+                                                   "fingerprint": training._fingerprint("finetune", p, ds)})
+    training.run("finetune", p, **files)
+    resumed = io.load_checkpoint(tmp_path / "final.pt")
+    for k, v in state["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_bbn_refuses_a_plain_model_or_a_pretrain_phase(tmp_path):
+    from pipeline.stages import training
+
+    raw = tiny_raw(project_params(), epochs=2)
+    raw["finetune"].update(strategy="bbn", start_epoch=0)
+    p, ds = prepare(tmp_path, raw)
+    trainer, meta = training.setup(p, ds)
+    with pytest.raises(LongtailError, match="model.arch=bbn_resnet32"):
+        build_bbn().run(training.FinetuneContext(p, trainer, meta, 2, {}, None))
+    raw["model"] = {"arch": "bbn_resnet32"}
+    raw["finetune"]["start_epoch"] = 1
+    p = parse(raw)
+    trainer, meta = training.setup(p, ds)
+    with pytest.raises(LongtailError, match="set finetune.start_epoch=0"):
+        build_bbn().run(training.FinetuneContext(p, trainer, meta, 2, {}, None))

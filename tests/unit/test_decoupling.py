@@ -1,0 +1,259 @@
+"""Decoupling (Kang et al., ICLR 2020): cRT, tau-normalisation (+ its sweep), LWS, NCM."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from twostage_util import (RecordingLog, assert_same, backbone_state, prepare, pretrained_context, project_params,
+                           tiny_raw)
+
+from pipeline import registry
+from pipeline.errors import LongtailError
+from pipeline.methods import decoupling as dc
+from pipeline.models.heads import make_head
+
+ROW_KEYS = {"epoch", "lr", "train_loss", "train_acc", "images_per_s", "epoch_seconds", "reweighted"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("decoupling"), tiny_raw(project_params()))
+
+
+@pytest.fixture
+def ctx(prepared):
+    p, ds = prepared
+    return pretrained_context(p, ds, RecordingLog())
+
+
+def rebuilt(ctx):
+    """The model as the evaluate stage rebuilds it from the checkpoint meta."""
+    m = registry.build("models", ctx.meta["arch"], len(ctx.meta["class_counts"]), ctx.meta["in_channels"],
+                       ctx.meta["head"], params=ctx.meta["model_params"])
+    m.load_state_dict(ctx.trainer.model.state_dict())
+    return m.eval()
+
+
+# -- tau-normalisation ----------------------------------------------------------------------------
+
+def test_tau_normalize_against_hand_computed_values():
+    w = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])  # row norms 5, 2, 1
+    assert torch.allclose(dc.tau_normalize(w, 1.0), torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]]))
+    assert torch.allclose(dc.tau_normalize(w, 0.5),
+                          torch.tensor([[3 / math.sqrt(5), 4 / math.sqrt(5)], [0.0, math.sqrt(2)], [1.0, 0.0]]))
+    assert torch.equal(dc.tau_normalize(w, 0.0), w)
+    # tau = 2: w / |w|^2
+    assert torch.allclose(dc.tau_normalize(w, 2.0), torch.tensor([[0.12, 0.16], [0.0, 0.5], [1.0, 0.0]]))
+
+
+def test_pick_tau_takes_the_best_and_breaks_ties_towards_larger_tau():
+    sweep = [{"tau": t, "balanced_acc": a} for t, a in ((0.0, 0.5), (0.5, 0.8), (0.7, 0.8), (1.0, 0.6))]
+    assert dc.pick_tau(sweep) == 0.7
+    assert dc.pick_tau(sweep[:2]) == 0.5
+
+
+def test_tau_norm_drops_the_bias_and_evaluate_rebuilds_the_model(ctx):
+    before = backbone_state(ctx.trainer.model)
+    w0 = ctx.trainer.model.classifier.weight.detach().clone()
+    dc.build_tau_norm(tau=0.5, sweep_file=None).run(ctx)
+    clf = ctx.trainer.model.classifier
+    assert clf.bias is None and ctx.meta["head"] == "linear_nobias"
+    assert torch.allclose(clf.weight, w0 / w0.norm(dim=1, keepdim=True).sqrt())
+    assert_same(before, backbone_state(ctx.trainer.model))
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ctx)(x), ctx.trainer.model.eval()(x))
+    # nothing trained: best = the final model at the stage-1 end
+    assert ctx.trainer.best == {"epoch": ctx.trainer.epoch - 1, "test_acc": -1.0, "model": None}
+    assert ctx.meta["tau_norm"]["tau"] == 0.5
+
+
+class Poison:
+    """A test split that fails the moment anything reads it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test set was read (.{name})")
+
+    def __len__(self):
+        raise AssertionError("the test set was read (len)")
+
+    def __getitem__(self, item):
+        raise AssertionError("the test set was read ([])")
+
+
+def test_the_tau_sweep_never_touches_the_test_set(prepared, tmp_path):
+    p, ds = prepared
+    clean = pretrained_context(p, ds)
+    poisoned = pretrained_context(p, ds, RecordingLog())
+    poisoned.trainer.data.x_test, poisoned.trainer.data.y_test = Poison(), Poison()
+    # the same pretrained model in both (training is deterministic)
+    assert torch.equal(clean.trainer.model.classifier.weight, poisoned.trainer.model.classifier.weight)
+    a = dc.build_tau_norm(tau="auto", sweep_file=None).run(clean)
+    b = dc.build_tau_norm(tau="auto", sweep_file=str(tmp_path / "sweep.json")).run(poisoned)
+    assert a == b
+    assert [r["tau"] for r in a["sweep"]] == pytest.approx([0.1 * i for i in range(11)])
+    assert a["tau"] == dc.pick_tau(a["sweep"])
+    # the sweep set is a class-balanced subset of the TRAINING set: min(20, n_j) images per class
+    counts = clean.meta["class_counts"]
+    assert a["holdout"]["images"] == sum(min(20, n) for n in counts)
+    # logged to MLflow (one step per tau) and written as json
+    assert {"tau_sweep/balanced_acc", "tau_sweep/acc", "tau"} <= poisoned.log.keys()
+    assert sorted(s for m, s in poisoned.log.metrics if "tau_sweep/acc" in m) == [10 * i for i in range(11)]
+    assert (tmp_path / "sweep.json").exists() and poisoned.log.artifacts
+
+
+def test_the_sweep_scores_the_training_subset_it_says(ctx):
+    """The sweep's numbers are the accuracies of the tau-normalised classifier on the held-out
+    training images, recomputed here independently."""
+    t = ctx.trainer
+    w = t.model.classifier.weight.detach().clone()
+    idx = dc.balanced_subset(t.data.y_train_cpu, 3, seed=5)
+    sweep = dc.tau_sweep(t, w, [0.0, 1.0], idx)
+    t.model.eval()
+    x = (t.data.x_train[idx].float() / 255 - t.data.mean.view(-1, 1, 1)) / t.data.std.view(-1, 1, 1)
+    with torch.no_grad():
+        f = t.model.features(x)
+    y = t.data.y_train[idx]
+    for r in sweep:
+        pred = (f @ dc.tau_normalize(w, r["tau"]).t()).argmax(1)
+        assert r["acc"] == pytest.approx((pred == y).float().mean().item())
+
+
+def test_balanced_subset_is_deterministic_and_class_balanced():
+    labels = torch.tensor([0] * 30 + [1] * 7 + [2] * 2)
+    a = dc.balanced_subset(labels, 5, seed=3)
+    assert torch.equal(a, dc.balanced_subset(labels, 5, seed=3))
+    assert torch.bincount(labels[a]).tolist() == [5, 5, 2]
+    assert not torch.equal(a, dc.balanced_subset(labels, 5, seed=4))
+
+
+# -- LWS ------------------------------------------------------------------------------------------
+
+def test_lws_trains_only_the_scales(ctx):
+    t = ctx.trainer
+    before = backbone_state(t.model)
+    w0, b0 = t.model.classifier.weight.detach().clone(), t.model.classifier.bias.detach().clone()
+    keys = set(t.model.state_dict())
+    lws = dc.build_lws(epochs=3, lr=0.5)
+    lws.run(ctx)
+    s = lws.scales
+    assert not torch.allclose(s, torch.ones_like(s)), "the scales did not move"
+    clf = t.model.classifier
+    # the classifier is exactly the frozen one, rescaled: W' = diag(f) W, b' = f b
+    assert torch.equal(clf.weight.detach(), s[:, None] * w0)
+    assert torch.equal(clf.bias.detach(), s * b0)
+    assert_same(before, backbone_state(t.model))
+    assert set(t.model.state_dict()) == keys and ctx.meta["head"] == "linear"
+    if t.best["model"] is not None:  # the best snapshot is folded too, so evaluate can load it
+        assert set(t.best["model"]) == keys
+    assert ctx.meta["lws_scales"] == pytest.approx(s.tolist())
+    assert [r["epoch"] for r in t.history[-3:]] == [2, 3, 4] and t.epoch == 5
+    assert ROW_KEYS <= set(t.history[-1])
+
+
+def test_fold_state_is_the_scaled_classifier():
+    lin = torch.nn.Linear(4, 3)
+    sc = dc.ScaledClassifier(lin)
+    with torch.no_grad():
+        sc.scale.copy_(torch.tensor([0.5, 2.0, 3.0]))
+    x = torch.randn(6, 4)
+    assert torch.allclose(sc.folded()(x), sc(x), atol=1e-6)
+    folded = dc.fold_state({f"classifier.{k}": v for k, v in sc.state_dict().items()} | {"conv.w": torch.ones(1)})
+    assert set(folded) == {"classifier.weight", "classifier.bias", "conv.w"}
+
+
+# -- cRT ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_crt_freezes_the_backbone_and_retrains_the_classifier(prepared, augment):
+    p, ds = prepared
+    ctx = pretrained_context(p, ds, RecordingLog())
+    t = ctx.trainer
+    before = backbone_state(t.model)  # conv weights and BatchNorm running stats / counters
+    assert any("running_mean" in k for k in before) and any("num_batches_tracked" in k for k in before)
+    w0 = t.model.classifier.weight.detach().clone()
+    dc.build_crt(epochs=2, augment=augment).run(ctx)
+    assert_same(before, backbone_state(t.model))
+    assert not torch.equal(t.model.classifier.weight.detach(), w0)
+    assert all(not p.requires_grad or p is t.model.classifier.weight or p is t.model.classifier.bias
+               for p in t.optimizer.param_groups[0]["params"])
+    assert [r["epoch"] for r in t.history[-2:]] == [2, 3] and "test_acc" in t.history[-1]
+    assert ROW_KEYS <= set(t.history[-1])
+    assert t.best["epoch"] in (2, 3)  # best tracking restarted at stage 2
+    assert {"train_loss", "test_acc"} <= ctx.log.keys()
+
+
+def test_crt_uses_class_balanced_batches(ctx, monkeypatch):
+    seen = []
+    real = dc.build_sampler
+
+    def spy(ctx_, name):
+        s = real(ctx_, name)
+        orig = s.indices
+        s.indices = lambda *a: seen.append(orig(*a)) or seen[-1]
+        return s
+
+    monkeypatch.setattr(dc, "build_sampler", spy)
+    dc.build_crt(epochs=2, augment=False).run(ctx)
+    y = ctx.trainer.data.y_train_cpu[torch.cat(seen)]
+    freq = torch.bincount(y, minlength=10).float() / len(y)
+    assert freq.min() > 0.05 and freq.max() < 0.15  # ~0.1 each, vs 40/170 .. 4/170 instance-balanced
+
+
+def test_decoupling_strategies_need_the_whole_stage_one(prepared):
+    p, ds = prepared
+    ctx = pretrained_context(p, ds)
+    ctx.until = ctx.trainer.epoch + 3  # finetune.start_epoch < train.epochs
+    for build in (dc.build_crt, dc.build_tau_norm, dc.build_lws, dc.build_ncm):
+        with pytest.raises(LongtailError, match="set finetune.start_epoch to train.epochs"):
+            build().run(ctx)
+
+
+def test_bad_parameters_are_one_line_errors():
+    with pytest.raises(LongtailError, match="finetunes.crt.epochs"):
+        dc.build_crt(epochs=0)
+    with pytest.raises(LongtailError, match="finetunes.tau_norm.tau"):
+        dc.build_tau_norm(tau="big")
+    with pytest.raises(LongtailError, match="finetunes.ncm.metric"):
+        dc.build_ncm(metric="manhattan")
+
+
+# -- NCM ------------------------------------------------------------------------------------------
+
+def test_ncm_head_is_nearest_class_mean_on_a_toy_example():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(60, 5, generator=g) + 3 * torch.randn(4, 5, generator=g).repeat_interleave(15, 0)
+    labels = torch.arange(4).repeat_interleave(15)
+    means = dc.class_means(feats, labels, 4)
+    fn = F.normalize(feats, dim=1)
+    assert torch.allclose(means[2], fn[labels == 2].mean(0))
+    queries = torch.randn(200, 5, generator=g) * 3
+    q = F.normalize(queries, dim=1)
+    nearest = torch.cdist(q, means).argmin(1)
+    head = dc.ncm_head(means, "euclidean")
+    assert torch.equal(head(queries).argmax(1), nearest)
+    # the cosine variant is the largest cosine similarity to a mean
+    cos = dc.ncm_head(means, "cosine")
+    assert torch.equal(cos(queries).argmax(1), (q @ F.normalize(means, dim=1).t()).argmax(1))
+    # a hand-made case: mean (1, 0) vs a short mean (0.1, 0): (0.6, 0.8) is nearer to (1, 0) ...
+    head = dc.ncm_head(torch.tensor([[1.0, 0.0], [0.1, 0.0]]))
+    assert head(torch.tensor([[0.6, 0.8]])).argmax(1).item() == 0
+    # ... and (-1, 0) to the short one, though both have negative cosine to it
+    assert head(torch.tensor([[-1.0, 0.0]])).argmax(1).item() == 1
+    assert isinstance(make_head("ncm", 5, 4), type(head))
+
+
+def test_ncm_strategy_sets_a_head_evaluate_can_rebuild(ctx):
+    t = ctx.trainer
+    before = backbone_state(t.model)
+    dc.build_ncm().run(ctx)
+    assert ctx.meta["head"] == "ncm"
+    assert_same(before, backbone_state(t.model))
+    m = rebuilt(ctx)
+    feats = dc.extract_features(t)
+    means = dc.class_means(feats, t.data.y_train, 10)
+    x = (t.data.x_train.float() / 255 - t.data.mean.view(-1, 1, 1)) / t.data.std.view(-1, 1, 1)
+    with torch.no_grad():
+        pred = m(x).argmax(1)
+    assert torch.equal(pred, torch.cdist(F.normalize(feats, dim=1), means).argmin(1))

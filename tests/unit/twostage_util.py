@@ -1,0 +1,76 @@
+"""Shared by the two-stage method tests: a tiny real dataset (digits, 40 images in the largest class,
+r = 10) and a trainer pretrained on it for a couple of epochs, wrapped in a FinetuneContext."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.params import parse
+from pipeline.stages import build_dataset, training
+
+
+def project_params() -> dict:
+    return yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+
+
+class RecordingLog:
+    """Stands in for the MLflow handle: keeps what a strategy logs."""
+
+    def __init__(self):
+        self.metrics, self.artifacts = [], []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((dict(metrics), step))
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((str(path), artifact_path))
+
+    def keys(self) -> set:
+        return {k for m, _ in self.metrics for k in m}
+
+
+def tiny_raw(default_params: dict, epochs: int = 2, **top) -> dict:
+    raw = copy.deepcopy(default_params)
+    raw.update(dataset="digits", ratio=10, **top)
+    raw["train"].update(epochs=epochs, batch_size=32, warmup_epochs=1, milestones=[], milestone_factors=[],
+                        device="cpu", checkpoint_every=1, eval_batch_size=256)
+    raw["finetune"].update(start_epoch=epochs, reweighting="none")
+    raw["data"]["n_max"] = 40
+    return raw
+
+
+def prepare(tmp_path, raw: dict):
+    p = parse(raw)
+    build_dataset.run(p, out_dir=tmp_path / "prepared")
+    return p, tmp_path / "prepared" / "dataset.npz"
+
+
+_PRETRAINED: dict = {}
+
+
+def pretrained_context(p, dataset, log=None):
+    """A trainer set up from params and trained over the whole schedule (stage 1), in a context whose
+    `until` is the stage-1 end, as the finetune stage builds it for a decoupling strategy. Stage 1
+    runs once per (params, dataset); later calls get a fresh trainer loaded from its checkpoint."""
+    trainer, meta = training.setup(p, dataset)
+    key = (repr(sorted(p.raw.items(), key=str)), str(dataset))
+    if key not in _PRETRAINED:
+        trainer.fit(p.train.epochs)
+        _PRETRAINED[key] = copy.deepcopy(trainer.state_dict())
+    else:
+        trainer.load_state_dict(copy.deepcopy(_PRETRAINED[key]))
+    return training.FinetuneContext(p, trainer, meta, p.train.epochs, {}, log)
+
+
+def backbone_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} changed"
