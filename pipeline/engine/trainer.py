@@ -60,7 +60,7 @@ class Trainer:
         self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
         self.needs_norms = bool(getattr(criterion, "needs_norms", False))
         self.channels_last = device.type == "cuda"
-        self.amp = device.type == "cuda" and bool(getattr(cfg, "amp", True))
+        self.amp = device.type == "cuda"
         self.seed = seed
         self.rank, self.world = distributed.world()
         self.net = model  # what the training step calls: the model, DDP-wrapped under torchrun

@@ -11,6 +11,7 @@ import torch
 
 from .. import figures, io
 from ..build import device_data, pick_device
+from ..data.augment import normalize
 from ..data.store import load_dataset
 from ..engine.metrics import classification_report, sample_margins
 from ..engine.trainer import best_model
@@ -50,8 +51,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     def logits_of(m):
         out = []
         for i in range(0, len(data.x_test), p.train.eval_batch_size):
-            x = data.x_test[i:i + p.train.eval_batch_size].float().div_(255)
-            x = (x - data.mean[None, :, None, None]) / data.std[None, :, None, None]
+            x = normalize(data.x_test[i:i + p.train.eval_batch_size], data.mean, data.std)
             out.append(m(x).float().cpu())
         return torch.cat(out).numpy()
 
