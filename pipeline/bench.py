@@ -21,7 +21,7 @@ from .models.resnet import build_resnet32
 from .params import Train
 
 PROTOCOL = Train(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=2e-4, warmup_epochs=5,
-                 milestones=(160, 180), milestone_factors=(0.01, 0.0001), eval_every=1, eval_batch_size=1024,
+                 milestones=(160, 180), milestone_factors=(0.01, 0.0001), eval_every=1, eval_batch_size=None,
                  reweighting="none", sampler="instance", pad=4, flip=True, device="auto", checkpoint_every=10,
                  compile=None, loader="device", loader_workers=2)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)

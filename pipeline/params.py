@@ -38,7 +38,7 @@ class Train:
     milestones: tuple[int, ...]
     milestone_factors: tuple[float, ...]
     eval_every: int
-    eval_batch_size: int
+    eval_batch_size: int | None  # None = auto (1024 on CUDA, 100 on CPU, where small batches are faster)
     reweighting: str
     sampler: str
     pad: int | None  # None = auto (image side / 8)
@@ -185,7 +185,7 @@ def parse(raw: dict) -> Params:
         milestones=milestones,
         milestone_factors=factors,
         eval_every=_int(_get(t, "eval_every", "train"), "train.eval_every", lo=1),
-        eval_batch_size=_int(t.get("eval_batch_size", 1024), "train.eval_batch_size", lo=1),
+        eval_batch_size=_auto(t.get("eval_batch_size", "auto"), "train.eval_batch_size", lambda v, k: _int(v, k, lo=1)),
         reweighting=_plugin("reweighting", _get(t, "reweighting", "train"), "train.reweighting"),
         sampler=_plugin("samplers", _get(t, "sampler", "train"), "train.sampler"),
         pad=_auto(_get(t, "pad", "train"), "train.pad", lambda v, k: _int(v, k, lo=0)),

@@ -12,7 +12,7 @@ import copy
 import sys
 import time
 from contextlib import nullcontext as _nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -21,6 +21,12 @@ from ..data.augment import augment, normalize
 from ..errors import LongtailError
 from . import distributed
 from .schedule import lr_at
+
+
+def eval_batch_size(value: int | None, device: torch.device) -> int:
+    """train.eval_batch_size, with auto = 1024 on CUDA and 100 on CPU (CPU: 1316 img/s at 100 vs
+    488 img/s at 1024 for ResNet-32 on 32x32, `longtail bench` machine, 2 cores)."""
+    return value or (1024 if device.type == "cuda" else 100)
 
 
 @dataclass
@@ -49,6 +55,7 @@ class DeviceData:
 class Trainer:
     def __init__(self, model, criterion, data: DeviceData, cfg, policy: Callable[[int], Rebalance],
                  device: torch.device, seed: int, pad: int, flip: bool):
+        cfg = replace(cfg, eval_batch_size=eval_batch_size(cfg.eval_batch_size, device))
         self.model, self.criterion, self.data, self.cfg = model, criterion, data, cfg
         self.policy, self.device, self.pad, self.flip = policy, device, pad, flip
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,

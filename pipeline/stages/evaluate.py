@@ -14,7 +14,7 @@ from ..build import device_data, pick_device
 from ..data.augment import normalize
 from ..data.store import load_dataset
 from ..engine.metrics import classification_report, sample_margins
-from ..engine.trainer import best_model
+from ..engine.trainer import best_model, eval_batch_size
 from ..errors import LongtailError
 from ..params import Params
 from ..registry import build as build_plugin
@@ -50,8 +50,9 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     @torch.no_grad()
     def logits_of(m):
         out = []
-        for i in range(0, len(data.x_test), p.train.eval_batch_size):
-            x = normalize(data.x_test[i:i + p.train.eval_batch_size], data.mean, data.std)
+        bs = eval_batch_size(p.train.eval_batch_size, device)
+        for i in range(0, len(data.x_test), bs):
+            x = normalize(data.x_test[i:i + bs], data.mean, data.std)
             out.append(m(x).float().cpu())
         return torch.cat(out).numpy()
 
