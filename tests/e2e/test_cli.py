@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.params import override
+
 from .conftest import ROOT, env, sh
 
 pytestmark = pytest.mark.slow
@@ -20,13 +22,8 @@ LONGTAIL = shutil.which("longtail")
 
 
 def _params(path: Path, **top) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key, value in top.items():
-        node = raw
-        *parts, last = key.split("__")
-        for k in parts:
-            node = node[k]
-        node[last] = value
+    raw = override(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                   {key.replace("__", "."): value for key, value in top.items()})
     (path / "params.yaml").write_text(yaml.safe_dump(raw))
     return path
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.params import override
+
 from .conftest import FAST, make_repo, set_params, sh
 
 pytestmark = pytest.mark.slow
@@ -27,13 +29,7 @@ def _client(repo: Path):
 
 
 def _edit(repo: Path, changes: dict) -> None:
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in changes.items():
-        node = raw
-        *path, last = key.split(".")
-        for k in path:
-            node = node[k]
-        node[last] = value
+    raw = override(yaml.safe_load((repo / "params.yaml").read_text()), changes)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
