@@ -156,17 +156,42 @@ def sweep(loss: Optional[str] = typer.Option(None, "--loss", help="losses, comma
           run: bool = typer.Option(False, "--run", help="also start the queue and wait for it"),
           jobs: int = typer.Option(1, "-j", "--jobs", help="queue workers with --run"),
           dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, queue nothing"),
+          executor: str = typer.Option("local", "--executor",
+                                       help="local: DVC queue workers here; slurm: one SLURM job per experiment"),
+          status: bool = typer.Option(False, "--status",
+                                      help="show the SLURM sweeps (--name: one): queued/running/done/failed per "
+                                           "experiment, job ids, a failed job's log tail"),
+          partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition (default: slurm.partition)"),
+          time_limit: Optional[str] = typer.Option(None, "--time", help="slurm: minutes or [D-]HH:MM:SS per job"),
+          gpus: Optional[int] = typer.Option(None, "--gpus", help="slurm: GPUs per job"),
+          cpus: Optional[int] = typer.Option(None, "--cpus", help="slurm: CPUs per job"),
+          mem: Optional[str] = typer.Option(None, "--mem", help="slurm: memory per job, e.g. 16G"),
+          parallel: Optional[int] = typer.Option(None, "--parallel", help="slurm: at most N jobs running at once"),
+          sbatch: List[str] = typer.Option([], "--sbatch", help="slurm: any other sbatch option, KEY=VALUE"),
           params: Path = ParamsOpt):
     """Queue a grid of DVC experiments (dvc exp run --queue -S ...), one per combination and seed.
 
     Values left out come from params.yaml. Everything is validated before anything is queued.
-    A full table is two commands: `longtail sweep ... --run` then `longtail report`."""
+    A full table is two commands: `longtail sweep ... --run` then `longtail report`.
+    On a cluster: `--executor slurm` (README: Running a sweep on a cluster)."""
     from . import sweep as sw
 
+    if status:
+        from . import slurm
+
+        slurm.check_executor(executor)
+        import yaml
+
+        raw = yaml.safe_load(params.read_text()) if params.exists() else {}
+        slurm.status(name, str(((raw or {}).get("tracking") or {}).get("experiment", "longtail")), echo=typer.echo)
+        return
+    flags = {"partition": partition, "time": time_limit, "gpus": gpus, "cpus": cpus, "mem": mem, "parallel": parallel}
+    if executor == "local" and (any(v is not None for v in flags.values()) or sbatch):
+        raise LongtailError("--partition/--time/--gpus/--cpus/--mem/--parallel/--sbatch are for --executor slurm")
     rc = sw.main(params, losses=sw.split_list(loss, "loss"), methods=sw.split_list(method, "method"),
                  datasets=sw.split_list(dataset, "dataset"), imbalances=sw.split_list(imbalance, "imbalance"),
                  ratios=sw.split_list(ratio, "ratio"), seeds=seeds, extra=set_param, name=name, run=run,
-                 jobs=jobs, dry_run=dry_run, echo=typer.echo)
+                 jobs=jobs, dry_run=dry_run, echo=typer.echo, executor=executor, slurm_flags=flags, sbatch=sbatch)
     if rc:
         raise typer.Exit(rc)
 
