@@ -234,7 +234,7 @@ def default_name(commit: str, combos) -> str:
 
 # -- SLURM's view of the jobs --------------------------------------------------------------------
 
-def _require(tool: str) -> str:
+def require(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
         raise LongtailError(f"{tool} not found: --executor slurm needs the SLURM client commands (run on a login "
@@ -244,7 +244,7 @@ def _require(tool: str) -> str:
 
 def squeue() -> dict[str, str]:
     """Job id (array tasks as 12_3) -> SLURM state, for every job the controller still lists."""
-    _require("squeue")
+    require("squeue")
     out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
@@ -481,7 +481,7 @@ def submit(combos, name: str | None, opts: SlurmOptions, experiment: str, echo=p
     the first call): one SLURM job each, as one job array."""
     project = (project or Path.cwd()).resolve()
     if not dry_run:
-        _require("sbatch")
+        require("sbatch")
     commit = _git(["rev-parse", "HEAD"], cwd=project)
     dirty = _dirty(project)
     if dirty and not dry_run:

@@ -301,6 +301,7 @@ def _slurm(base: dict, combos: list[Combo], name, experiment: str, flags: dict, 
 
     opts = slurm.options(base.get("slurm"), flags, list(sbatch))
     if not dry_run:
+        slurm.require("sbatch")
         from .tracking import ensure_experiment, tracking_uri
 
         slurm.ensure_server_experiment(experiment)

@@ -43,10 +43,11 @@ def mlflow_server(tmp_path):
     srv = tmp_path / "mlflow-server"
     srv.mkdir()
     log = open(srv / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{srv / 'mlflow.db'}",
                              "--artifacts-destination", str(srv / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runners
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
