@@ -263,7 +263,12 @@ def _job_paths(sweep: Sweep, job_id: str):
     return JobPaths(sweep.dir / "jobs" / "%j", job_id=job_id, task_id=0)
 
 
+NOISE = re.compile(r"submitit WARNING .* Bypassing signal|View (run|experiment) .*at: https?://")
+
+
 def _tail(path: Path, lines: int) -> list[str]:
+    """The end of a job's log, up to where submitit prints the job's exception (the reason line
+    already says it), without submitit's signal notes and MLflow's run links."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -272,7 +277,10 @@ def _tail(path: Path, lines: int) -> list[str]:
     except OSError:
         return []
     rows = [r.rstrip() for r in text.replace("\r", "\n").splitlines() if r.strip()]
-    return rows[-lines:]
+    cut = [i for i, r in enumerate(rows) if "Submitted job triggered an exception" in r]
+    if cut:
+        rows = rows[:cut[0]]
+    return [r for r in rows if not NOISE.search(r)][-lines:] if lines else []
 
 
 def _failure(sweep: Sweep, job_id: str) -> str:
@@ -301,12 +309,13 @@ class Row:
 
 
 def experiment_states(sweep: Sweep, queue: dict[str, str] | None = None, log_lines: int = 12) -> list[Row]:
-    project = Path(sweep.project)
     queue = squeue() if queue is None else queue
+    prefix = exp_ref(sweep.commit, "")
+    done = set(_git(["for-each-ref", "--format=%(refname)", prefix], cwd=sweep.project).splitlines())
     rows = []
     for e in sweep.experiments:
         job = e["jobs"][-1] if e["jobs"] else ""
-        if has_ref(project, exp_ref(sweep.commit, e["name"])):
+        if prefix + e["name"] in done:
             rows.append(Row(e["name"], e["label"], "done", job))
         elif not job:
             rows.append(Row(e["name"], e["label"], "not submitted", job))

@@ -8,6 +8,7 @@ the server."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -62,8 +63,12 @@ def mlflow_server(tmp_path):
             raise AssertionError(f"mlflow server did not start:\n{(srv / 'server.log').read_text()[-2000:]}")
         time.sleep(1)
     yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     log.close()
 
 
