@@ -82,10 +82,10 @@ def evaluate(params: Path = ParamsOpt, no_track: bool = NoTrack):
 @app.command()
 def check(params: Path = ParamsOpt):
     """Validate params.yaml (keys, values, plugin names) without running anything."""
-    from .params import load, load_plugins
+    from .params import check_plugins, load
 
     p = load(params)
-    load_plugins(p)
+    check_plugins(p)
     typer.echo(f"{params}: ok (dataset={p.dataset}, {p.imbalance} r={p.ratio:g}, loss={p.loss}, "
                f"epochs={p.train.epochs}, finetune from {p.finetune.start_epoch})")
 
@@ -128,10 +128,10 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
     from .tracking import fetch_artifact, finished_runs, tracking_uri
 
     if experiment is None:
-        import yaml
+        from .checks import yaml_load
+        from .params import experiment_name
 
-        raw = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {}
-        experiment = str(((raw or {}).get("tracking") or {}).get("experiment", "longtail"))
+        experiment = experiment_name(yaml_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {})
     found = finished_runs("evaluate", experiment)
     res = rep.generate(found, out, fetch=fetch_artifact, published=published,
                        compare=[c.strip() for c in compare.split(",") if c.strip()] if compare else None,

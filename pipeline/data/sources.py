@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.data import DATASETS
 from pipeline.errors import LongtailError, unknown
 
 # Normalisation constants of the LDAM-DRW protocol, used there for both CIFAR-10 and CIFAR-100.
@@ -229,7 +230,7 @@ def load_digits(root: str = "") -> RawData:
     return RawData(x[~test], y[~test], x[test], y[test], [str(c) for c in range(10)], mean, std, False)
 
 
-SOURCES = {
+SOURCES = {  # one loader per name of pipeline.data.DATASETS
     "cifar10": lambda root: load_cifar("cifar10", root),
     "cifar100": lambda root: load_cifar("cifar100", root),
     "imagefolder": load_imagefolder,
@@ -247,3 +248,6 @@ def load_source(name: str, root: str) -> RawData:
 def source_n_max(raw: RawData) -> int:
     """n_max of the long-tailed profile: the smallest per-class train count (5000 CIFAR-10, 500 CIFAR-100)."""
     return int(np.bincount(raw.y_train, minlength=len(raw.classes)).min())
+
+
+assert tuple(SOURCES) == DATASETS, "pipeline.data.DATASETS and SOURCES must list the same datasets"
