@@ -26,25 +26,29 @@ NoTrack = typer.Option(False, "--no-track", help="do not log this stage to MLflo
 def _stage(name: str, params_path: Path, no_track: bool, fn, distributed_ok: bool = False):
     """Load and validate params, open the stage's MLflow run, run it. Under torchrun, training
     stages run on every rank and only rank 0 tracks and writes; other stages run on rank 0 only."""
+    from contextlib import nullcontext
+
     from .engine import distributed
-    from .params import load, load_plugins
+    from .io import workspace_lock
+    from .params import check_plugins, load
 
     p = load(params_path)
-    load_plugins(p)
+    check_plugins(p)
     if not distributed.is_main() and not distributed_ok:
         return None
-    if distributed_ok:
-        distributed.init_from_env(p.train.device)
-    try:
-        if no_track or not distributed.is_main():
-            return fn(p, None)
-        from .tracking import stage_run
-
-        with stage_run(name, p.raw, p.experiment) as log:
-            return fn(p, log)
-    finally:
+    with workspace_lock(name) if distributed.is_main() else nullcontext():
         if distributed_ok:
-            distributed.shutdown()
+            distributed.init_from_env(p.train.device)
+        try:
+            if no_track or not distributed.is_main():
+                return fn(p, None)
+            from .tracking import stage_run
+
+            with stage_run(name, p.raw, p.experiment) as log:
+                return fn(p, log)
+        finally:
+            if distributed_ok:
+                distributed.shutdown()
 
 
 @app.command("build-dataset")

@@ -167,6 +167,13 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
         parent = _retry(client.create_run, exp_id, run_name=group, tags={**tags, "longtail.parent": "true"})
         parent_id = parent.info.run_id
         StageRun(client, parent_id).log_params(raw_params)
+    # a run of this stage left RUNNING by a killed process: mark it KILLED (the workspace lock rules out
+    # a live one); the new run re-logs the resumed epochs, so it alone shows the whole curve
+    stale = _retry(client.search_runs, [exp_id],
+                   filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.stage` = '{stage}' "
+                                 "and attributes.status = 'RUNNING'")
+    for r in stale:
+        _retry(client.set_terminated, r.info.run_id, "KILLED")
     run = _retry(client.create_run, exp_id, run_name=f"{group}/{stage}",
                  tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id})
     handle = StageRun(client, run.info.run_id)

@@ -38,3 +38,22 @@ def test_four_processes_start_on_a_new_store_at_once(tmp_path, rep):
     from mlflow.tracking import MlflowClient
 
     assert len([e for e in MlflowClient(uri).search_experiments() if e.name == "race"]) == 1
+
+
+def test_a_run_left_running_by_a_kill_is_marked_killed_on_resume(tmp_path, monkeypatch):
+    """Issue 14.6: the resumed stage's run replaces the killed one (which it re-logs, see test_training)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-killed")
+    raw = {"dataset": "digits", "loss": "ce"}
+    killed = tracking.stage_run("pretrain", raw)
+    killed.__enter__()  # a kill -9 never runs the exit
+    with tracking.stage_run("pretrain", raw) as run:
+        pass
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("longtail").experiment_id],
+                              filter_string="tags.`longtail.stage` = 'pretrain'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert {r.info.run_id for r in runs if r.info.status == "FINISHED"} == {run.run_id}
