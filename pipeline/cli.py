@@ -225,6 +225,16 @@ def plugins_new(name: str = typer.Argument(..., help="the loss name, e.g. my_los
     typer.echo(f"wrote {out}; next: pip install -e {out} && pytest {out} && dvc exp run -S loss={name}")
 
 
+@plugins_app.command("add")
+def plugins_add(name: str = typer.Argument(..., help="an installed plugin, e.g. smooth_ce"), params: Path = ParamsOpt):
+    """Write a plugin's params section into params.yaml with its build defaults (optional: a selected
+    plugin without a section runs with its defaults)."""
+    from .scaffold import add_plugin
+
+    key, values = add_plugin(name, params)
+    typer.echo(f"{params}: added {key}: {values}")
+
+
 def _print_plugins(found) -> None:
     width = max([len(p.name) for p in found] + [4])
     group = None

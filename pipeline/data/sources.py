@@ -142,7 +142,14 @@ def load_cifar(name: str, root: str) -> RawData:
 def _decode(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16"):  # 16-bit grayscale: Pillow's RGB conversion clips at 255
+                gray = np.rint(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
+            if im.mode in ("I", "F"):
+                raise LongtailError(f"image {path} has 32-bit pixels (mode {im.mode}); save it as 8- or 16-bit")
             return np.asarray(im.convert("RGB"))
+    except LongtailError:
+        raise
     except Exception as e:
         raise LongtailError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
 
