@@ -27,7 +27,7 @@ def test_default_params_are_valid(default_params):
     (lambda d: d["finetune"].update(reweighting="x"), "finetune.reweighting: unknown reweighting plugin 'x'"),
     (lambda d: d["model"].update(arch="vgg"), "model.arch: unknown models plugin 'vgg'"),
     (lambda d: d["train"].update(lr="fast"), "train.lr must be a finite number"),
-    (lambda d: d["train"].update(milestones=[180, 160]), "train.milestones must be increasing, without repeats"),
+    (lambda d: d["train"].update(milestones=[180, 160]), "train.milestones must be strictly increasing"),
     (lambda d: d["train"].update(milestone_factors=[0.1]), "must be lists of the same length"),
     (lambda d: d["train"].update(flip="maybe"), "train.flip must be true, false or auto"),
     (lambda d: d["train"].update(device="tpu"), "train.device must be one of auto, cpu, cuda"),
@@ -74,8 +74,8 @@ from pipeline.params import check_plugins, override  # noqa: E402
     ({"train.weight_decay": float("inf")}, "train.weight_decay must be a finite number, got inf"),
     ({"losses.focal.gamma": float("nan")}, "losses.focal.gamma must be a finite number, got nan"),
     ({"finetunes.tau_norm.grid": [0.1, float("inf")]}, "finetunes.tau_norm.grid[1] must be a finite number"),
-    ({"train.milestones": [8, 8]}, "train.milestones must be increasing, without repeats, got [8, 8]"),
-    ({"train.milestones": [160, 200]}, "train.milestones must be below train.epochs (200)"),
+    ({"train.milestones": [8, 8]}, "train.milestones must be strictly increasing, got [8, 8]"),
+    ({"train.milestones": [160, 200]}, "must all be below train.epochs (200)"),
     ({"data.root": None}, "data.root must be a folder path (e.g. data/raw), got None"),
 ])
 def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
