@@ -403,7 +403,6 @@ def check_plugins(p: Params, class_counts: list[int] | None = None) -> None:
             registry.build(group, name, *args, params=params, param_key=key)
 
 
-load_plugins = check_plugins  # the name the stages used before
 
 
 def load(path: str | Path = "params.yaml") -> Params:
