@@ -1,24 +1,55 @@
 """params.yaml -> validated settings. Every error names the key and the valid values.
 
 Validation runs before any work (each stage validates the whole file, so an inconsistent file fails
-in its first stage). Plugin names are checked against the installed entry points (metadata only).
-"""
+in its first stage). `parse` checks every key (an unknown one names the closest valid key), every
+number (finite, in range) and the plugin names against the installed entry points (metadata only).
+`check_plugins` then binds each plugin section to its plugin's `build` signature and builds the
+selected plugins (with the real class counts where they are cheap to know)."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import difflib
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from . import registry
+from .checks import check_number, find_non_finite, unknown_key, yaml_load
+from .data import DATASETS, IMBALANCES, SOURCE_SIZES
 from .errors import LongtailError
-
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
-IMBALANCES = ("exp", "step")
+from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A named schedule preset (params.yaml `schedule`). Epoch numbers in train.* and finetune.*
+    are written in the 200-epoch protocol's units; a preset maps each one to round(e * scale), and
+    sets the warm-up to max(min_warmup, round(warmup * scale)), so that one switch scales the whole
+    schedule consistently (LDAM-DRW milestones, DRW start, BBN's milestones, stage 1 of the two-stage
+    methods)."""
+
+    scale: float
+    min_warmup: int
+    about: str
+
+    def epoch(self, e: int) -> int:
+        return int(e * self.scale + 0.5)
+
+    def warmup(self, w: int) -> int:
+        return 0 if w == 0 else max(self.min_warmup, self.epoch(w))
+
+
+SCHEDULES = {
+    "full": Schedule(1.0, 0, "epoch numbers as written (the 200-epoch LDAM-DRW protocol by default)"),
+    "short": Schedule(0.15, 2, "every epoch number x0.15: 30 epochs, warm-up 2, lr x0.01 from 24 and x0.0001 "
+                               "from 27, DRW from 24"),
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,8 @@ class Train:
     compile: bool | None  # None = auto (on for CUDA)
     loader: str  # device (fast path) | reference (PIL + DataLoader, as the LDAM-DRW scripts)
     loader_workers: int
+    precision: str = "auto"  # auto | fp32 | bf16 (pipeline/engine/precision.py)
+    clip_grad_norm: float | None = None  # max global gradient L2 norm; None = no clipping
 
 
 @dataclass(frozen=True)
@@ -66,6 +99,7 @@ class Params:
     ratio: float
     loss: str
     seed: int
+    schedule: str
     data: Data
     model_arch: str
     model_params: dict
@@ -91,24 +125,50 @@ def _get(d: dict, key: str, path: str):
 
 
 def _int(value, key: str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise LongtailError(f"{key} must be an integer, got {value!r}")
-    if lo is not None and value < lo:
-        raise LongtailError(f"{key} must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise LongtailError(f"{key} must be <= {hi}, got {value}")
-    return value
+    return check_number(key, value, min=lo, max=hi, integer=True)
 
 
 def _float(value, key: str, lo: float | None = None, hi: float | None = None, lo_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LongtailError(f"{key} must be a number, got {value!r}")
-    value = float(value)
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise LongtailError(f"{key} must be {'>' if lo_open else '>='} {lo}, got {value:g}")
-    if hi is not None and value > hi:
-        raise LongtailError(f"{key} must be <= {hi}, got {value:g}")
-    return value
+    return check_number(key, value, min=None if lo_open else lo, above=lo if lo_open else None, max=hi)
+
+
+# the keys each fixed section may hold; plugin sections are checked against the installed plugins
+TOP_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune", "losses",
+            "reweightings", "samplers", "finetunes", "tracking", "slurm")
+SECTION_KEYS = {
+    "data": ("root", "n_max"),
+    "train": tuple(f.name for f in fields(Train)),
+    "finetune": ("start_epoch", "reweighting", "sampler", "strategy"),
+    "tracking": ("experiment",),
+    "slurm": ("partition", "time", "gpus", "cpus", "mem", "parallel", "options"),  # values: pipeline/slurm.py
+}
+# plugin-parameter sections: params.yaml key -> registry group
+PLUGIN_SECTIONS = {"losses": "losses", "reweightings": "reweighting", "samplers": "samplers",
+                   "finetunes": "finetune"}
+
+
+def _check_keys(raw: dict) -> None:
+    """Every key of params.yaml is known: a typo names the closest valid key."""
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise unknown_key("", key, TOP_KEYS)
+    for section, valid in SECTION_KEYS.items():
+        node = raw.get(section)
+        if isinstance(node, dict):
+            for key in node:
+                if key not in valid:
+                    raise unknown_key(section, key, valid)
+    for section, group in PLUGIN_SECTIONS.items():
+        node = raw.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise LongtailError(f"{section} must be a mapping of plugin name -> parameters")
+        installed = registry.names(group)
+        for name in node:
+            # a section of a plugin that is not installed here is left alone, unless it looks like a typo
+            if name not in installed and difflib.get_close_matches(str(name), installed, n=1, cutoff=0.75):
+                raise unknown_key(section, name, installed)
 
 
 def _choice(value, key: str, valid) -> str:
@@ -151,6 +211,10 @@ def parse(raw: dict) -> Params:
     """Validate a params mapping (as read from params.yaml) and return typed settings."""
     if not isinstance(raw, dict):
         raise LongtailError("params.yaml must be a mapping of keys to values")
+    bad = find_non_finite(raw)
+    if bad:
+        raise LongtailError(f"{bad} must be a finite number, got {_at(raw, bad)!r}")
+    _check_keys(raw)
     dataset = _choice(_get(raw, "dataset", ""), "dataset", DATASETS)
     imbalance = _choice(_get(raw, "imbalance", ""), "imbalance", IMBALANCES)
     ratio = _float(_get(raw, "ratio", ""), "ratio", lo=1)
@@ -158,22 +222,38 @@ def parse(raw: dict) -> Params:
     loss = _plugin("losses", _get(raw, "loss", ""), "loss")
 
     d = _get(raw, "data", "")
-    data = Data(root=str(_get(d, "root", "data")), n_max=_auto(_get(d, "n_max", "data"), "data.n_max",
+    root = _get(d, "root", "data")
+    if not isinstance(root, str) or not root.strip():
+        raise LongtailError(f"data.root must be a folder path (e.g. data/raw), got {root!r}")
+    data = Data(root=root, n_max=_auto(_get(d, "n_max", "data"), "data.n_max",
                                                                   lambda v, k: _int(v, k, lo=1)))
 
     m = _get(raw, "model", "")
     arch = _plugin("models", _get(m, "arch", "model"), "model.arch")
     model_params = {k: v for k, v in m.items() if k != "arch"}
 
+    schedule_name = _choice(raw.get("schedule", "full"), "schedule", tuple(SCHEDULES))
+    sched = SCHEDULES[schedule_name]
     t = _get(raw, "train", "")
-    epochs = _int(_get(t, "epochs", "train"), "train.epochs", lo=1)
+    written_epochs = _int(_get(t, "epochs", "train"), "train.epochs", lo=1)
+    epochs = sched.epoch(written_epochs)
+    if epochs < 1:
+        raise LongtailError(f"train.epochs ({written_epochs}) gives {epochs} epochs under schedule={schedule_name}; "
+                            f"it must give at least 1")
     milestones = _get(t, "milestones", "train")
     factors = _get(t, "milestone_factors", "train")
     if not isinstance(milestones, list) or not isinstance(factors, list) or len(milestones) != len(factors):
         raise LongtailError("train.milestones and train.milestone_factors must be lists of the same length")
-    milestones = tuple(_int(v, "train.milestones[]", lo=0) for v in milestones)
-    if list(milestones) != sorted(milestones):
-        raise LongtailError(f"train.milestones must be increasing, got {list(milestones)}")
+    milestones = tuple(sched.epoch(_int(v, "train.milestones[]", lo=0)) for v in milestones)
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise LongtailError(f"train.milestones must be strictly increasing, got {list(milestones)}"
+                            + (f" (under schedule={schedule_name})" if sched.scale != 1 else ""))
+    if milestones and milestones[-1] >= epochs:
+        hint = (" (for the 30-epoch protocol keep the 200-epoch numbers and set schedule=short)"
+                if schedule_name == "full" else "")
+        raise LongtailError(f"train.milestones {list(milestones)} must all be below train.epochs ({epochs}), or the "
+                            f"lr never decays there{hint}")
+    warmup = _int(_get(t, "warmup_epochs", "train"), "train.warmup_epochs", lo=0, hi=written_epochs)
     factors = tuple(_float(v, "train.milestone_factors[]", lo=0, lo_open=True) for v in factors)
     train = Train(
         epochs=epochs,
@@ -181,7 +261,7 @@ def parse(raw: dict) -> Params:
         lr=_float(_get(t, "lr", "train"), "train.lr", lo=0, lo_open=True),
         momentum=_float(_get(t, "momentum", "train"), "train.momentum", lo=0, hi=1),
         weight_decay=_float(_get(t, "weight_decay", "train"), "train.weight_decay", lo=0),
-        warmup_epochs=_int(_get(t, "warmup_epochs", "train"), "train.warmup_epochs", lo=0, hi=epochs),
+        warmup_epochs=min(sched.warmup(warmup), epochs),
         milestones=milestones,
         milestone_factors=factors,
         eval_every=_int(_get(t, "eval_every", "train"), "train.eval_every", lo=1),
@@ -195,11 +275,14 @@ def parse(raw: dict) -> Params:
         compile=_auto(t.get("compile", "auto"), "train.compile", _bool),
         loader=_choice(t.get("loader", "device"), "train.loader", LOADERS),
         loader_workers=_int(t.get("loader_workers", 2), "train.loader_workers", lo=0),
+        precision=_choice(t.get("precision", "auto"), "train.precision", PRECISIONS),
+        clip_grad_norm=(None if t.get("clip_grad_norm") is None
+                        else _float(t.get("clip_grad_norm"), "train.clip_grad_norm", lo=0, lo_open=True)),
     )
 
     f = _get(raw, "finetune", "")
     finetune = Finetune(
-        start_epoch=_int(_get(f, "start_epoch", "finetune"), "finetune.start_epoch", lo=0),
+        start_epoch=sched.epoch(_int(_get(f, "start_epoch", "finetune"), "finetune.start_epoch", lo=0)),
         reweighting=_plugin("reweighting", _get(f, "reweighting", "finetune"), "finetune.reweighting"),
         sampler=_plugin("samplers", _get(f, "sampler", "finetune"), "finetune.sampler"),
         strategy=(strategy := _plugin("finetune", f.get("strategy", "continue"), "finetune.strategy")),
@@ -211,13 +294,13 @@ def parse(raw: dict) -> Params:
             f"it must be between 0 and train.epochs ({epochs})"
         )
 
-    tracking = raw.get("tracking") or {}
     return Params(
         dataset=dataset,
         imbalance=imbalance,
         ratio=ratio,
         loss=loss,
         seed=seed,
+        schedule=schedule_name,
         data=data,
         model_arch=arch,
         model_params=model_params,
@@ -227,9 +310,22 @@ def parse(raw: dict) -> Params:
         reweighting_params={n: _plugin_params(raw, "reweightings", n)
                             for n in {train.reweighting, finetune.reweighting}},
         sampler_params={n: _plugin_params(raw, "samplers", n) for n in {train.sampler, finetune.sampler}},
-        experiment=str(tracking.get("experiment", "longtail")),
+        experiment=experiment_name(raw),
         raw=copy.deepcopy(raw),
     )
+
+
+def _at(raw, dotted: str):
+    node = raw
+    for part in dotted.replace("[", ".").replace("]", "").split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def experiment_name(raw: dict | None) -> str:
+    """tracking.experiment of a params mapping, else the default."""
+    tracking = (raw or {}).get("tracking") or {}
+    return str(tracking.get("experiment", DEFAULT_EXPERIMENT)) if isinstance(tracking, dict) else DEFAULT_EXPERIMENT
 
 
 def override(raw: dict, overrides: dict) -> dict:
@@ -244,13 +340,70 @@ def override(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def load_plugins(p: Params) -> None:
-    """Import every plugin the params select, so that a broken one fails before any work."""
+def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts.json")) -> list[int] | None:
+    """The training images per class these params give, when that is cheap to know: the prepared
+    dataset's counts if they were made with these settings, else the profile of a fixed-size source."""
+    try:
+        made = json.loads(prepared.read_text())
+        if (made.get("dataset"), made.get("imbalance"), made.get("ratio")) == (p.dataset, p.imbalance, p.ratio) \
+                and (p.data.n_max is None or made.get("n_max") == p.data.n_max):
+            return [int(n) for n in made["class_counts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if p.dataset in SOURCE_SIZES:
+        from .data.profiles import lt_counts
+
+        classes, n_max = SOURCE_SIZES[p.dataset]
+        return lt_counts(min(p.data.n_max or n_max, n_max), classes, p.imbalance, p.ratio)
+    return None
+
+
+# a plugin parameter with one of these names (or ending in _NAME) names a plugin of that group
+PLUGIN_REFERENCES = {"sampler": "samplers", "reweighting": "reweighting"}
+
+
+def check_plugins(p: Params, class_counts: list[int] | None = None) -> None:
+    """Before any work: import every selected plugin, bind every plugin section of params.yaml to its
+    plugin's build signature, and build the selected losses, re-weightings, samplers and fine-tune
+    strategy (with `class_counts`, or the counts `expected_counts` knows). Errors name the key."""
+    counts = class_counts if class_counts is not None else expected_counts(p)
     selected = {("losses", p.loss), ("models", p.model_arch), ("finetune", p.finetune.strategy),
                 ("reweighting", p.train.reweighting), ("reweighting", p.finetune.reweighting),
                 ("samplers", p.train.sampler), ("samplers", p.finetune.sampler)}
     for group, name in sorted(selected):
         registry.load(group, name)
+    # a model is cheap to build (resnet32: 0.5M parameters); its build checks its params
+    registry.build("models", p.model_arch, len(counts or [0] * 10), 3, "linear", params=p.model_params,
+                   param_key="model")
+    sections = [(section, group, name) for section, group in PLUGIN_SECTIONS.items()
+                for name in (p.raw.get(section) or {})]
+    sections += [(s, g, n) for s, g in PLUGIN_SECTIONS.items() for g2, n in sorted(selected)
+                 if g2 == g and n not in (p.raw.get(s) or {})]  # selected, section absent: defaults
+    for section, group, name in sections:
+        key = f"{section}.{name}"
+        if name not in registry.names(group):
+            continue  # a section for a plugin not installed here (typos were caught by parse)
+        params = _plugin_params(p.raw, section, name)
+        try:
+            fn = registry.load(group, name)
+        except LongtailError:
+            if (group, name) in selected:
+                raise
+            continue  # a broken plugin nobody selected does not stop this run
+        args = () if group == "finetune" else (counts or [1],)
+        registry.bind(fn, args, params, key)
+        for pkey, value in params.items():
+            ref = next((g for suffix, g in PLUGIN_REFERENCES.items()
+                        if pkey == suffix or str(pkey).endswith("_" + suffix)), None)
+            if ref and isinstance(value, str) and value not in registry.names(ref):
+                valid = registry.names(ref)
+                match = difflib.get_close_matches(value, valid, n=1)
+                raise LongtailError(f"{key}.{pkey}: unknown {ref} plugin {value!r}"
+                                    f"{f' (did you mean {match[0]}?)' if match else ''}; valid: {', '.join(valid)}")
+        if group == "finetune" or counts is not None:
+            registry.build(group, name, *args, params=params, param_key=key)
+
+
 
 
 def load(path: str | Path = "params.yaml") -> Params:
@@ -258,7 +411,7 @@ def load(path: str | Path = "params.yaml") -> Params:
     if not path.exists():
         raise LongtailError(f"params file {path} not found (run from the project root, or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
         raise LongtailError(f"params file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     return parse(raw)

@@ -87,3 +87,166 @@ def test_finetune_needs_a_matching_pretrain_checkpoint(prepared, tmp_path):
     (tmp_path / "pre.pt").write_bytes(b"garbage")
     with pytest.raises(LongtailError, match="is corrupt or unreadable"):
         training.run("finetune", p, **files)
+
+
+# -- issue 14.5/6/7/13: resume and fine-tune never mix settings; corrupt resume files are set aside
+
+class _Log:
+    def __init__(self):
+        self.steps = []
+
+    def log_metrics(self, metrics, step=None):
+        if "test_acc" in metrics:
+            self.steps.append(step)
+
+    def set_tags(self, tags):
+        pass
+
+    def log_params(self, params):
+        pass
+
+
+def _killed_after_one_epoch(p, ds, resume_dir):
+    trainer, meta = training.setup(p, ds)
+    trainer.fit(1)
+    io.save_torch(resume_dir / "pretrain.pt", {**trainer.state_dict(), "meta": meta,
+                                               "fingerprint": training._fingerprint("pretrain", p, ds),
+                                               "inputs": training._inputs("pretrain", p)})
+
+
+def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    _killed_after_one_epoch(p, ds, tmp_path / "r")
+    log = _Log()
+    training.run("pretrain", p, log=log, **files)
+    assert log.steps == [0, 1]  # one complete curve in the new run
+
+
+def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
+    p, ds = prepared
+    other = parse(tiny(default_params) | {"finetunes": {**default_params["finetunes"],
+                                                        "bbn": {"rebalancing_sampler": "instance"}}})
+    assert training._fingerprint("finetune", p, ds) != training._fingerprint("finetune", other, ds)
+    assert training._fingerprint("pretrain", p, ds) == training._fingerprint("pretrain", other, ds)
+
+
+def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, default_params):
+    from pipeline.errors import LongtailError
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    seven = parse(tiny(default_params) | {"seed": 7})
+    training.run("pretrain", seven, **files)
+    with pytest.raises(LongtailError, match=r"was made with other params .*\(seed: 7 -> 0\).*dvc repro pretrain"):
+        training.run("finetune", p, **files)
+
+
+def test_a_wrong_structure_pretrain_file_is_named(prepared, tmp_path):
+    from pipeline.errors import LongtailError
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    torch.save({"state_dict": {}}, tmp_path / "pre.pt")
+    with pytest.raises(LongtailError, match=r"pre.pt is not a longtail checkpoint \(no epoch, model"):
+        training.run("finetune", p, **files)
+
+
+def test_a_corrupt_resume_file_is_set_aside_and_the_stage_restarts(prepared, tmp_path, capsys):
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    _killed_after_one_epoch(p, ds, tmp_path / "r")
+    blob = (tmp_path / "r" / "pretrain.pt").read_bytes()
+    (tmp_path / "r" / "pretrain.pt").write_bytes(blob[: len(blob) // 2])  # truncated
+    training.run("pretrain", p, **files)
+    assert "warning: resume checkpoint" in capsys.readouterr().err
+    assert [f.name.split(".corrupt-")[0] for f in (tmp_path / "r").iterdir()] == ["pretrain.pt"]
+    assert io.load_checkpoint(tmp_path / "pre.pt")["epoch"] == 2
+
+
+def test_a_second_stage_command_in_one_workspace_names_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.errors import LongtailError
+
+    lock = tmp_path / ".longtail" / "workspace.lock"
+    code = ("import sys, time; from pathlib import Path; from pipeline.io import workspace_lock\n"
+            "with workspace_lock('pretrain', Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LongtailError, match=rf"`longtail pretrain` \(pid {holder.pid}\) is running in this "
+                                                r"workspace"):
+            with io.workspace_lock("finetune", lock):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with io.workspace_lock("finetune", lock):  # a dead holder's lock is free
+        pass
+
+
+# -- a non-finite loss stops the run (issue: NaN went unnoticed and produced a class-0 model) ------
+
+class _NaNAfter(torch.nn.Module):
+    """Wraps a loss: from its `bad`-th call on it returns NaN (as a diverging loss would)."""
+
+    def __init__(self, inner, bad: int):
+        super().__init__()
+        self.inner, self.bad, self.calls = inner, bad, 0
+        self.head = inner.head
+
+    def forward(self, logits, target, class_weight=None):
+        self.calls += 1
+        loss = self.inner(logits, target, class_weight=class_weight)
+        return loss * float("nan") if self.calls >= self.bad else loss
+
+
+def test_a_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(prepared, tmp_path, monkeypatch):
+    from pipeline.engine.trainer import NonFiniteLoss
+
+    p, ds = prepared
+    build = training.build_loss
+    steps_per_epoch = -(-sum(training.load_dataset(ds).class_counts) // p.train.batch_size)
+    # NaN at the second step of the second epoch (epoch 2 of 4, 1-based as printed)
+    monkeypatch.setattr(training, "build_loss", lambda p, counts: _NaNAfter(build(p, counts), steps_per_epoch + 2))
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    with pytest.raises(NonFiniteLoss, match=r"^pretrain: non-finite loss at epoch 2, step 2 \(loss nan\)"):
+        training.run("pretrain", p, **files)
+    assert not (tmp_path / "pre.pt").exists()  # no stage output
+    kept = io.load_checkpoint(tmp_path / "r" / "pretrain.pt")  # the last good resume checkpoint (after epoch 1)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_gradient_clipping_bounds_the_update(prepared):
+    """train.clip_grad_norm: the global gradient norm seen by the optimizer is at most the limit."""
+    p, ds = prepared
+    p = parse(tiny(p.raw, clip_grad_norm=0.01))
+    trainer, _ = training.setup(p, ds)
+    norms = []
+    step = trainer.optimizer.step
+
+    def recording_step(*a, **k):
+        norms.append(torch.sqrt(sum(q.grad.pow(2).sum() for q in trainer.model.parameters() if q.grad is not None)))
+        return step(*a, **k)
+
+    trainer.optimizer.step = recording_step
+    trainer.fit(1)
+    assert norms and max(norms) <= 0.01 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_split_run_is_exact_in_each_precision(tmp_path, default_params, precision):
+    """pretrain + finetune equals one uninterrupted run bit for bit, in fp32 and in bf16 autocast."""
+    p = parse(tiny(default_params, precision=precision))
+    build_dataset.run(p, out_dir=tmp_path / "prepared")
+    ds = tmp_path / "prepared" / "dataset.npz"
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    training.run("pretrain", p, **files)
+    training.run("finetune", p, **files)
+    split = io.load_checkpoint(tmp_path / "final.pt")
+    assert split["meta"]["precision"] == precision
+    trainer, _ = training.setup(p, ds)
+    trainer.fit(p.train.epochs)
+    _same(split["model"], trainer.state_dict()["model"])
