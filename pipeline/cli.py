@@ -120,11 +120,12 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
                                                     help="MLflow experiment (default: tracking.experiment of params.yaml)"),
            list_methods: bool = typer.Option(False, "--list-methods", help="print the named-method table and exit")):
     """Tables (Markdown + CSV) and figures from the finished runs in the MLflow store -> reports/."""
-    from . import report as rep
-
     if list_methods:
-        typer.echo(rep.MethodNames.load().markdown())
+        from .method_names import MethodNames
+
+        typer.echo(MethodNames.load().markdown())
         return
+    from . import report as rep
     from .tracking import fetch_artifact, finished_runs, tracking_uri
 
     if experiment is None:

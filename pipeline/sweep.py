@@ -107,7 +107,7 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
     """The combinations, each validated; raises LongtailError before anything is queued."""
     from . import registry
     from .params import DATASETS, IMBALANCES, parse
-    from .report import MethodNames
+    from .method_names import MethodNames
 
     if losses and methods:
         raise LongtailError("give --loss or --method, not both (a method fixes its loss)")

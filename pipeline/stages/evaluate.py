@@ -4,7 +4,6 @@ is optimistic; both are written, and the metrics say which is which."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
@@ -23,13 +22,6 @@ from .training import DATASET, FINAL
 METRICS = Path("metrics/eval.json")
 PLOTS = Path("plots")
 SUMMARY_KEYS = ("top1", "error", "many", "medium", "few")
-
-
-def _write_csv(path: Path, header: list[str], rows) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metrics: Path = METRICS,
@@ -76,12 +68,12 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     io.write_json(metrics, result)
 
     classes = ds.classes
-    _write_csv(plots / "per_class.csv", ["class", "name", "train_images", "acc_final", "acc_best"],
+    io.write_csv(plots / "per_class.csv", ["class", "name", "train_images", "acc_final", "acc_best"],
                [[i, classes[i], ds.class_counts[i], rep_final["per_class"][i], rep_best["per_class"][i]]
                 for i in range(len(classes))])
-    _write_csv(plots / "history.csv", ["epoch", "lr", "train_loss", "train_acc", "test_acc"],
+    io.write_csv(plots / "history.csv", ["epoch", "lr", "train_loss", "train_acc", "test_acc"],
                [[r["epoch"], r["lr"], r["train_loss"], r["train_acc"], r.get("test_acc", "")] for r in history])
-    _write_csv(plots / "confusion.csv", ["actual", "predicted"],
+    io.write_csv(plots / "confusion.csv", ["actual", "predicted"],
                [[classes[a], classes[b]] for a, b in zip(y.tolist(), final_pred.tolist())])
     figures.curves(history, p.finetune.start_epoch, plots / "curves.png")
     figures.per_class(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
@@ -91,7 +83,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
                          plots / "acc_vs_count.png")
     # per-sample margins z_y - max_{j != y} z_j of the final model (cosine units for cosine heads)
     margins = sample_margins(final_logits, y)
-    _write_csv(plots / "margins.csv", ["class", "margin"], [[int(c), f"{m:.6g}"] for c, m in zip(y.tolist(), margins)])
+    io.write_csv(plots / "margins.csv", ["class", "margin"], [[int(c), f"{m:.6g}"] for c, m in zip(y.tolist(), margins)])
     figures.margins([margins[y == c] for c in range(len(classes))], ds.class_counts, classes, plots / "margins.png",
                     unit="cosine" if str(meta.get("head")) == "cosine" else "logits")
 
