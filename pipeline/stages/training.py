@@ -112,7 +112,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         if main:
             progress.epoch(row)
         if log is not None:
-            log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            log.log_epoch(row)
 
     progress = Progress(stage, trainer.epoch, until, p.train.epochs)
     if log is not None:
