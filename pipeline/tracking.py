@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -25,6 +26,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # longtail report downloads
 
 GROUP_TAG = "longtail.group"
+
+# MLflow announces creating a store ("Creating initial MLflow database tables...", alembic's migration
+# lines) at INFO on every fresh store; keep warnings and errors only.
+for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def project_root() -> Path:
@@ -292,6 +298,27 @@ def finished_runs(stage: str = "evaluate", experiment: str = "longtail") -> list
         token = page.token
         if not token:
             return out
+
+
+def parent_summary(group: str, experiment: str = "longtail") -> dict | None:
+    """The parent run of one pipeline execution (a DVC experiment name) as a flat dict: its tags
+    (method, dataset, imbalance, ratio, seed) and its metrics; None when it is not in the store."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return None
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1,
+                              filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'")
+    if not runs:
+        return None
+    r = runs[0]
+    return {**{k: r.data.tags.get(k) for k in ("method", "dataset", "imbalance", "ratio", "seed")},
+            **r.data.metrics, "status": r.info.status}
 
 
 def fetch_artifact(run_id: str, path: str, dst: str | Path) -> Path | None:

@@ -4,12 +4,13 @@ is optimistic; both are written, and the metrics say which is which."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from .. import figures, io
-from ..build import device_data, pick_device
+from ..build import describe_device, device_data, pick_device
 from ..data.augment import normalize
 from ..data.store import load_dataset
 from ..engine.metrics import classification_report, sample_margins
@@ -33,6 +34,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     if meta.get("class_counts") != ds.class_counts:
         raise LongtailError(f"{final} was trained on other data than {dataset}: re-run `dvc repro`")
     device = pick_device(p.train.device)
+    print(f"evaluate: {describe_device(device)}", file=sys.stderr, flush=True)
     torch.manual_seed(0)
     model = build_plugin("models", meta["arch"], len(ds.class_counts), meta["in_channels"], meta["head"],
                          params=meta["model_params"], param_key="model")

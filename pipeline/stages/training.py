@@ -8,13 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import io, registry
-from ..build import augmentation, build_loss, build_model, build_policy, device_data, pick_device
+from ..build import (augmentation, build_loss, build_model, build_policy, describe_device, device_data,
+                     pick_device)
 from ..data.store import load_dataset
 from ..engine import distributed
 from ..engine.progress import Progress
@@ -82,6 +84,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     if stage not in ("pretrain", "finetune"):
         raise ValueError(stage)
     trainer, meta = setup(p, dataset)
+    if distributed.is_main():
+        print(f"{stage}: {describe_device(trainer.device)}", file=sys.stderr, flush=True)
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
     out = pretrain if stage == "pretrain" else final
     fingerprint = _fingerprint(stage, p, dataset)
