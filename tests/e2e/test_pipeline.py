@@ -120,6 +120,33 @@ def test_each_stage_depends_on_exactly_the_params_it_reads(ran, key, value, expe
         (repo / "params.yaml").write_text(original)
 
 
+@pytest.mark.parametrize("code, expected", [
+    ("pipeline/methods/losses.py", {"pretrain", "finetune"}),  # a loss's code re-runs training
+    ("pipeline/figures.py", {"evaluate"}),
+    ("pipeline/data/profiles.py", {"build_dataset"}),
+])
+def test_each_stage_depends_on_the_code_it_runs(ran, code, expected):
+    repo, _ = ran
+    original = (repo / code).read_text()
+    assert _stages_changed(repo) == set()
+    try:
+        (repo / code).write_text(original + "\n# changed\n")
+        assert _stages_changed(repo) == expected
+    finally:
+        (repo / code).write_text(original)
+
+
+def test_readme_diff_commands_work_with_two_experiment_names(ran):
+    repo, _ = ran
+    sh(["dvc", "exp", "run", "-n", "other", *set_params(FAST), "-S", "seed=3"], repo)
+    for cmd in (["dvc", "exp", "diff", "first", "other"], ["dvc", "metrics", "diff", "first", "other"]):
+        out = sh(cmd, repo)
+        assert "final.top1" in out.stdout, cmd
+    sh(["dvc", "plots", "diff", "first", "other", "-o", "diffplots"], repo)
+    page = (repo / "diffplots" / "index.html").read_text()
+    assert "first" in page and "other" in page
+
+
 def test_changing_the_finetune_reweighting_reruns_only_finetune_and_evaluate(ran):
     repo, _ = ran
     out = sh(["dvc", "exp", "run", "-n", "second", *set_params(FAST), "-S", "finetune.reweighting=none"], repo)
