@@ -59,6 +59,11 @@ def summary(rows: list[dict]) -> str:
     return "\n".join([fmt(head)] + [fmt(b) for b in body])
 
 
+def ui_link(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The runs table of an experiment in MLflow 3's "Model training" view (it opens in GenAI mode otherwise)."""
+    return f"{host}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _run_filtered(cmd: list[str]) -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
@@ -92,6 +97,6 @@ def run(extra: list[str], temp: bool, echo) -> int:
     echo(f"\ndemo: experiment {name} ran {row['method']} on {row['dataset']} "
          f"({row['imbalance']}, ratio {row['ratio']}, seed {row['seed']})\n")
     echo(summary([row]))
-    echo("\nnext: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then the runs table: see the README, "
-         "'Browsing results'); dvc exp show; longtail report", err=True)
+    echo(f"\nnext: mlflow ui --backend-store-uri sqlite:///mlflow.db, then open {ui_link(row['experiment_id'])} "
+         "(the runs table of MLflow's 'Model training' view); dvc exp show; longtail report", err=True)
     return 0

@@ -318,7 +318,7 @@ def parent_summary(group: str, experiment: str = "longtail") -> dict | None:
         return None
     r = runs[0]
     return {**{k: r.data.tags.get(k) for k in ("method", "dataset", "imbalance", "ratio", "seed")},
-            **r.data.metrics, "status": r.info.status}
+            **r.data.metrics, "status": r.info.status, "experiment_id": exp.experiment_id}
 
 
 def fetch_artifact(run_id: str, path: str, dst: str | Path) -> Path | None:

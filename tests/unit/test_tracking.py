@@ -44,6 +44,11 @@ def test_store_is_portable_and_parent_runs_end_with_what_users_compare(tmp_path,
     # artifacts: under the project root, at a location stored relative to it; nothing in the temp copy
     exp = client.get_experiment_by_name("longtail")
     assert exp.artifact_location == f"mlartifacts/{exp.experiment_id}"
+    # the README's link to the runs table names this experiment of a fresh store
+    from pipeline.demo import ui_link
+
+    assert ui_link(exp.experiment_id) in (tracking.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert tracking.parent_summary("exp1")["method"] == "ERM-DRW"
     assert len(list((a / "mlartifacts").rglob("x.txt"))) == 1 and len(list(a.rglob("per_class_table.json"))) == 1
     assert not (temp / "mlruns").exists() and not (temp / "mlartifacts").exists()
     assert [e.name for e in client.search_experiments()] == ["longtail"]  # no Default pointing at the temp copy
