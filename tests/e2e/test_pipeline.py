@@ -50,8 +50,9 @@ def test_outputs_metrics_and_plots(ran):
     assert "pretrain epoch 6/8" in out.stderr and "img/s left" in out.stderr
 
 
-def test_mlflow_has_every_stage_with_curves_and_per_class_results(ran):
+def test_mlflow_has_every_stage_with_curves_and_per_class_results(ran, monkeypatch):
     repo, _ = ran
+    monkeypatch.chdir(repo)  # artifact locations are relative to the project root, where `mlflow ui` runs
     client = _client(repo)
     exp = client.get_experiment_by_name("longtail")
     runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'first'")
@@ -160,8 +161,9 @@ def test_changing_the_finetune_reweighting_reruns_only_finetune_and_evaluate(ran
     assert {r.data.tags.get("longtail.stage", "parent") for r in runs} == {"parent", "finetune", "evaluate"}
 
 
-def test_temp_experiment_logs_into_the_project_store(ran):
+def test_temp_experiment_logs_into_the_project_store(ran, monkeypatch):
     repo, _ = ran
+    monkeypatch.chdir(repo)
     sh(["dvc", "exp", "run", "--temp", "-n", "tempexp", *set_params(FAST), "-S", "seed=1"], repo)
     client = _client(repo)
     exp = client.get_experiment_by_name("longtail")
