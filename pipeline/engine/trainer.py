@@ -52,6 +52,19 @@ class DeviceData:
         self.y_train_cpu = self.y_train.cpu()
 
 
+EXTRA_INPUTS = ("features", "weight")
+
+
+def loss_extra_inputs(criterion) -> tuple[str, ...]:
+    """The optional ``loss.extra_inputs`` (see the loss contract in pipeline.methods.losses): a subset
+    of "features" (the classifier's input [B, D]) and "weight" (its weight [C, D])."""
+    extra = tuple(getattr(criterion, "extra_inputs", ()) or ())
+    bad = [k for k in extra if k not in EXTRA_INPUTS]
+    if bad:
+        raise LongtailError(f"loss.extra_inputs {bad} unknown (valid: {', '.join(EXTRA_INPUTS)})")
+    return extra
+
+
 class Trainer:
     def __init__(self, model, criterion, data: DeviceData, cfg, policy: Callable[[int], Rebalance],
                  device: torch.device, seed: int, pad: int, flip: bool):
@@ -65,16 +78,16 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.history: list[dict] = []
         self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
-        self.needs_norms = bool(getattr(criterion, "needs_norms", False))
+        self.extra_inputs = loss_extra_inputs(criterion)
         self.channels_last = device.type == "cuda"
         self.amp = device.type == "cuda"
         self.seed = seed
         self.rank, self.world = distributed.world()
         self.net = model  # what the training step calls: the model, DDP-wrapped under torchrun
         if self.world > 1:
-            if self.needs_norms:
-                raise LongtailError("a loss with needs_norms (lsoftmax) cannot run under torchrun yet; run it "
-                                    "in one process")
+            if self.extra_inputs:
+                raise LongtailError(f"a loss with extra_inputs {self.extra_inputs} cannot run under torchrun yet; "
+                                    "run it in one process")
             self.net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -120,7 +133,7 @@ class Trainer:
 
     # -- one epoch -------------------------------------------------------------------------------
     def _logits(self, x):
-        if self.needs_norms:
+        if self.extra_inputs:  # the loss also reads the classifier's input
             feats = self.model.features(x)
             return self.model.classifier(feats), feats
         return self.forward(x), None
@@ -146,10 +159,8 @@ class Trainer:
             yield normalize(x, d.mean, d.std), d.y_train[idx]
 
     def _loss(self, logits, feats, y, weight):
-        if self.needs_norms:
-            norms = (self.model.classifier.weight.norm(dim=1), feats.norm(dim=1))
-            return self.criterion(logits, y, class_weight=weight, norms=norms)
-        return self.criterion(logits, y, class_weight=weight)
+        extra = {"features": feats, "weight": self.model.classifier.weight} if self.extra_inputs else {}
+        return self.criterion(logits, y, class_weight=weight, **{k: extra[k] for k in self.extra_inputs})
 
     def train_epoch(self, epoch: int, on_batch: Callable | None = None) -> dict:
         cfg, d = self.cfg, self.data

@@ -102,21 +102,29 @@ class CrossEntropy(nn.Module):
 class Focal(nn.Module):
     """Focal loss, Lin et al., ICCV 2017: FL_i = -(1 - p_t)^gamma log p_t, p_t = softmax(z)_y.
 
-    class_weight convention: alpha_t = w_{y_i} multiplies each sample's focal term and the batch
-    reduction is the weighted mean sum_i w_{y_i} FL_i / sum_i w_{y_i}, so gamma = 0 is exactly the
-    weighted CE. p_t is always the plain (unweighted) softmax probability. (LDAM-DRW's released code
-    differs: it computes p_t = exp(-w_y CE_i) from the weighted CE and takes the plain mean.)
+    With class_weight there are two conventions (``losses.focal.weighting``):
+    - "reference" (default), the LDAM-DRW code's, which the published CB-Focal and Focal-DRW figures
+      come from: CE_w,i = w_{y_i} CE_i (no normalisation), p_i = exp(-CE_w,i) and
+      loss = mean_i (1 - p_i)^gamma CE_w,i. It is not the weighted mean of the contract: the weight
+      also enters the modulating factor.
+    - "normalized": alpha_t = w_{y_i} multiplies each sample's focal term and the batch reduction is
+      the weighted mean sum_i w_{y_i} FL_i / sum_i w_{y_i}, p_t the plain softmax probability.
+    Both give the plain mean of FL_i without class_weight, and gamma = 0 with "normalized" is exactly
+    the weighted CE.
     """
 
     head = "linear"
 
-    def __init__(self, gamma):
+    def __init__(self, gamma, weighting="reference"):
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.weighting = gamma, weighting
 
     def forward(self, logits, target, class_weight=None):
-        log_pt = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
-        focal = -(1 - log_pt.exp()).pow(self.gamma) * log_pt
+        ce = F.cross_entropy(logits, target, reduction="none")
+        if self.weighting == "reference" and class_weight is not None:
+            ce_w = class_weight.to(ce)[target] * ce
+            return ((1 - torch.exp(-ce_w)).pow(self.gamma) * ce_w).mean()
+        focal = (1 - torch.exp(-ce)).pow(self.gamma) * ce
         return weighted_mean(focal, target, class_weight)
 
 
@@ -179,37 +187,50 @@ class LSoftmax(nn.Module):
     f_y = |W_y||x| (lambda cos(theta) + psi(theta)) / (1 + lambda),
     psi(theta) = (-1)^k cos(m theta) - 2k for theta in [k pi/m, (k+1) pi/m], k = 0..m-1;
     cos(m theta) is the Chebyshev polynomial T_m(cos theta), as in the paper (no arccos).
+    cos(theta) = z_y / (|W_y||x| + 1e-9): the epsilon of the authors' layer, so that a feature that
+    is exactly zero (a pooled ReLU output) gives cos = 0, not 0/0.
     Other logits are unchanged; the loss is CE_w of the modified logits.
 
-    needs_norms = True: the loss cannot recover |W_y| and |x| from z = W x, so the trainer passes
-    norms=(w_norm[C], x_norm[B]) (bias-free linear head, norms attached to the graph).
-    lambda is annealed by set_epoch: lambda_e = max(lambda_min, lambda_start * decay^epoch).
+    head "linear_nobias" and extra_inputs ("features", "weight"): the loss cannot recover |W_y| and
+    |x| from z = W x, so the trainer also passes the classifier's input features[B, D] and its
+    weight[C, D] (attached to the graph).
+
+    lambda is annealed per training step as in the authors' layer:
+    lambda_t = max(lambda_min, base (1 + gamma t)^(-power)), t = the number of earlier training steps
+    (forward calls with gradients enabled in training mode). t is the buffer ``iteration``, saved in
+    the module's state_dict, so a resumed run continues the schedule exactly.
     """
 
-    head = "linear"
-    needs_norms = True
+    head = "linear_nobias"
+    extra_inputs = ("features", "weight")
 
-    def __init__(self, m, lambda_start, lambda_min, decay):
+    def __init__(self, m, base, gamma, power, lambda_min):
         super().__init__()
-        self.m, self.lambda_start, self.lambda_min, self.decay = m, lambda_start, lambda_min, decay
-        self.lam = lambda_start
+        self.m, self.base, self.gamma, self.power, self.lambda_min = m, base, gamma, power, lambda_min
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
-    def set_epoch(self, epoch, epochs):
-        self.lam = max(self.lambda_min, self.lambda_start * self.decay**epoch)
+    @property
+    def lam(self):
+        """lambda at the current step."""
+        return max(self.lambda_min, self.base * (1 + self.gamma * int(self.iteration)) ** -self.power)
 
-    def forward(self, logits, target, class_weight=None, norms=None):
-        if norms is None:
-            raise ValueError("lsoftmax needs norms=(w_norm[C], x_norm[B]): the trainer must pass them when loss.needs_norms")
-        w_norm, x_norm = norms
+    def forward(self, logits, target, class_weight=None, *, features=None, weight=None):
+        if features is None or weight is None:
+            raise ValueError("lsoftmax needs features=[B, D] and weight=[C, D] (loss.extra_inputs): the trainer "
+                             "passes them")
+        lam = self.lam
+        if self.training and torch.is_grad_enabled():
+            self.iteration += 1
+        w_norm, x_norm = weight.norm(dim=1), features.norm(dim=1)
         scale = w_norm.to(logits)[target] * x_norm.to(logits)  # |W_y| |x|
-        cos = (logits.gather(1, target[:, None]).squeeze(1) / scale).clamp(-1, 1)
+        cos = (logits.gather(1, target[:, None]).squeeze(1) / (scale + 1e-9)).clamp(-1, 1)
         t_prev, t = torch.ones_like(cos), cos  # T_0, T_1; T_{k+1} = 2 c T_k - T_{k-1}
         for _ in range(self.m - 1):
             t_prev, t = t, 2 * cos * t - t_prev
         # k = number of boundaries j pi/m (j = 1..m-1) that theta has passed; psi is continuous there
         k = sum((cos <= math.cos(j * math.pi / self.m)).to(cos) for j in range(1, self.m))
         psi = (1 - 2 * (k % 2)) * t - 2 * k
-        f_y = scale * (self.lam * cos + psi) / (1 + self.lam)
+        f_y = scale * (lam * cos + psi) / (1 + lam)
         return weighted_ce(logits.scatter(1, target[:, None], f_y[:, None]), target, class_weight)
 
 
@@ -222,10 +243,16 @@ def build_ce(class_counts):
     return CrossEntropy()
 
 
-def build_focal(class_counts, *, gamma=1.0):
+FOCAL_WEIGHTINGS = ("reference", "normalized")
+
+
+def build_focal(class_counts, *, gamma=1.0, weighting="reference"):
     """Focal loss (Lin et al., ICCV 2017), -(1 - p_t)^gamma log p_t; gamma = 1 as in the CIFAR-LT baselines
-    (Cao et al. 2019). With class_weight: alpha_t = w_y and the weighted mean (see Focal)."""
-    return Focal(check_number("losses.focal.gamma", gamma, min=0))
+    (Cao et al. 2019). weighting: how class_weight enters, "reference" (the LDAM-DRW code's, default) or
+    "normalized" (see Focal)."""
+    if weighting not in FOCAL_WEIGHTINGS:
+        raise LongtailError(f"losses.focal.weighting must be one of {', '.join(FOCAL_WEIGHTINGS)}, got {weighting!r}")
+    return Focal(check_number("losses.focal.gamma", gamma, min=0), weighting)
 
 
 def build_ldam(class_counts, *, max_m=0.5, s=30.0):
@@ -267,15 +294,18 @@ def build_ls_svm(class_counts):
     return LeastSquares()
 
 
-def build_lsoftmax(class_counts, *, m=4, lambda_start=100.0, lambda_min=0.0, decay=0.95):
-    """L-Softmax (Liu et al., ICML 2016), integer m in 2..4 (default 4, the largest margin the paper uses),
-    lambda annealed per epoch: max(lambda_min, lambda_start * decay^epoch). Needs norms (see LSoftmax)."""
+def build_lsoftmax(class_counts, *, m=4, base=1000.0, gamma=2e-5, power=45.0, lambda_min=5.0):
+    """L-Softmax (Liu et al., ICML 2016), integer m in 2..4 (default 4, the largest margin the paper uses).
+    lambda per training step t: max(lambda_min, base (1 + gamma t)^(-power)); base, gamma and power are the
+    authors' CIFAR setting, lambda_min = 5 their README's advice for harder data (lambda below about 1
+    collapsed to one class under the lr-0.1 protocol). Needs features and weight (see LSoftmax)."""
     if isinstance(m, bool) or m not in (2, 3, 4):
         raise LongtailError(f"losses.lsoftmax.m must be one of 2, 3, 4, got {m!r}")
-    lambda_start = check_number("losses.lsoftmax.lambda_start", lambda_start, min=0)
-    lambda_min = check_number("losses.lsoftmax.lambda_min", lambda_min, min=0, max=lambda_start)
-    decay = check_number("losses.lsoftmax.decay", decay, above=0, max=1)
-    return LSoftmax(int(m), lambda_start, lambda_min, decay)
+    base = check_number("losses.lsoftmax.base", base, min=0)
+    gamma = check_number("losses.lsoftmax.gamma", gamma, min=0)
+    power = check_number("losses.lsoftmax.power", power, min=0)
+    lambda_min = check_number("losses.lsoftmax.lambda_min", lambda_min, min=0)
+    return LSoftmax(int(m), base, gamma, power, lambda_min)
 
 
 def build_balanced_softmax(class_counts):

@@ -63,7 +63,7 @@ def setup(p: Params, dataset: Path = DATASET):
     torch.manual_seed(p.seed)
     counts = ds.class_counts
     loss = build_loss(p, counts).to(device)
-    head = "linear_nobias" if getattr(loss, "needs_norms", False) else loss.head
+    head = loss.head
     model = build_model(p, len(counts), ds.x_train.shape[3], head).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
