@@ -12,22 +12,9 @@ Only torch is needed, and it is imported when a check runs.
 def check_loss_plugin(build, class_counts=None, params=None):
     """Check that ``build`` honours the longtail loss plugin contract; return the built module.
 
-    The contract:
-    - ``build(class_counts: list[int], **params) -> torch.nn.Module``. params come from params.yaml
-      ``losses.<name>``: keyword-only with defaults (an unknown key is a TypeError), and a bad value
-      raises pipeline.errors.LongtailError with one line naming the key and the valid values.
-    - ``module.head`` is "linear" (z = W x + b), "linear_nobias" (z = W x) or "cosine"
-      (z_j = cos(x, W_j) in [-1, 1], scale applied inside the loss).
-    - ``module(logits[B, C], target[B], class_weight=None)`` returns the batch-mean loss: a finite
-      scalar tensor, differentiable w.r.t. logits, which must not be modified in place. class_weight
-      is a float tensor [C]; the batch reduction is then sum_i w_{y_i} l_i / sum_i w_{y_i}, so
-      class_weight = ones gives the unweighted mean.
-    - optional hook ``module.set_epoch(epoch, epochs)``: the trainer calls it at the start of every
-      epoch (epoch = 0 .. epochs-1), e.g. to anneal a constant.
-    - optional ``module.extra_inputs``, a tuple of names from ("features", "weight"): the trainer
-      then also passes them as keywords, ``module(logits, target, class_weight=None, features=x,
-      weight=W)``: x[B, D] is the classifier's input and W[C, D] its weight, both attached to the
-      graph (e.g. lsoftmax reads |W_y| and |x|).
+    The contract is written down in pipeline.plugin_kit: build(class_counts, **params) -> Module,
+    ``head``, the batch-mean ``forward(logits, target, class_weight=None)``, the optional
+    ``set_epoch`` and ``extra_inputs`` hooks.
 
     Raises AssertionError naming the first thing that is wrong.
     """

@@ -19,6 +19,7 @@ import torch
 
 from ..data.augment import augment, normalize
 from ..errors import LongtailError
+from ..plugin_kit import EXTRA_INPUTS
 from . import distributed
 from .schedule import lr_at
 
@@ -52,12 +53,9 @@ class DeviceData:
         self.y_train_cpu = self.y_train.cpu()
 
 
-EXTRA_INPUTS = ("features", "weight")
-
-
 def loss_extra_inputs(criterion) -> tuple[str, ...]:
-    """The optional ``loss.extra_inputs`` (see the loss contract in pipeline.methods.losses): a subset
-    of "features" (the classifier's input [B, D]) and "weight" (its weight [C, D])."""
+    """The optional ``loss.extra_inputs`` (the loss contract in pipeline.plugin_kit): a subset of
+    "features" (the classifier's input [B, D]) and "weight" (its weight [C, D])."""
     extra = tuple(getattr(criterion, "extra_inputs", ()) or ())
     bad = [k for k in extra if k not in EXTRA_INPUTS]
     if bad:

@@ -1,23 +1,8 @@
-"""Built-in loss plugins (formulas: docs methods.md section 2).
+"""Built-in loss plugins (formulas, sources and recipes: docs/methods.md, "Losses").
 
-The contract every loss plugin honours (checked by pipeline.testing.check_loss_plugin):
-
-- ``build(class_counts: list[int], **params) -> torch.nn.Module``; params come from params.yaml
-  ``losses.<name>``. An unknown keyword is a TypeError (the caller turns it into a user error);
-  a value out of range raises LongtailError naming ``losses.<name>.<param>`` and what is valid.
-- ``module.head`` is "linear" (plain logits z = W x) or "cosine" (z_j = cos(x, W_j) in [-1, 1];
-  the scale s is applied inside the loss).
-- ``module(logits[B, C], target[B], class_weight=None)`` returns the batch-mean loss, a scalar.
-  ``class_weight`` (float [C], from re-weighting / DRW) gives the weighted mean
-  sum_i w_{y_i} l_i / sum_i w_{y_i} (PyTorch's weighted cross-entropy), for every loss here.
-- optional ``module.set_epoch(epoch, epochs)``: the trainer calls it at the start of every epoch.
-- optional ``module.needs_norms = True`` (only lsoftmax): the head must be a bias-free linear layer
-  and the trainer calls ``module(logits, target, class_weight=None, norms=(w_norm, x_norm))`` with
-  w_norm[C] = |W_j| and x_norm[B] = |x_i|, both still attached to the graph (not detached), so
-  that the loss is the paper's function of W and x and its gradient is the paper's gradient.
-
-The helpers at the top (weighted_mean, weighted_ce, shift_target, hardest_negative, ldam_margins,
-check_number, check_counts) are public so that plugin packages (e.g. longtail-mm) can reuse them.
+Every loss here honours the loss plugin contract written down in pipeline.plugin_kit (build
+signature, ``head``, ``forward(logits, target, class_weight=None)``, the optional ``set_epoch`` and
+``extra_inputs`` hooks) and uses the shared helpers from there.
 """
 
 import math
@@ -27,64 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import LongtailError
-
-# -----------------------------------------------------------------------------
-# shared pieces
-
-
-def weighted_mean(per_sample, target, class_weight=None):
-    """mean_i l_i, or sum_i w_{y_i} l_i / sum_i w_{y_i} when class_weight is given."""
-    if class_weight is None:
-        return per_sample.mean()
-    w = class_weight.to(per_sample)[target]
-    return (w * per_sample).sum() / w.sum()
-
-
-def weighted_ce(logits, target, class_weight=None):
-    """Softmax cross-entropy with PyTorch's weighted mean (equals F.cross_entropy(weight=w))."""
-    return weighted_mean(F.cross_entropy(logits, target, reduction="none"), target, class_weight)
-
-
-def shift_target(logits, target, delta):
-    """z - delta_i e_{y_i}: subtract a per-sample margin delta[B] from each row's target logit."""
-    return logits - delta.to(logits)[:, None] * F.one_hot(target, logits.shape[1]).to(logits)
-
-
-def hardest_negative(logits, target):
-    """max_{j != y_i} z_ij for each row."""
-    is_target = F.one_hot(target, logits.shape[1]).bool()
-    return logits.masked_fill(is_target, float("-inf")).amax(dim=1)
-
-
-def ldam_margins(class_counts, max_m):
-    """Delta_j = K / n_j^(1/4), K chosen so that max_j Delta_j = max_m (Cao et al., NeurIPS 2019). Float64 [C]."""
-    m = torch.tensor(class_counts, dtype=torch.float64).pow(-0.25)
-    return m * (max_m / m.max())
-
-
-def check_number(key, value, *, min=None, above=None, max=None):
-    """Return float(value) or raise LongtailError('losses.x.y must be >= 0, got -1')."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LongtailError(f"{key} must be a finite number, got {value!r}")
-    if min is not None and value < min:
-        raise LongtailError(f"{key} must be >= {min}, got {value}")
-    if above is not None and value <= above:
-        raise LongtailError(f"{key} must be > {above}, got {value}")
-    if max is not None and value > max:
-        raise LongtailError(f"{key} must be <= {max}, got {value}")
-    return float(value)
-
-
-def check_counts(loss, class_counts):
-    """Losses that use n_j need every class to have at least one training image."""
-    bad = [j for j, n in enumerate(class_counts) if not n >= 1]
-    if not class_counts or bad:
-        raise LongtailError(
-            f"losses.{loss} needs at least one training image per class "
-            f"(class counts {list(class_counts)}, empty classes {bad})"
-        )
-    return [int(n) for n in class_counts]
-
+from pipeline.plugin_kit import (check_counts, check_number, hardest_negative, ldam_margins, shift_target,
+                                 weighted_ce, weighted_mean)
 
 # -----------------------------------------------------------------------------
 # the loss modules (several losses share one module with different constants)
