@@ -209,7 +209,7 @@ def build_am(class_counts, *, m=0.35, s=30.0):
 
 
 def build_hinge(class_counts, *, margin=1.0):
-    """Multi-class hinge (Crammer & Singer, JMLR 2001; methods.md cites Suykens & Vandewalle 1999):
+    """Multi-class hinge (Crammer & Singer, JMLR 2001; docs/methods.md §2):
     max(0, margin + max_{j!=y} z_j - z_y) on linear logits; class_weight gives the weighted mean."""
     margin = check_number("losses.hinge.margin", margin, min=0)
     return MarginHinge(torch.full((len(class_counts),), margin, dtype=torch.float64), head="linear")

@@ -1,4 +1,4 @@
-"""Built-in losses against independent numpy implementations of the formulas in methods.md section 2."""
+"""Built-in losses against independent numpy implementations of the formulas in docs/methods.md §2."""
 
 import math
 
