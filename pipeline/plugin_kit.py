@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from pipeline.errors import LongtailError
 from pipeline.testing import check_loss_plugin
 
-__all__ = ["EXTRA_INPUTS", "LongtailError", "check_counts", "check_loss_plugin", "check_number", "hardest_negative",
+__all__ = ["EXTRA_INPUTS", "LOSS_HEADS", "LongtailError", "check_counts", "check_loss_plugin", "check_number", "hardest_negative",
            "ldam_margins", "shift_target", "weighted_ce", "weighted_mean"]
 
+LOSS_HEADS = ("linear", "linear_nobias", "cosine")
 EXTRA_INPUTS = ("features", "weight")
 
 
