@@ -5,13 +5,13 @@ Start-up stays fast: torch, mlflow and the stage modules are imported inside the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from .demo import DURATION as DEMO_DURATION
 from .errors import LongtailError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,6 +21,20 @@ app.add_typer(plugins_app, name="plugins")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file")
 NoTrack = typer.Option(False, "--no-track", help="do not log this stage to MLflow")
+
+
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"longtail {version('longtail')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """Long-tailed image classification: build dataset -> pretrain -> DRW fine-tune -> evaluate."""
 
 
 def _stage(name: str, params_path: Path, no_track: bool, fn, distributed_ok: bool = False):
@@ -83,6 +97,20 @@ def evaluate(params: Path = ParamsOpt, no_track: bool = NoTrack):
     _stage("evaluate", params, no_track, lambda p, log: stage.run(p, log=log))
 
 
+@app.command("export-images")
+def export_images(out: Path = typer.Argument(..., help="the folder to write (new or empty)"),
+                  dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, cifar100 or digits"),
+                  root: str = typer.Option("data/raw", "--root",
+                                           help="where the official archive is: its folder or the .tar.gz itself "
+                                                "(downloaded by torchvision when missing and online)")):
+    """Write a dataset as an image folder (train/<class>/*.png, test/<class>/*.png) for dataset=imagefolder."""
+    from .data.export import export_images as run
+
+    n = run(dataset, root, out)
+    typer.echo(f"wrote {n['train']} train and {n['test']} test images of {n['classes']} classes under {out}/; "
+               f"use it with: dvc exp run -S dataset=imagefolder -S data.root={out}")
+
+
 @app.command()
 def check(params: Path = ParamsOpt):
     """Validate params.yaml (keys, values, plugin names) without running anything."""
@@ -96,21 +124,19 @@ def check(params: Path = ParamsOpt):
                f"finetune from {p.finetune.start_epoch})")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             help=f"Run the whole pipeline as a DVC experiment on the embedded digits data ({DEMO_DURATION}).\n\n"
+                  "It runs the committed params.yaml with dataset=digits (workspace edits are undone for the "
+                  "demo), then prints the method it ran and a summary table. Extra arguments go to "
+                  "`dvc exp run`, e.g. `longtail demo -S loss=ldam`.")
 def demo(ctx: typer.Context,
          temp: bool = typer.Option(True, "--temp/--workspace",
                                    help="run in a temporary copy (default) or in this workspace")):
-    """Run the whole pipeline as a DVC experiment on the embedded digits data (about 2 minutes on 2 cores).
+    from . import demo as dm
 
-    Extra arguments go to `dvc exp run`, e.g. `longtail demo -S loss=ldam`."""
-    cmd = ["dvc", "exp", "run", "-S", "dataset=digits", *(["--temp"] if temp else []), *ctx.args]
-    typer.echo("$ " + " ".join(cmd), err=True)
-    rc = subprocess.call(cmd)
-    if rc != 0:
+    rc = dm.run(list(ctx.args), temp, typer.echo)
+    if rc:
         raise typer.Exit(rc)
-    subprocess.call(["dvc", "exp", "show", "--no-pager", "--drop", ".*",
-                     "--keep", r"Experiment|^loss$|final\.top1|final\.few|best\.top1|best\.epoch"])
-    typer.echo("Browse the runs: mlflow ui --backend-store-uri sqlite:///mlflow.db", err=True)
 
 
 @app.command()
@@ -126,11 +152,12 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
                                                     help="MLflow experiment (default: tracking.experiment of params.yaml)"),
            list_methods: bool = typer.Option(False, "--list-methods", help="print the named-method table and exit")):
     """Tables (Markdown + CSV) and figures from the finished runs in the MLflow store -> reports/."""
-    from . import report as rep
-
     if list_methods:
-        typer.echo(rep.MethodNames.load().markdown())
+        from .method_names import MethodNames
+
+        typer.echo(MethodNames.load().markdown())
         return
+    from . import report as rep
     from .tracking import fetch_artifact, finished_runs, tracking_uri
 
     if experiment is None:

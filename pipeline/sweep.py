@@ -96,8 +96,8 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
                extra=()) -> list[Combo]:
     """The combinations, each validated; raises LongtailError before anything is queued."""
     from . import registry
+    from .method_names import MethodNames
     from .params import DATASETS, IMBALANCES, check_plugins, parse
-    from .report import MethodNames
 
     if losses and methods:
         raise LongtailError("give --loss or --method, not both (a method fixes its loss)")

@@ -114,7 +114,7 @@ class BBN:
                     on_batch(step + 1, steps)
             seconds = time.perf_counter() - start
             if ctx.log is not None:
-                ctx.log.log_metrics({"bbn_alpha": alpha}, step=e)
+                ctx.log.log_metrics({"bbn_alpha": alpha}, step=e + 1)  # epoch numbers from 1
             # train_acc = alpha acc(y_c) + (1 - alpha) acc(y_r); images_per_s counts both branches' images
             return {"epoch": e, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
                     "images_per_s": 2 * n / max(seconds, 1e-9), "epoch_seconds": seconds,

@@ -175,7 +175,7 @@ class MetaSampler:
             rates = training.sampler.rates().tolist()
             if ctx.log is not None:
                 ctx.log.log_metrics({"meta_loss": meta, **{f"sampler_rate/{j:03d}": r for j, r in enumerate(rates)}},
-                                    step=e)
+                                    step=e + 1)  # epoch numbers from 1
             n = len(t.data.y_train)
             return {"epoch": e, "lr": lr, "train_loss": loss, "train_acc": acc, "images_per_s": n / max(seconds, 1e-9),
                     "epoch_seconds": seconds, "reweighted": False}

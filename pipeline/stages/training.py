@@ -8,16 +8,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+<<<<<<< HEAD
 import shutil
 import sys
 import time
+=======
+import sys
+>>>>>>> ux
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import io, registry
-from ..build import augmentation, build_loss, build_model, build_policy, device_data, pick_device
+from ..build import (augmentation, build_loss, build_model, build_policy, describe_device, device_data,
+                     pick_device)
 from ..data.store import load_dataset
 from ..engine import distributed
 from ..engine.progress import Progress
@@ -114,6 +119,9 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         raise ValueError(stage)
     trainer, meta = setup(p, dataset)
     trainer.stage = stage
+    warning = describe_device(trainer.device).partition("\n")[2]  # a GPU torch cannot use
+    if warning and distributed.is_main():
+        print(f"{stage}: {warning}", file=sys.stderr, flush=True)
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
     out = pretrain if stage == "pretrain" else final
     fingerprint = _fingerprint(stage, p, dataset)
@@ -153,7 +161,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         if main:
             progress.epoch(row)
         if log is not None:
-            log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            log.log_epoch(row)
 
     progress = Progress(stage, trainer.epoch, until, p.train.epochs)
     if main:
