@@ -8,13 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-<<<<<<< HEAD
 import shutil
 import sys
 import time
-=======
-import sys
->>>>>>> ux
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -22,7 +22,7 @@ from pipeline.build import device_data
 from pipeline.data.augment import normalize
 from pipeline.data.store import load_dataset
 from pipeline.params import override, parse
-from pipeline.report import MethodNames
+from pipeline.method_names import MethodNames
 from pipeline.stages import build_dataset, training
 
 pytestmark = pytest.mark.slow
