@@ -12,6 +12,7 @@ from .data.store import Prepared
 from .engine.trainer import DeviceData, Rebalance
 from .errors import LongtailError
 from .params import Params
+from .plugin_kit import LOSS_HEADS
 
 
 def gpu_present() -> str:
@@ -52,8 +53,8 @@ def pick_device(name: str) -> torch.device:
 def build_loss(p: Params, class_counts: list[int]):
     loss = registry.build("losses", p.loss, class_counts, params=p.loss_params, param_key=f"losses.{p.loss}")
     head = getattr(loss, "head", None)
-    if head not in ("linear", "cosine"):
-        raise LongtailError(f"loss plugin {p.loss!r} declares head {head!r} (valid: linear, cosine)")
+    if head not in LOSS_HEADS:
+        raise LongtailError(f"loss plugin {p.loss!r} declares head {head!r} (valid: {', '.join(LOSS_HEADS)})")
     return loss
 
 

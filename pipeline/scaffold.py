@@ -35,11 +35,11 @@ Starts as cross-entropy with label smoothing (Szegedy et al., CVPR 2016): the ta
 (1 - eps) one_hot(y) + eps / C. Replace the formula in `forward`; cite its source here.
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import LongtailError
+# plugins import only from the plugin kit (its docstring is the contract: head, forward, hooks)
+from pipeline.plugin_kit import LongtailError, weighted_mean
 
 
 class Loss(nn.Module):
@@ -51,10 +51,7 @@ class Loss(nn.Module):
 
     def forward(self, logits, target, class_weight=None):
         per_sample = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.smoothing)
-        if class_weight is None:
-            return per_sample.mean()
-        w = class_weight.to(per_sample)[target]
-        return (w * per_sample).sum() / w.sum()
+        return weighted_mean(per_sample, target, class_weight)  # sum_i w_y l_i / sum_i w_y with class weights
 
 
 def build(class_counts, *, smoothing=0.0):
@@ -68,8 +65,7 @@ TEST = '''import pytest
 import torch
 
 from longtail_{name}.loss import build
-from pipeline.errors import LongtailError
-from pipeline.testing import check_loss_plugin
+from pipeline.plugin_kit import LongtailError, check_loss_plugin
 
 
 def test_contract():

@@ -12,21 +12,9 @@ Only torch is needed, and it is imported when a check runs.
 def check_loss_plugin(build, class_counts=None, params=None):
     """Check that ``build`` honours the longtail loss plugin contract; return the built module.
 
-    The contract:
-    - ``build(class_counts: list[int], **params) -> torch.nn.Module``. params come from params.yaml
-      ``losses.<name>``: keyword-only with defaults (an unknown key is a TypeError), and a bad value
-      raises pipeline.errors.LongtailError with one line naming the key and the valid values.
-    - ``module.head`` is "linear" (z = W x) or "cosine" (z_j = cos(x, W_j) in [-1, 1], scale applied
-      inside the loss).
-    - ``module(logits[B, C], target[B], class_weight=None)`` returns the batch-mean loss: a finite
-      scalar tensor, differentiable w.r.t. logits, which must not be modified in place. class_weight
-      is a float tensor [C]; the batch reduction is then sum_i w_{y_i} l_i / sum_i w_{y_i}, so
-      class_weight = ones gives the unweighted mean.
-    - optional hook ``module.set_epoch(epoch, epochs)``: the trainer calls it at the start of every
-      epoch (epoch = 0 .. epochs-1), e.g. to anneal a constant.
-    - optional ``module.needs_norms = True`` (head "linear", bias-free): the trainer then calls
-      ``module(logits, target, class_weight=None, norms=(w_norm, x_norm))`` with w_norm[C] = |W_j|
-      and x_norm[B] = |x_i| (attached to the graph). Used by lsoftmax only.
+    The contract is written down in pipeline.plugin_kit: build(class_counts, **params) -> Module,
+    ``head``, the batch-mean ``forward(logits, target, class_weight=None)``, the optional
+    ``set_epoch`` and ``extra_inputs`` hooks.
 
     Raises AssertionError naming the first thing that is wrong.
     """
@@ -41,31 +29,36 @@ def check_loss_plugin(build, class_counts=None, params=None):
         raise AssertionError(f"{name}({counts}, **{params}) raised {type(e).__name__}: {e}") from e
     assert isinstance(loss, torch.nn.Module), f"{name} must return a torch.nn.Module, got {type(loss).__name__}"
     head = getattr(loss, "head", None)
-    assert head in ("linear", "cosine"), f"{name}: loss.head must be 'linear' or 'cosine', got {head!r}"
-    needs_norms = bool(getattr(loss, "needs_norms", False))
-    assert not (needs_norms and head != "linear"), f"{name}: needs_norms requires head 'linear', got {head!r}"
+    assert head in ("linear", "linear_nobias", "cosine"), (
+        f"{name}: loss.head must be 'linear', 'linear_nobias' or 'cosine', got {head!r}")
+    extra = tuple(getattr(loss, "extra_inputs", ()) or ())
+    assert set(extra) <= {"features", "weight"}, (
+        f"{name}: loss.extra_inputs must name only 'features' and 'weight', got {extra!r}")
     set_epoch = getattr(loss, "set_epoch", None)
     assert set_epoch is None or callable(set_epoch), f"{name}: loss.set_epoch must be a method (epoch, epochs)"
 
     C, g = len(counts), torch.Generator().manual_seed(0)
     weight = torch.rand(C, generator=g) + 0.1
 
+    D = 6
+
     def batch(B):
         target = torch.randint(C, (B,), generator=g)
-        if needs_norms:
-            w_norm, x_norm = torch.rand(C, generator=g) + 0.5, torch.rand(B, generator=g) + 0.5
-            cos = torch.rand(B, C, generator=g) * 1.98 - 0.99
-            return cos * w_norm * x_norm[:, None], target, (w_norm, x_norm)
+        if extra:  # logits from a features and a weight, as the trainer computes them
+            x, W = torch.randn(B, D, generator=g), torch.randn(C, D, generator=g)
+            return x @ W.t(), target, {"features": x, "weight": W}
         if head == "cosine":
             return torch.rand(B, C, generator=g) * 2 - 1, target, None
         return torch.randn(B, C, generator=g) * 3, target, None
 
-    def run(logits, target, class_weight, norms, what):
+    def run(logits, target, class_weight, inputs, what):
         leaf = logits.clone().requires_grad_()
         z = leaf.clone()  # not a leaf, like a model's output
-        kwargs = {"class_weight": class_weight} | ({"norms": norms} if needs_norms else {})
+        kwargs = {"class_weight": class_weight} | {k: inputs[k] for k in extra}
+        state = {k: v.clone() for k, v in loss.state_dict().items()}  # a stateful loss (a step counter)
         try:
             out = loss(z, target, **kwargs)
+            loss.load_state_dict(state)  # is compared on the same state
         except Exception as e:
             raise AssertionError(f"{name}: forward ({what}) raised {type(e).__name__}: {e}") from e
         assert isinstance(out, torch.Tensor) and out.dim() == 0, (
@@ -97,7 +90,7 @@ def check_loss_plugin(build, class_counts=None, params=None):
             assert torch.allclose(ones, plain, rtol=1e-5, atol=1e-6), (
                 f"{name}: class_weight=ones gives {ones.item()}, no class_weight {plain.item()} (must be the same mean)"
             )
-            norms2 = None if norms is None else (norms[0], norms[1].repeat(2))
+            norms2 = None if norms is None else {"features": norms["features"].repeat(2, 1), "weight": norms["weight"]}
             twice, _ = run(logits.repeat(2, 1), target.repeat(2), None, norms2, f"batch repeated twice{at}")
             assert torch.allclose(twice, plain, rtol=1e-5, atol=1e-6), (
                 f"{name}: the same batch twice gives {twice.item()}, once {plain.item()}: return the batch mean, not the sum"

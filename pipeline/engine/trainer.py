@@ -19,6 +19,7 @@ import torch
 
 from ..data.augment import augment, normalize
 from ..errors import LongtailError
+from ..plugin_kit import EXTRA_INPUTS
 from . import distributed
 from .precision import resolve as resolve_precision
 from .schedule import lr_at
@@ -53,6 +54,16 @@ class DeviceData:
         self.y_train_cpu = self.y_train.cpu()
 
 
+def loss_extra_inputs(criterion) -> tuple[str, ...]:
+    """The optional ``loss.extra_inputs`` (the loss contract in pipeline.plugin_kit): a subset of
+    "features" (the classifier's input [B, D]) and "weight" (its weight [C, D])."""
+    extra = tuple(getattr(criterion, "extra_inputs", ()) or ())
+    bad = [k for k in extra if k not in EXTRA_INPUTS]
+    if bad:
+        raise LongtailError(f"loss.extra_inputs {bad} unknown (valid: {', '.join(EXTRA_INPUTS)})")
+    return extra
+
+
 class NonFiniteLoss(LongtailError):
     """Training produced a non-finite loss or logits; the run stops before the next update."""
 
@@ -71,7 +82,7 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.history: list[dict] = []
         self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
-        self.needs_norms = bool(getattr(criterion, "needs_norms", False))
+        self.extra_inputs = loss_extra_inputs(criterion)
         self.precision = resolve_precision(cfg.precision, device.type)
         self.channels_last = self.precision.channels_last
         if self.channels_last:
@@ -80,9 +91,9 @@ class Trainer:
         self.rank, self.world = distributed.world()
         self.net = model  # what the training step calls: the model, DDP-wrapped under torchrun
         if self.world > 1:
-            if self.needs_norms:
-                raise LongtailError("a loss with needs_norms (lsoftmax) cannot run under torchrun yet; run it "
-                                    "in one process")
+            if self.extra_inputs:
+                raise LongtailError(f"a loss with extra_inputs {self.extra_inputs} cannot run under torchrun yet; "
+                                    "run it in one process")
             self.net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -149,9 +160,10 @@ class Trainer:
 
     # -- one epoch -------------------------------------------------------------------------------
     def _logits(self, x):
-        if self.needs_norms:
-            feats = self.model.features(x)
-            return self.model.classifier(feats), feats
+        if self.extra_inputs:  # the loss also reads the classifier's input; the head runs in float32
+            feats = self.model.features(x).float()
+            with torch.autocast(x.device.type, enabled=False):
+                return self.model.classifier(feats), feats
         return self.forward(x), None
 
     def _batches(self, order: torch.Tensor, repeats, epoch: int):
@@ -175,10 +187,8 @@ class Trainer:
             yield normalize(x, d.mean, d.std), d.y_train[idx]
 
     def _loss(self, logits, feats, y, weight):
-        if self.needs_norms:
-            norms = (self.model.classifier.weight.norm(dim=1), feats.norm(dim=1))
-            return self.criterion(logits, y, class_weight=weight, norms=norms)
-        return self.criterion(logits, y, class_weight=weight)
+        extra = {"features": feats, "weight": self.model.classifier.weight} if self.extra_inputs else {}
+        return self.criterion(logits, y, class_weight=weight, **{k: extra[k] for k in self.extra_inputs})
 
     def train_epoch(self, epoch: int, on_batch: Callable | None = None) -> dict:
         cfg, d = self.cfg, self.data

@@ -1,23 +1,8 @@
-"""Built-in loss plugins (formulas: docs methods.md section 2).
+"""Built-in loss plugins (formulas, sources and recipes: docs/methods.md, "Losses").
 
-The contract every loss plugin honours (checked by pipeline.testing.check_loss_plugin):
-
-- ``build(class_counts: list[int], **params) -> torch.nn.Module``; params come from params.yaml
-  ``losses.<name>``. An unknown keyword is a TypeError (the caller turns it into a user error);
-  a value out of range raises LongtailError naming ``losses.<name>.<param>`` and what is valid.
-- ``module.head`` is "linear" (plain logits z = W x) or "cosine" (z_j = cos(x, W_j) in [-1, 1];
-  the scale s is applied inside the loss).
-- ``module(logits[B, C], target[B], class_weight=None)`` returns the batch-mean loss, a scalar.
-  ``class_weight`` (float [C], from re-weighting / DRW) gives the weighted mean
-  sum_i w_{y_i} l_i / sum_i w_{y_i} (PyTorch's weighted cross-entropy), for every loss here.
-- optional ``module.set_epoch(epoch, epochs)``: the trainer calls it at the start of every epoch.
-- optional ``module.needs_norms = True`` (only lsoftmax): the head must be a bias-free linear layer
-  and the trainer calls ``module(logits, target, class_weight=None, norms=(w_norm, x_norm))`` with
-  w_norm[C] = |W_j| and x_norm[B] = |x_i|, both still attached to the graph (not detached), so
-  that the loss is the paper's function of W and x and its gradient is the paper's gradient.
-
-The helpers at the top (weighted_mean, weighted_ce, shift_target, hardest_negative, ldam_margins,
-check_number, check_counts) are public so that plugin packages (e.g. longtail-mm) can reuse them.
+Every loss here honours the loss plugin contract written down in pipeline.plugin_kit (build
+signature, ``head``, ``forward(logits, target, class_weight=None)``, the optional ``set_epoch`` and
+``extra_inputs`` hooks) and uses the shared helpers from there.
 """
 
 import math
@@ -26,53 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.checks import check_number  # noqa: F401  the one number validator (re-exported for plugins)
 from pipeline.errors import LongtailError
-
-# -----------------------------------------------------------------------------
-# shared pieces
-
-
-def weighted_mean(per_sample, target, class_weight=None):
-    """mean_i l_i, or sum_i w_{y_i} l_i / sum_i w_{y_i} when class_weight is given."""
-    if class_weight is None:
-        return per_sample.mean()
-    w = class_weight.to(per_sample)[target]
-    return (w * per_sample).sum() / w.sum()
-
-
-def weighted_ce(logits, target, class_weight=None):
-    """Softmax cross-entropy with PyTorch's weighted mean (equals F.cross_entropy(weight=w))."""
-    return weighted_mean(F.cross_entropy(logits, target, reduction="none"), target, class_weight)
-
-
-def shift_target(logits, target, delta):
-    """z - delta_i e_{y_i}: subtract a per-sample margin delta[B] from each row's target logit."""
-    return logits - delta.to(logits)[:, None] * F.one_hot(target, logits.shape[1]).to(logits)
-
-
-def hardest_negative(logits, target):
-    """max_{j != y_i} z_ij for each row."""
-    is_target = F.one_hot(target, logits.shape[1]).bool()
-    return logits.masked_fill(is_target, float("-inf")).amax(dim=1)
-
-
-def ldam_margins(class_counts, max_m):
-    """Delta_j = K / n_j^(1/4), K chosen so that max_j Delta_j = max_m (Cao et al., NeurIPS 2019). Float64 [C]."""
-    m = torch.tensor(class_counts, dtype=torch.float64).pow(-0.25)
-    return m * (max_m / m.max())
-
-
-def check_counts(loss, class_counts):
-    """Losses that use n_j need every class to have at least one training image."""
-    bad = [j for j, n in enumerate(class_counts) if not n >= 1]
-    if not class_counts or bad:
-        raise LongtailError(
-            f"losses.{loss} needs at least one training image per class "
-            f"(class counts {list(class_counts)}, empty classes {bad})"
-        )
-    return [int(n) for n in class_counts]
-
+from pipeline.plugin_kit import (check_counts, check_number, hardest_negative, ldam_margins, shift_target,
+                                 weighted_ce, weighted_mean)
 
 # -----------------------------------------------------------------------------
 # the loss modules (several losses share one module with different constants)
@@ -90,21 +31,29 @@ class CrossEntropy(nn.Module):
 class Focal(nn.Module):
     """Focal loss, Lin et al., ICCV 2017: FL_i = -(1 - p_t)^gamma log p_t, p_t = softmax(z)_y.
 
-    class_weight convention: alpha_t = w_{y_i} multiplies each sample's focal term and the batch
-    reduction is the weighted mean sum_i w_{y_i} FL_i / sum_i w_{y_i}, so gamma = 0 is exactly the
-    weighted CE. p_t is always the plain (unweighted) softmax probability. (LDAM-DRW's released code
-    differs: it computes p_t = exp(-w_y CE_i) from the weighted CE and takes the plain mean.)
+    With class_weight there are two conventions (``losses.focal.weighting``):
+    - "reference" (default), the LDAM-DRW code's, which the published CB-Focal and Focal-DRW figures
+      come from: CE_w,i = w_{y_i} CE_i (no normalisation), p_i = exp(-CE_w,i) and
+      loss = mean_i (1 - p_i)^gamma CE_w,i. It is not the weighted mean of the contract: the weight
+      also enters the modulating factor.
+    - "normalized": alpha_t = w_{y_i} multiplies each sample's focal term and the batch reduction is
+      the weighted mean sum_i w_{y_i} FL_i / sum_i w_{y_i}, p_t the plain softmax probability.
+    Both give the plain mean of FL_i without class_weight, and gamma = 0 with "normalized" is exactly
+    the weighted CE.
     """
 
     head = "linear"
 
-    def __init__(self, gamma):
+    def __init__(self, gamma, weighting="reference"):
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.weighting = gamma, weighting
 
     def forward(self, logits, target, class_weight=None):
-        log_pt = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
-        focal = -(1 - log_pt.exp()).pow(self.gamma) * log_pt
+        ce = F.cross_entropy(logits, target, reduction="none")
+        if self.weighting == "reference" and class_weight is not None:
+            ce_w = class_weight.to(ce)[target] * ce
+            return ((1 - torch.exp(-ce_w)).pow(self.gamma) * ce_w).mean()
+        focal = (1 - torch.exp(-ce)).pow(self.gamma) * ce
         return weighted_mean(focal, target, class_weight)
 
 
@@ -167,37 +116,50 @@ class LSoftmax(nn.Module):
     f_y = |W_y||x| (lambda cos(theta) + psi(theta)) / (1 + lambda),
     psi(theta) = (-1)^k cos(m theta) - 2k for theta in [k pi/m, (k+1) pi/m], k = 0..m-1;
     cos(m theta) is the Chebyshev polynomial T_m(cos theta), as in the paper (no arccos).
+    cos(theta) = z_y / (|W_y||x| + 1e-9): the epsilon of the authors' layer, so that a feature that
+    is exactly zero (a pooled ReLU output) gives cos = 0, not 0/0.
     Other logits are unchanged; the loss is CE_w of the modified logits.
 
-    needs_norms = True: the loss cannot recover |W_y| and |x| from z = W x, so the trainer passes
-    norms=(w_norm[C], x_norm[B]) (bias-free linear head, norms attached to the graph).
-    lambda is annealed by set_epoch: lambda_e = max(lambda_min, lambda_start * decay^epoch).
+    head "linear_nobias" and extra_inputs ("features", "weight"): the loss cannot recover |W_y| and
+    |x| from z = W x, so the trainer also passes the classifier's input features[B, D] and its
+    weight[C, D] (attached to the graph).
+
+    lambda is annealed per training step as in the authors' layer:
+    lambda_t = max(lambda_min, base (1 + gamma t)^(-power)), t = the number of earlier training steps
+    (forward calls with gradients enabled in training mode). t is the buffer ``iteration``, saved in
+    the module's state_dict, so a resumed run continues the schedule exactly.
     """
 
-    head = "linear"
-    needs_norms = True
+    head = "linear_nobias"
+    extra_inputs = ("features", "weight")
 
-    def __init__(self, m, lambda_start, lambda_min, decay):
+    def __init__(self, m, base, gamma, power, lambda_min):
         super().__init__()
-        self.m, self.lambda_start, self.lambda_min, self.decay = m, lambda_start, lambda_min, decay
-        self.lam = lambda_start
+        self.m, self.base, self.gamma, self.power, self.lambda_min = m, base, gamma, power, lambda_min
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
-    def set_epoch(self, epoch, epochs):
-        self.lam = max(self.lambda_min, self.lambda_start * self.decay**epoch)
+    @property
+    def lam(self):
+        """lambda at the current step."""
+        return max(self.lambda_min, self.base * (1 + self.gamma * int(self.iteration)) ** -self.power)
 
-    def forward(self, logits, target, class_weight=None, norms=None):
-        if norms is None:
-            raise ValueError("lsoftmax needs norms=(w_norm[C], x_norm[B]): the trainer must pass them when loss.needs_norms")
-        w_norm, x_norm = norms
+    def forward(self, logits, target, class_weight=None, *, features=None, weight=None):
+        if features is None or weight is None:
+            raise ValueError("lsoftmax needs features=[B, D] and weight=[C, D] (loss.extra_inputs): the trainer "
+                             "passes them")
+        lam = self.lam
+        if self.training and torch.is_grad_enabled():
+            self.iteration += 1
+        w_norm, x_norm = weight.norm(dim=1), features.norm(dim=1)
         scale = w_norm.to(logits)[target] * x_norm.to(logits)  # |W_y| |x|
-        cos = (logits.gather(1, target[:, None]).squeeze(1) / scale).clamp(-1, 1)
+        cos = (logits.gather(1, target[:, None]).squeeze(1) / (scale + 1e-9)).clamp(-1, 1)
         t_prev, t = torch.ones_like(cos), cos  # T_0, T_1; T_{k+1} = 2 c T_k - T_{k-1}
         for _ in range(self.m - 1):
             t_prev, t = t, 2 * cos * t - t_prev
         # k = number of boundaries j pi/m (j = 1..m-1) that theta has passed; psi is continuous there
         k = sum((cos <= math.cos(j * math.pi / self.m)).to(cos) for j in range(1, self.m))
         psi = (1 - 2 * (k % 2)) * t - 2 * k
-        f_y = scale * (self.lam * cos + psi) / (1 + self.lam)
+        f_y = scale * (lam * cos + psi) / (1 + lam)
         return weighted_ce(logits.scatter(1, target[:, None], f_y[:, None]), target, class_weight)
 
 
@@ -210,10 +172,16 @@ def build_ce(class_counts):
     return CrossEntropy()
 
 
-def build_focal(class_counts, *, gamma=1.0):
+FOCAL_WEIGHTINGS = ("reference", "normalized")
+
+
+def build_focal(class_counts, *, gamma=1.0, weighting="reference"):
     """Focal loss (Lin et al., ICCV 2017), -(1 - p_t)^gamma log p_t; gamma = 1 as in the CIFAR-LT baselines
-    (Cao et al. 2019). With class_weight: alpha_t = w_y and the weighted mean (see Focal)."""
-    return Focal(check_number("losses.focal.gamma", gamma, min=0))
+    (Cao et al. 2019). weighting: how class_weight enters, "reference" (the LDAM-DRW code's, default) or
+    "normalized" (see Focal)."""
+    if weighting not in FOCAL_WEIGHTINGS:
+        raise LongtailError(f"losses.focal.weighting must be one of {', '.join(FOCAL_WEIGHTINGS)}, got {weighting!r}")
+    return Focal(check_number("losses.focal.gamma", gamma, min=0), weighting)
 
 
 def build_ldam(class_counts, *, max_m=0.5, s=30.0):
@@ -241,7 +209,7 @@ def build_am(class_counts, *, m=0.35, s=30.0):
 
 
 def build_hinge(class_counts, *, margin=1.0):
-    """Multi-class hinge (Crammer & Singer, JMLR 2001; methods.md cites Suykens & Vandewalle 1999):
+    """Multi-class hinge (Crammer & Singer, JMLR 2001; docs/methods.md §2):
     max(0, margin + max_{j!=y} z_j - z_y) on linear logits; class_weight gives the weighted mean."""
     margin = check_number("losses.hinge.margin", margin, min=0)
     return MarginHinge(torch.full((len(class_counts),), margin, dtype=torch.float64), head="linear")
@@ -255,15 +223,18 @@ def build_ls_svm(class_counts):
     return LeastSquares()
 
 
-def build_lsoftmax(class_counts, *, m=4, lambda_start=100.0, lambda_min=0.0, decay=0.95):
-    """L-Softmax (Liu et al., ICML 2016), integer m in 2..4 (default 4, the largest margin the paper uses),
-    lambda annealed per epoch: max(lambda_min, lambda_start * decay^epoch). Needs norms (see LSoftmax)."""
+def build_lsoftmax(class_counts, *, m=4, base=1000.0, gamma=2e-5, power=45.0, lambda_min=5.0):
+    """L-Softmax (Liu et al., ICML 2016), integer m in 2..4 (default 4, the largest margin the paper uses).
+    lambda per training step t: max(lambda_min, base (1 + gamma t)^(-power)); base, gamma and power are the
+    authors' CIFAR setting, lambda_min = 5 their README's advice for harder data (lambda below about 1
+    collapsed to one class under the lr-0.1 protocol). Needs features and weight (see LSoftmax)."""
     if isinstance(m, bool) or m not in (2, 3, 4):
         raise LongtailError(f"losses.lsoftmax.m must be one of 2, 3, 4, got {m!r}")
-    lambda_start = check_number("losses.lsoftmax.lambda_start", lambda_start, min=0)
-    lambda_min = check_number("losses.lsoftmax.lambda_min", lambda_min, min=0, max=lambda_start)
-    decay = check_number("losses.lsoftmax.decay", decay, above=0, max=1)
-    return LSoftmax(int(m), lambda_start, lambda_min, decay)
+    base = check_number("losses.lsoftmax.base", base, min=0)
+    gamma = check_number("losses.lsoftmax.gamma", gamma, min=0)
+    power = check_number("losses.lsoftmax.power", power, min=0)
+    lambda_min = check_number("losses.lsoftmax.lambda_min", lambda_min, min=0)
+    return LSoftmax(int(m), base, gamma, power, lambda_min)
 
 
 def build_balanced_softmax(class_counts):

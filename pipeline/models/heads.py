@@ -7,11 +7,16 @@ from torch import nn
 
 class CosineLinear(nn.Module):
     """z_j = cos(f, w_j): features and class weights both L2-normalised (Cao et al., NeurIPS 2019,
-    the "normed linear" layer used by LDAM and MM). The scale s is applied inside the loss."""
+    the "normed linear" layer used by LDAM and MM). The scale s is applied inside the loss.
+
+    Initialised as the authors' NormedLinear: uniform(-1, 1), then each class vector w_j rescaled to
+    unit norm. The angular step of w_j scales as 1/|w_j|^2, so rows of the raw uniform draw's norm
+    (about sqrt(D/3), 4.6 for D = 64) would learn about 21x slower at the start."""
 
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features).uniform_(-1, 1))
+        w = torch.empty(num_classes, in_features).uniform_(-1, 1)
+        self.weight = nn.Parameter(w.renorm(2, 0, 1e-5).mul(1e5))  # rows: norm 1e-5, then x 1e5
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()

@@ -96,7 +96,7 @@ def setup(p: Params, dataset: Path = DATASET):
     torch.manual_seed(p.seed)
     counts = ds.class_counts
     loss = build_loss(p, counts).to(device)
-    head = "linear_nobias" if getattr(loss, "needs_norms", False) else loss.head
+    head = loss.head
     model = build_model(p, len(counts), ds.x_train.shape[3], head).to(device)
     aug = augmentation(p, ds)
     trainer = Trainer(model, loss, device_data(ds, device), p.train, build_policy(p, counts), device,

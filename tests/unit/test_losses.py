@@ -1,4 +1,4 @@
-"""Built-in losses against independent numpy implementations of the formulas in methods.md section 2."""
+"""Built-in losses against independent numpy implementations of the formulas in docs/methods.md §2."""
 
 import math
 
@@ -36,6 +36,16 @@ def np_ce(z, y, w=None):
 def np_focal(z, y, gamma, w=None):
     p = np.exp(np_log_softmax(z))
     return np_mean(np.array([-((1 - p[i, y[i]]) ** gamma) * math.log(p[i, y[i]]) for i in range(len(y))]), y, w)
+
+
+def np_focal_reference(z, y, gamma, w=None):
+    """The LDAM-DRW code's convention: CE_w = w_y CE, p = exp(-CE_w), plain mean of (1 - p)^gamma CE_w."""
+    lp = np_log_softmax(z)
+    out = []
+    for i in range(len(y)):
+        ce_w = (1.0 if w is None else w[y[i]]) * -lp[i, y[i]]
+        out.append((1 - math.exp(-ce_w)) ** gamma * ce_w)
+    return float(np.mean(out))
 
 
 def np_ldam_margins(counts, max_m):
@@ -113,7 +123,10 @@ def test_against_numpy(z, y, w, counts, weighted):
     C = z.shape[1]
     assert value(L.build_ce(counts), z, y, w) == pytest.approx(np_ce(z, y, w), rel=1e-12)
     for gamma in (0, 0.5, 1, 2):
-        assert value(L.build_focal(counts, gamma=gamma), z, y, w) == pytest.approx(np_focal(z, y, gamma, w), rel=1e-12)
+        ref = np_focal_reference(z, y, gamma, w)
+        assert value(L.build_focal(counts, gamma=gamma), z, y, w) == pytest.approx(ref, rel=1e-12)
+        ref = np_focal(z, y, gamma, w)
+        assert value(L.build_focal(counts, gamma=gamma, weighting="normalized"), z, y, w) == pytest.approx(ref, rel=1e-12)
     for max_m, s in ((0.5, 30), (0.3, 10)):
         ref = np_margin_ce(z, y, np_ldam_margins(counts, max_m), s, w)
         assert value(L.build_ldam(counts, max_m=max_m, s=s), z, y, w) == pytest.approx(ref, rel=1e-12)
@@ -157,6 +170,23 @@ def test_hand_values():
     assert value(L.build_ce([1, 1]), z, y, w) == pytest.approx(want)
 
 
+def test_focal_class_weight_hand_values():
+    # z = [[0, 0], [2, 0]], y = [0, 1], w = [3, 1], gamma = 1.
+    # CE_0 = log 2, CE_1 = log(1 + e^2); softmax p_t: 1/2 and 1 / (1 + e^2)
+    z, y, w = [[0.0, 0.0], [2.0, 0.0]], [0, 1], [3.0, 1.0]
+    ce1, q1 = math.log(1 + math.exp(2)), math.exp(2) / (1 + math.exp(2))  # q1 = 1 - p_t of sample 1
+    # reference (default): CE_w,0 = 3 log 2, p_0 = exp(-3 log 2) = 1/8; sample 1 has w = 1; plain mean
+    want = ((1 - 1 / 8) * 3 * math.log(2) + q1 * ce1) / 2
+    assert value(L.build_focal([1, 1]), z, y, w) == pytest.approx(want, rel=1e-12)
+    assert want == pytest.approx(1.846452, abs=1e-6)
+    # normalized: (3 * (1/2) log 2 + 1 * q1 CE_1) / (3 + 1)
+    want = (3 * 0.5 * math.log(2) + q1 * ce1) / 4
+    assert value(L.build_focal([1, 1], weighting="normalized"), z, y, w) == pytest.approx(want, rel=1e-12)
+    # gamma = 0, reference: plain mean of w_y CE (no normalisation by sum w)
+    want = (3 * math.log(2) + ce1) / 2
+    assert value(L.build_focal([1, 1], gamma=0), z, y, w) == pytest.approx(want, rel=1e-12)
+
+
 def test_ldam_margins_cifar10_r100():
     # 0.5 * (50 / n_j) ** 0.25, computed once in numpy and checked with Decimal square roots
     want = [0.158113883, 0.179696997, 0.204237705, 0.232091150, 0.263829028,
@@ -172,7 +202,7 @@ def test_identities():
     for cw in (None, w):
         ce = F.cross_entropy(z, y, weight=cw)  # PyTorch's own weighted mean
         assert L.build_ce(counts)(z, y, cw) == pytest.approx(ce.item(), rel=1e-12)
-        assert L.build_focal(counts, gamma=0)(z, y, cw) == pytest.approx(ce.item(), rel=1e-12)
+        assert L.build_focal(counts, gamma=0, weighting="normalized")(z, y, cw) == pytest.approx(ce.item(), rel=1e-12)
         assert L.build_ldam(counts, max_m=0, s=1)(z, y, cw) == pytest.approx(ce.item(), rel=1e-12)
         assert L.build_balanced_softmax(counts)(z, y, cw) == pytest.approx(L.build_logit_adjust(counts)(z, y, cw).item(), rel=1e-12)
         assert L.build_logit_adjust(counts, tau=0)(z, y, cw) == pytest.approx(ce.item(), rel=1e-12)
@@ -181,44 +211,95 @@ def test_identities():
 # --------------------------------------------------------------------------- L-Softmax
 
 
-def lsoftmax_batch(seed=0, B=5, C=4):
+def lsoftmax_batch(seed=0, B=5, C=4, D=6):
+    """features x[B, D], classifier weight W[C, D], logits z = x W^T, labels."""
     g = torch.Generator().manual_seed(seed)
-    w_norm = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
-    x_norm = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
-    cos = torch.rand(B, C, generator=g, dtype=torch.float64) * 1.8 - 0.9
-    return cos * w_norm * x_norm[:, None], torch.randint(C, (B,), generator=g), w_norm, x_norm
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    W = torch.randn(C, D, generator=g, dtype=torch.float64)
+    return x @ W.t(), torch.randint(C, (B,), generator=g), x, W
+
+
+def lsoftmax_np(z, y, x, W, m, lam, w=None):
+    return np_lsoftmax(z.numpy(), y.tolist(), np.linalg.norm(W.numpy(), axis=1), np.linalg.norm(x.numpy(), axis=1),
+                       m, lam, None if w is None else w.tolist())
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_lsoftmax_against_numpy(m):
-    z, y, wn, xn = lsoftmax_batch(m)
+    z, y, x, W = lsoftmax_batch(m)
     cw = torch.tensor([0.3, 1.0, 2.0, 0.7], dtype=torch.float64)
-    loss = L.build_lsoftmax([10] * 4, m=m, lambda_start=5.0, decay=0.5, lambda_min=0.1)
-    for epoch, lam in ((0, 5.0), (1, 2.5), (3, 0.625), (10, 0.1)):
-        loss.set_epoch(epoch, 20)
-        assert loss.lam == pytest.approx(lam)
+    # base 8, gamma 1, power 1: lambda_t = max(0.5, 8 / (1 + t)) -> 8, 4, 8/3, 2, ..., 0.5 from t = 15
+    loss = L.build_lsoftmax([10] * 4, m=m, base=8.0, gamma=1.0, power=1.0, lambda_min=0.5)
+    for t, lam in ((0, 8.0), (1, 4.0), (2, 8 / 3), (3, 2.0), (15, 0.5), (40, 0.5)):
         for w in (None, cw):
-            got = loss(z, y, class_weight=w, norms=(wn, xn)).item()
-            ref = np_lsoftmax(z.numpy(), y.tolist(), wn.numpy(), xn.numpy(), m, lam, None if w is None else w.tolist())
-            assert got == pytest.approx(ref, rel=1e-10)
+            loss.iteration.fill_(t)
+            got = loss(z, y, class_weight=w, features=x, weight=W).item()
+            assert int(loss.iteration) == t + 1  # one training step
+            assert got == pytest.approx(lsoftmax_np(z, y, x, W, m, lam, w), rel=1e-10)
+
+
+def test_lsoftmax_schedule_hand_values():
+    # the authors' CIFAR setting: 1000 (1 + 2e-5 t)^-45, floored at lambda_min = 5
+    loss = L.build_lsoftmax([1, 1])
+    assert (loss.base, loss.gamma, loss.power, loss.lambda_min) == (1000.0, 2e-5, 45.0, 5.0)
+    for t, lam in ((0, 1000.0), (1000, 1000 * 1.02 ** -45), (5000, 1000 * 1.1 ** -45), (10**6, 5.0)):
+        loss.iteration.fill_(t)
+        assert loss.lam == pytest.approx(lam, rel=1e-12)
+    assert 1000 * 1.02 ** -45 == pytest.approx(410.2, abs=0.1)  # still far from plain softmax at 1000 steps
+
+
+def test_lsoftmax_step_counter_advances_only_on_training_steps_and_resumes():
+    z, y, x, W = lsoftmax_batch(3)
+    loss = L.build_lsoftmax([1] * 4, base=100.0, gamma=0.5, power=1.0, lambda_min=0.0)
+    for _ in range(3):
+        loss(z, y, features=x, weight=W)
+    assert int(loss.iteration) == 3
+    with torch.no_grad():
+        loss(z, y, features=x, weight=W)
+    loss.eval()
+    loss(z, y, features=x, weight=W)
+    loss.train()
+    assert int(loss.iteration) == 3
+    resumed = L.build_lsoftmax([1] * 4, base=100.0, gamma=0.5, power=1.0, lambda_min=0.0)
+    resumed.load_state_dict(loss.state_dict())  # the trainer's checkpoint holds criterion.state_dict()
+    assert int(resumed.iteration) == 3 and resumed.lam == loss.lam == pytest.approx(100 / 2.5)
+    assert resumed(z, y, features=x, weight=W).item() == loss(z, y, features=x, weight=W).item()
+
+
+def test_lsoftmax_zero_feature_is_finite():
+    # a pooled ReLU feature that is exactly zero: cos = 0 / (0 + 1e-9) = 0, not 0/0 (the authors' epsilon)
+    z, y, x, W = lsoftmax_batch(5)
+    x = x.clone()
+    x[1] = 0
+    x.requires_grad_()
+    W = W.clone().requires_grad_()
+    loss = L.build_lsoftmax([1] * 4, lambda_min=0.0, base=0.0)
+    out = loss(x @ W.t(), y, features=x, weight=W)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and torch.isfinite(W.grad).all()
+    # the zero row contributes CE of all-zero logits: log C, whatever lambda
+    per_row = L.build_lsoftmax([1] * 4, lambda_min=0.0, base=0.0)(x[1:2] @ W.t(), y[1:2], features=x[1:2], weight=W)
+    assert per_row.item() == pytest.approx(math.log(4))
 
 
 def test_lsoftmax_psi_hand_values():
     # theta = 2 pi / 3 with m = 2: k = 1, psi = -cos(4 pi / 3) - 2 = -1.5; lambda = 0 -> f_y = |W||x| psi
-    loss = L.build_lsoftmax([1, 1], m=2, lambda_start=0.0)
-    z, y = torch.tensor([[2 * math.cos(2 * math.pi / 3), 0.0]], dtype=torch.float64), torch.tensor([0])
-    got = loss(z, y, norms=(torch.tensor([2.0, 1.0]), torch.tensor([1.0]))).item()
+    # |W_0| = 2, |x| = 1, |W_1| = 1, z = (2 cos(2 pi / 3), 0) = (-1, 0)
+    loss = L.build_lsoftmax([1, 1], m=2, base=0.0, lambda_min=0.0)
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    W = torch.tensor([[2 * math.cos(2 * math.pi / 3), 2 * math.sin(2 * math.pi / 3)], [0.0, 1.0]], dtype=torch.float64)
+    got = loss(x @ W.t(), torch.tensor([0]), features=x, weight=W).item()
     assert got == pytest.approx(math.log(1 + math.exp(0.0 - 2 * -1.5)))
-    # huge lambda -> plain CE on the original logits
-    z, y, wn, xn = lsoftmax_batch(7)
-    big = L.build_lsoftmax([1] * 4, lambda_start=1e12)
-    assert big(z, y, norms=(wn, xn)).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-9)
+    # huge lambda -> plain CE on the original logits (up to the 1e-9 epsilon)
+    z, y, x, W = lsoftmax_batch(7)
+    big = L.build_lsoftmax([1] * 4, base=1e12, lambda_min=0.0)
+    assert big(z, y, features=x, weight=W).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-9)
 
 
-def test_lsoftmax_needs_norms():
+def test_lsoftmax_asks_for_extra_inputs():
     loss = L.build_lsoftmax([1, 1])
-    assert loss.needs_norms and loss.head == "linear"
-    with pytest.raises(ValueError, match="norms"):
+    assert loss.extra_inputs == ("features", "weight") and loss.head == "linear_nobias"
+    with pytest.raises(ValueError, match="features"):
         loss(torch.zeros(2, 2), torch.tensor([0, 1]))
 
 
@@ -243,11 +324,11 @@ def test_gradcheck(name, weighted):
 
 
 def test_gradcheck_lsoftmax():
-    z, y, wn, xn = lsoftmax_batch(11)
+    _, y, x, W = lsoftmax_batch(11)
     for m in (2, 3, 4):
-        loss = L.build_lsoftmax([1] * 4, m=m, lambda_start=0.5)
-        args = (z.clone().requires_grad_(), wn.clone().requires_grad_(), xn.clone().requires_grad_())
-        assert torch.autograd.gradcheck(lambda z, a, b: loss(z, y, norms=(a, b)), args)
+        loss = L.build_lsoftmax([1] * 4, m=m, base=0.5, lambda_min=0.0, gamma=0.0).eval()  # fixed lambda
+        args = (x.clone().requires_grad_(), W.clone().requires_grad_())
+        assert torch.autograd.gradcheck(lambda x, W: loss(x @ W.t(), y, features=x, weight=W), args)
 
 
 # --------------------------------------------------------------------------- contract and params
@@ -264,6 +345,7 @@ def test_builtins_pass_contract_check():
 def test_heads():
     heads = {n: getattr(L, f"build_{n}")([10, 1]).head for n in [*SIMPLE, "lsoftmax"]}
     assert {n for n, h in heads.items() if h == "cosine"} == {"ldam", "ldam_hinge", "am"}
+    assert {n for n, h in heads.items() if h == "linear_nobias"} == {"lsoftmax"}
 
 
 class _Sum(torch.nn.Module):
@@ -305,11 +387,13 @@ BAD = [
     ("hinge", {"margin": -1}, "losses.hinge.margin"),
     ("lsoftmax", {"m": 5}, "losses.lsoftmax.m must be one of 2, 3, 4"),
     ("lsoftmax", {"m": 2.5}, "losses.lsoftmax.m"),
-    ("lsoftmax", {"decay": 1.5}, "losses.lsoftmax.decay must be <= 1"),
-    ("lsoftmax", {"decay": 0}, "losses.lsoftmax.decay must be > 0"),
-    ("lsoftmax", {"lambda_start": 1, "lambda_min": 2}, "losses.lsoftmax.lambda_min"),
+    ("lsoftmax", {"lambda_min": -1}, "losses.lsoftmax.lambda_min must be >= 0, got -1"),
+    ("lsoftmax", {"gamma": float("inf")}, "losses.lsoftmax.gamma must be a finite number"),
+    ("lsoftmax", {"power": -45}, "losses.lsoftmax.power must be >= 0"),
+    ("lsoftmax", {"base": "x"}, "losses.lsoftmax.base"),
     ("logit_adjust", {"tau": -1}, "losses.logit_adjust.tau"),
     ("focal", {"gamma": True}, "losses.focal.gamma"),
+    ("focal", {"weighting": "alpha"}, "losses.focal.weighting must be one of reference, normalized, got 'alpha'"),
 ]
 
 

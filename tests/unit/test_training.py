@@ -250,3 +250,26 @@ def test_split_run_is_exact_in_each_precision(tmp_path, default_params, precisio
     trainer, _ = training.setup(p, ds)
     trainer.fit(p.train.epochs)
     _same(split["model"], trainer.state_dict()["model"])
+
+
+def test_lsoftmax_schedule_split_equals_one_run(prepared, tmp_path):
+    # lambda changes at every step here (base 100, gamma 0.5, power 1): the step counter must carry
+    # over from pretrain to finetune and into the checkpoints, or the split run differs
+    _, ds = prepared
+    raw = copy.deepcopy(prepared[0].raw)
+    raw["loss"] = "lsoftmax"
+    raw["losses"]["lsoftmax"] = {"m": 4, "base": 100.0, "gamma": 0.5, "power": 1.0, "lambda_min": 0.0}
+    p = parse(raw)
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    training.run("pretrain", p, **files)
+    training.run("finetune", p, **files)
+    split = io.load_checkpoint(tmp_path / "final.pt")
+
+    trainer, meta = training.setup(p, ds)
+    assert meta["head"] == "linear_nobias" and trainer.model.classifier.bias is None
+    trainer.fit(p.train.epochs)
+    whole = trainer.state_dict()
+    steps = sum(-(-n // p.train.batch_size) for n in [len(trainer.data.y_train)] * p.train.epochs)
+    assert int(whole["criterion"]["iteration"]) == int(split["criterion"]["iteration"]) == steps
+    _same(split["model"], whole["model"])
+    assert [r["train_loss"] for r in split["history"]] == [r["train_loss"] for r in whole["history"]]

@@ -1,4 +1,4 @@
-"""The MM loss against an independent numpy implementation of the formula (methods.md section 2)."""
+"""The MM loss against an independent numpy implementation of the formula (docs/methods.md)."""
 
 import math
 from importlib.metadata import entry_points
@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from longtail_mm.loss import build
-from pipeline.errors import LongtailError
-from pipeline.testing import check_loss_plugin
+from pipeline.plugin_kit import LongtailError, check_loss_plugin
 
 CIFAR10_R100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -36,9 +35,8 @@ def np_delta(z, y, counts, variant="hmm", max_m=1.29, gamma=1.528, as_released=F
     M = np_M(counts, variant, max_m)
     out = []
     for i in range(len(y)):
-        r = y[0] if as_released else y[i]
-        p = z[i, r]
-        q = max(0.0, max(z[i, j] for j in range(z.shape[1]) if j != r))
+        p = z[i, y[0] if as_released else y[i]]
+        q = max(0.0, max(z[i, j] for j in range(z.shape[1]) if j != y[i]))
         d = p - q
         out.append(math.exp(-d - gamma * M[y[i]]) if d > 0 else math.exp(d - M[y[i]]) if d < 0 else 0.0)
     return np.array(out)
@@ -97,6 +95,57 @@ def test_hmm_ldam_per_class_M_cifar10_r100():
             0.990232349, 0.949324808, 0.902779086, 0.849502972, 0.79]
     assert build(CIFAR10_R100, variant="hmm_ldam").M.tolist() == pytest.approx(want, abs=1e-9)
     assert build(CIFAR10_R100, variant="hmm").M.tolist() == pytest.approx([1.29] * 10)
+
+
+def released_hmm_loss(z, y, counts, variant="hmm", s=19.0, max_m=1.29, gamma=1.528, w=None):
+    """A literal numpy transcription of the authors' released HMMLoss (forward + obj_margins), step by step."""
+    C = z.shape[1]
+    index_float = np.zeros_like(z)
+    index_float[np.arange(len(y)), y] = 1.0  # one-hot of each row's label
+    m_list = np.array([n ** -0.25 for n in counts])
+    m_list = m_list * (0.5 / m_list.max())
+    batch_m = (index_float @ m_list).reshape(-1, 1)  # m_list[y_i]
+    M = max_m - batch_m if variant == "hmm_ldam" else max_m
+    # obj_margins
+    obj_neg_dists = z * (1.0 - index_float)  # each row's own label column set to 0
+    min_pos_prob = z[:, y[0]]  # labels[0]: the FIRST sample's label, for every row
+    max_neg_prob = obj_neg_dists.max(1)
+    batch_m_fg = np.maximum(min_pos_prob - max_neg_prob, 0.0)[:, None]
+    batch_fg = np.exp(-batch_m_fg - M * gamma) * (batch_m_fg > 0)
+    batch_m_bg = np.maximum(max_neg_prob - min_pos_prob, 0.0)[:, None]
+    batch_ng = np.exp(-batch_m_bg - M) * (batch_m_bg > 0)
+    batch_hmm = batch_ng + batch_fg  # [B, 1]
+    # forward: subtract at the row's own label, CE(weight=w) on s * output
+    output = np.where(index_float > 0, z - batch_hmm, z)
+    assert output.shape == (len(y), C)
+    return np_ce(s * output, y, w)
+
+
+# mixed labels where reading q at y_0 instead of y_i changes the hardest negative (rows 2 and 4)
+ZR = np.array([[0.9, 0.2, -0.1, 0.3], [0.1, 0.8, 0.4, -0.2], [0.7, 0.6, -0.5, 0.1], [-0.3, -0.2, 0.5, -0.4],
+               [0.2, 0.9, -0.3, 0.6], [-0.4, -0.1, -0.6, -0.2]])
+YR = [0, 1, 1, 2, 3, 3]
+COUNTS_R = [300, 60, 12, 3]
+
+
+@pytest.mark.parametrize("variant", ["hmm", "hmm_ldam"])
+@pytest.mark.parametrize("w", [None, [0.3, 0.9, 1.7, 3.1]])
+def test_as_released_matches_the_released_code(variant, w):
+    got = run(build(COUNTS_R, variant=variant, as_released=True), ZR, YR, w)
+    assert got == pytest.approx(released_hmm_loss(ZR, YR, COUNTS_R, variant, w=w), rel=1e-12)
+    # and it is not the per-sample loss on this batch
+    assert got != pytest.approx(run(build(COUNTS_R, variant=variant), ZR, YR, w), rel=1e-3)
+
+
+def test_as_released_margin_hand_values():
+    # row 2: label 1, y_0 = 0: p = z[2, 0] = 0.7, q = max(0, max_{j != 1} z[2, j]) = 0.7 -> d = 0 -> 0
+    # (reading q at y_0 would give q = 0.6, d = 0.1); row 4: label 3, p = z[4, 0] = 0.2,
+    # q = max(0.2, 0.9, -0.3) = 0.9 -> d = -0.7 -> exp(-0.7 - M)
+    got = build(COUNTS_R, as_released=True).margin(torch.tensor(ZR), torch.tensor(YR))
+    assert got[2].item() == 0.0
+    assert got[4].item() == pytest.approx(math.exp(-0.7 - 1.29), rel=1e-12)
+    # row 5: all logits < 0: q = 0 (floored), p = z[5, 0] = -0.4 -> exp(-0.4 - M)
+    assert got[5].item() == pytest.approx(math.exp(-0.4 - 1.29), rel=1e-12)
 
 
 def test_as_released():

@@ -1,4 +1,4 @@
-"""Maximum-Margin (MM) loss, Kang, Vu & Yoo, ICIP 2021 (formulas: longtail docs methods.md section 2).
+"""Maximum-Margin (MM) loss, Kang, Vu & Yoo, ICIP 2021 (formulas: the longtail repo's docs/methods.md).
 
 On cosine logits z, for each sample i and WITHOUT gradient (the margin is a constant of the step):
     p = z_y                        positive score
@@ -11,10 +11,11 @@ On cosine logits z, for each sample i and WITHOUT gradient (the margin is a cons
 Variants: "hmm": M_y = max_m; "hmm_ldam": M_y = max_m - 0.5 n_y^(-1/4) / max_j n_j^(-1/4)
 (rarer class -> smaller M_y -> larger margin).
 
-as_released=True reproduces the defect in the authors' released loss: p and q of EVERY row are
-taken at the first sample's label y_0 instead of the row's own label:
-    p_i = z_{i, y_0},  q_i = max(0, max_{j != y_0} z_{i, j}).
-Everything else stays per sample: M_{y_i} uses the row's own label, the margin is subtracted
+as_released=True reproduces the defect in the authors' released loss (HMMLoss.obj_margins): the
+positive score of EVERY row is read at the first sample's label y_0, while the hardest negative
+stays per row, with the row's own label (its own label column is zeroed and the row max taken):
+    p_i = z_{i, y_0},  q_i = max(0, max_{j != y_i} z_{i, j}).
+Everything else stays per sample too: M_{y_i} uses the row's own label, the margin is subtracted
 from the row's own target logit z_{i, y_i}, and the CE target is y_i. With all labels equal it is
 identical to the per-sample loss.
 """
@@ -22,8 +23,7 @@ identical to the per-sample loss.
 import torch
 import torch.nn as nn
 
-from pipeline.errors import LongtailError
-from pipeline.methods.losses import check_counts, check_number, hardest_negative, ldam_margins, shift_target, weighted_ce
+from pipeline.plugin_kit import LongtailError, check_counts, check_number, hardest_negative, ldam_margins, shift_target, weighted_ce
 
 VARIANTS = ("hmm", "hmm_ldam")
 
@@ -41,9 +41,9 @@ class MMLoss(nn.Module):
     @torch.no_grad()
     def margin(self, logits, target):
         """Delta[B] (no gradient)."""
-        ref = target[:1].expand_as(target) if self.as_released else target
-        p = logits.gather(1, ref[:, None]).squeeze(1)
-        q = hardest_negative(logits, ref).clamp_min(0)
+        at = target[:1].expand_as(target) if self.as_released else target  # the released code reads p at y_0
+        p = logits.gather(1, at[:, None]).squeeze(1)
+        q = hardest_negative(logits, target).clamp_min(0)
         d = p - q
         M = self.M.to(logits)[target]
         delta = torch.where(d > 0, torch.exp(-d - self.gamma * M), torch.exp(d - M))
