@@ -6,17 +6,19 @@ conventional sampler (uniform over instances) for the conventional branch and on
 reversed sampler (p_j proportional to 1/n_j) for the re-balancing branch, and with
 alpha = 1 - (T / T_max)^2 (T = 0-based epoch, T_max = train.epochs):
 
-    z = W [alpha f_c ; (1 - alpha) f_r],  loss = alpha L(z, y_c) + (1 - alpha) L(z, y_r)
+    z = W 2 [alpha f_c ; (1 - alpha) f_r],  loss = alpha L(z, y_c) + (1 - alpha) L(z, y_r)
 
 L is the configured loss plugin (CE in the paper), with class weights only if this strategy's own
 `reweighting` names a re-weighting plugin (default none, as in the paper); finetune.reweighting
-and finetune.sampler are not used. The model's plain forward mixes the branches with alpha = 0.5,
-which is what evaluation uses. The epoch runs through Trainer.fit's `train_epoch` hook, so the lr
+and finetune.sampler are not used. The factor 2 is the authors' combiner (`bbn_mix`); the model's
+plain forward mixes the branches with alpha = 0.5, i.e. W [f_c ; f_r], which is what evaluation
+uses (the authors test on the concatenated features). The epoch runs through Trainer.fit's `train_epoch` hook, so the lr
 schedule (train.lr, warm-up, train.milestones), evaluation, history, best-epoch tracking and the
-resume checkpoints are the trainer's own. The CIFAR setting of the paper:
+resume checkpoints are the trainer's own. The CIFAR setting of the authors' code (lr 0.1, warm-up 5,
+lr x0.01 from epoch 120 and x0.0001 from epoch 160):
 
     model.arch=bbn_resnet32 finetune.strategy=bbn finetune.start_epoch=0
-    train.milestones=[120,160] train.milestone_factors=[0.1,0.01]
+    train.milestones=[120,160] train.milestone_factors=[0.01,0.0001]
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class BBN:
                 with autocast():
                     f_c = model.branch_features(prepare(idx_c), "conventional")
                     f_r = model.branch_features(prepare(idx_r), "rebalancing")
-                    feats = torch.cat([alpha * f_c, (1 - alpha) * f_r], 1)
+                    feats = model.mix(f_c, f_r, alpha)
                     logits = model.classifier(feats).float()
                     loss = (alpha * t._loss(logits, feats, y_c, weight)
                             + (1 - alpha) * t._loss(logits, feats, y_r, weight))
