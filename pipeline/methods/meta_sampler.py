@@ -1,6 +1,8 @@
 """Balanced Meta-Softmax (Ren et al., NeurIPS 2020), stage 2: the `meta_sampler` fine-tune strategy.
 
-Stage 1 is Balanced Softmax end to end (loss=balanced_softmax, finetune.start_epoch=train.epochs).
+Stage 1 is a plain softmax (CE) model over the whole schedule (loss=ce,
+finetune.start_epoch=train.epochs), as in the authors' released recipe: Balanced Softmax and the
+meta sampler act only in this classifier stage.
 Stage 2 re-trains the classifier on the frozen backbone with Balanced Softmax,
 CE(z + log n, y), on batches drawn from a learnable class distribution pi = softmax(phi). Each step:
 

@@ -108,3 +108,14 @@ def test_bad_parameters_are_one_line_errors():
         build_meta_sampler(meta_lr=0)
     with pytest.raises(LongtailError, match="finetunes.meta_sampler.init"):
         build_meta_sampler(init="uniform")
+
+
+def test_the_named_method_balms_trains_stage_one_with_plain_softmax():
+    """The authors' recipe: stage 1 is softmax CE; Balanced Softmax acts only in the classifier stage."""
+    import yaml
+    from pathlib import Path
+
+    names = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipeline/method_names.yaml").read_text())
+    balms = next(m for m in names["methods"] if m["name"] == "BALMS")["params"]
+    assert balms["loss"] == "ce"
+    assert balms["finetune.strategy"] == "meta_sampler" and balms["finetune.start_epoch"] == 200
