@@ -11,8 +11,11 @@ instance-balanced sampling over the whole schedule (stage 1: set finetune.start_
   classifier with class-balanced sampling; the scales are folded into W and b at the end.
 - `ncm`: nearest class mean of L2-normalised features, as a `ncm` head (pipeline/models/heads.py).
 
-The backbone is frozen in every strategy: it runs in eval mode (BatchNorm uses and keeps its
-running statistics) under no_grad, and only the classifier's parameters reach an optimizer.
+The backbone's weights are frozen in every strategy (no_grad; only the classifier's parameters
+reach an optimizer). In the training strategies (cRT, LWS) it stays in train mode by default, as in
+the authors' code, so BatchNorm normalises with batch statistics and updates its running
+statistics on the class-balanced stream (`bn: eval` keeps them instead). An epoch of their
+class-aware sampler has n_max x C samples (`epoch_size: balanced`; `dataset` gives N).
 The model contract (`.features(x)`, `.classifier` with `weight[C, d]`) is all they rely on.
 finetune.reweighting / finetune.sampler are not used: each strategy names its own sampler.
 """
@@ -36,7 +39,9 @@ from ..errors import LongtailError
 from ..models.heads import make_head
 
 SWEEP_FILE = Path(".longtail/tau_sweep.json")
-DEFAULT_TAU_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+DEFAULT_TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # [0, 2], as the authors search
+EPOCH_SIZES = ("balanced", "dataset")
+BN_MODES = ("train", "eval")
 
 
 # -- helpers shared by the classifier-only strategies (also used by meta_sampler) -----------------
@@ -63,13 +68,15 @@ def _autocast(trainer):
 
 
 @torch.no_grad()
-def extract_features(trainer, idx: torch.Tensor | None = None, augmented: bool = False) -> torch.Tensor:
+def extract_features(trainer, idx: torch.Tensor | None = None, augmented: bool = False,
+                     train_mode: bool = False) -> torch.Tensor:
     """Backbone features (`model.features`) of training images (all, or those at `idx`), float32.
-    The model is put in eval mode: BatchNorm uses its running statistics and does not update them.
+    The model is put in eval mode (BatchNorm uses its running statistics and does not update them),
+    or with `train_mode` in train mode (batch statistics; the running statistics update).
     Never touches the test set. With `augmented`, the training augmentation (trainer.pad / flip,
     trainer.aug_gen) is applied first."""
     d, model = trainer.data, trainer.model
-    model.eval()
+    model.train(train_mode)
     x_all = d.x_train if idx is None else d.x_train[idx.to(d.x_train.device)]
     out = []
     for i in range(0, len(x_all), trainer.cfg.eval_batch_size):
@@ -130,6 +137,17 @@ def epoch_logger(ctx, name: str, first: int, last: int):
     return on_epoch, on_batch
 
 
+def epoch_order(sampler, labels: torch.Tensor, epoch: int, epochs: int, generator, size: int) -> torch.Tensor:
+    """`size` samples of the sampler: its orders for one epoch concatenated (drawn with the same
+    generator, one call after another) and cut at `size`. For a sampler with replacement this is
+    `size` draws from its class distribution."""
+    parts, total = [], 0
+    while total < size:
+        parts.append(sampler.indices(labels, epoch, epochs, generator))
+        total += len(parts[-1])
+    return torch.cat(parts)[:size]
+
+
 def cosine_lr(lr: float, i: int, epochs: int) -> float:
     """Cosine annealing from lr (stage-2 epoch i = 0) towards 0 (Kang et al. use a cosine schedule)."""
     return lr * 0.5 * (1 + math.cos(math.pi * i / epochs))
@@ -165,7 +183,7 @@ class ClassifierTraining:
     Epochs are numbered on from the stage-1 end: [trainer.epoch, trainer.epoch + epochs)."""
 
     def __init__(self, name: str, sampler: str, epochs: int, lr: float, batch_size: int, momentum: float,
-                 weight_decay: float, augment: bool):
+                 weight_decay: float, augment: bool, epoch_size: str = "balanced", bn: str = "train"):
         self.name, self.sampler_name = name, sampler
         self.epochs = _check_positive(name, "epochs", epochs, integer=True)
         self.lr = float(_check_positive(name, "lr", lr))
@@ -175,6 +193,11 @@ class ClassifierTraining:
         if not isinstance(augment, bool):
             raise LongtailError(f"finetunes.{name}.augment must be true or false, got {augment!r}")
         self.augment = augment
+        if epoch_size not in EPOCH_SIZES:
+            raise LongtailError(f"finetunes.{name}.epoch_size must be one of {', '.join(EPOCH_SIZES)}, got {epoch_size!r}")
+        if bn not in BN_MODES:
+            raise LongtailError(f"finetunes.{name}.bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+        self.epoch_size, self.bn = epoch_size, bn
 
     def train(self, ctx, head: nn.Module) -> None:
         t = ctx.trainer
@@ -184,23 +207,26 @@ class ClassifierTraining:
         opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         t.optimizer = opt  # the checkpoint then holds the optimizer that trained stage 2
         sampler = build_sampler(ctx, self.sampler_name)
-        bank = None if self.augment else extract_features(t)  # no augmentation: features computed once
+        train_bn = self.bn == "train"
+        # no augmentation and fixed BatchNorm statistics: the features are computed once
+        bank = None if (self.augment or train_bn) else extract_features(t)
         first, epochs, bs = t.epoch, self.epochs, self.batch_size
+        counts = ctx.meta["class_counts"]
+        size = max(counts) * len(counts) if self.epoch_size == "balanced" else sum(counts)
 
         def train_epoch(e: int, on_batch=None) -> dict:
             i = e - first
             lr = cosine_lr(self.lr, i, epochs)
             for group in opt.param_groups:
                 group["lr"] = lr
-            order = sampler.indices(t.data.y_train_cpu, i, epochs, t.sample_gen).to(t.device)
-            model.eval()  # the backbone stays frozen, BatchNorm statistics included
+            order = epoch_order(sampler, t.data.y_train_cpu, i, epochs, t.sample_gen, size).to(t.device)
             loss_sum = torch.zeros((), device=t.device)
             correct = torch.zeros((), device=t.device, dtype=torch.long)
             start, n = time.perf_counter(), len(order)
             steps = (n + bs - 1) // bs
             for step in range(steps):
                 idx = order[step * bs:(step + 1) * bs]
-                feats = bank[idx] if bank is not None else extract_features(t, idx, augmented=True)
+                feats = bank[idx] if bank is not None else extract_features(t, idx, self.augment, train_bn)
                 y = t.data.y_train[idx]
                 logits = head(feats)
                 loss = t._loss(logits, feats, y, None)
@@ -220,8 +246,8 @@ class ClassifierTraining:
         t.fit(first + epochs, on_epoch=on_epoch, on_batch=on_batch, train_epoch=train_epoch)
 
 
-def _common(name, sampler, epochs, lr, batch_size, momentum, weight_decay, augment):
-    return ClassifierTraining(name, sampler, epochs, lr, batch_size, momentum, weight_decay, augment)
+def _common(name, sampler, epochs, lr, batch_size, momentum, weight_decay, augment, epoch_size, bn):
+    return ClassifierTraining(name, sampler, epochs, lr, batch_size, momentum, weight_decay, augment, epoch_size, bn)
 
 
 # -- cRT ------------------------------------------------------------------------------------------
@@ -249,15 +275,18 @@ class ClassifierRetraining:
 
 def build_crt(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
               weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
-              init_seed: int = 0) -> ClassifierRetraining:
+              init_seed: int = 0, epoch_size: str = "balanced", bn: str = "train") -> ClassifierRetraining:
     """Defaults (Kang et al., ICLR 2020, §5 / appendix): 10 epochs, SGD momentum 0.9, weight decay
     5e-4, cosine lr; their lr 0.2 at batch 512 scaled linearly to this protocol's batch 128 -> 0.05.
     augment: true applies the training augmentation (crop/flip) to every batch, as the paper's
-    stage 2 does; the frozen backbone then runs per batch in eval mode (about a third of a
-    training epoch's cost). false computes the features once and reuses them (faster, but the
-    classifier sees the same 'clean' features of memorised training images every epoch)."""
-    return ClassifierRetraining(_common("crt", sampler, epochs, lr, batch_size, momentum, weight_decay, augment),
-                                init_seed)
+    stage 2 does; the frozen backbone then runs per batch (about a third of a training epoch's
+    cost). false skips it; with `bn: eval` the features are then computed once and reused (fast,
+    but the classifier sees the same 'clean' features of memorised training images every epoch).
+    epoch_size: balanced = n_max x C samples an epoch (the authors' class-aware sampler), dataset = N.
+    bn: train = the backbone in train mode, BatchNorm running statistics update (the authors' code);
+    eval = they stay as stage 1 left them."""
+    return ClassifierRetraining(_common("crt", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,
+                                        epoch_size, bn), init_seed)
 
 
 # -- tau-normalisation ----------------------------------------------------------------------------
@@ -339,7 +368,7 @@ def build_tau_norm(*, tau=1.0, grid=DEFAULT_TAU_GRID, holdout_per_class: int = 2
                    sweep_file: str | None = str(SWEEP_FILE)) -> TauNorm:
     """tau: a number >= 0, or "auto" (the best of the sweep). Default 1 (Kang et al.: tau = 1 is plain
     L2 normalisation; they pick tau in (0, 1) on a validation set, which CIFAR-LT does not have).
-    grid: the taus of the sweep (default 0, 0.1, ..., 1). holdout_per_class: images per class of the
+    grid: the taus of the sweep (default 0, 0.1, ..., 2, the authors' range). holdout_per_class: images per class of the
     sweep set (a class-balanced subset of the training set; classes with fewer give all of theirs)."""
     if tau != "auto":
         try:
@@ -419,11 +448,11 @@ class LearnableWeightScaling:
 
 
 def build_lws(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
-              weight_decay: float = 0.0, sampler: str = "class_balanced", augment: bool = True
-              ) -> LearnableWeightScaling:
-    """Same schedule as cRT (Kang et al. train LWS like cRT); weight decay 0 by default because
-    decaying a scale initialised at 1 towards 0 shrinks every logit and has no regularising meaning."""
-    return LearnableWeightScaling(_common("lws", sampler, epochs, lr, batch_size, momentum, weight_decay, augment))
+              weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
+              epoch_size: str = "balanced", bn: str = "train") -> LearnableWeightScaling:
+    """Same schedule and options as cRT, weight decay 5e-4 on the scales, as in the authors' LWS config."""
+    return LearnableWeightScaling(_common("lws", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,
+                                          epoch_size, bn))
 
 
 # -- NCM ------------------------------------------------------------------------------------------
