@@ -23,7 +23,7 @@ from .params import Train
 PROTOCOL = Train(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=2e-4, warmup_epochs=5,
                  milestones=(160, 180), milestone_factors=(0.01, 0.0001), eval_every=1, eval_batch_size=None,
                  reweighting="none", sampler="instance", pad=4, flip=True, device="auto", checkpoint_every=10,
-                 compile=None, loader="device", loader_workers=2)
+                 compile=None, loader="device", loader_workers=2, precision="fp32")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
@@ -52,8 +52,6 @@ def _trainer(cfg, counts, data, device):
     torch.manual_seed(0)
     loss = build_ce(counts).to(device)
     model = build_resnet32(10, 3, "linear").to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     policy = Rebalance(None, build_instance(counts))
     return Trainer(model, loss, data, cfg, lambda e: policy, device, 0, cfg.pad, cfg.flip)
 
@@ -74,10 +72,8 @@ def _train_ips(trainer, steps: int, warmup: int) -> float:
         if trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with trainer.autocast():
-            loss = trainer.criterion(trainer.forward(x).float(), y)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
+            logits = trainer.forward(x)
+        trainer.step(trainer.criterion(logits.float(), y))
     _sync(trainer.device)
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
@@ -109,39 +105,59 @@ def _eval_ips_reference(trainer, workers: int) -> float:
     return len(ds) / (time.perf_counter() - t0)
 
 
+MODES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # (precision, channels_last)
+
+
+def _measure(cfg, counts, data, device, steps, warmup, workers, precision, channels_last):
+    cfg = replace(cfg, precision=precision)
+    trainer = _trainer(cfg, counts, data, device)
+    trainer.channels_last = channels_last
+    trainer.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reference = cfg.loader == "reference"
+    train_ips = _train_ips(trainer, steps, 1 if reference else warmup)
+    eval_ips = _eval_ips_reference(trainer, workers) if reference else _eval_ips_fast(trainer)
+    epoch_s = len(data.y_train) / train_ips + len(data.y_test) / eval_ips
+    return {"train_images_per_s": train_ips, "eval_images_per_s": eval_ips, "epoch_seconds": epoch_s,
+            "projected_200_epochs_s": 200 * epoch_s, "projected_30_epochs_s": 30 * epoch_s,
+            "cuda_max_allocated_mib": (torch.cuda.max_memory_allocated(device) / 2**20
+                                       if device.type == "cuda" else None)}
+
+
 def run(device_name: str = "auto", steps: int = 20, warmup: int = 3, workers: int = 2,
         compile_: bool | None = None, echo=print) -> dict:
+    """One row per pipeline and precision mode: the reference-style fp32 pipeline (PIL + DataLoader,
+    NCHW, as the authors' scripts) and the fast path in fp32 / bf16, NCHW / channels_last."""
+    from .engine.precision import resolve
+
     device = pick_device(device_name)
     counts, data = _data(device)
     n_train, n_test = sum(counts), len(data.y_test)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    auto = resolve("auto", device.type)
     echo(f"device: {name}; torch {torch.__version__}; CIFAR-10-LT r=100 shapes: {n_train} train / {n_test} test, "
          f"ResNet-32, batch {PROTOCOL.batch_size}, {steps} timed steps")
-    results = {}
-    for path in ("device", "reference"):
-        cfg = replace(PROTOCOL, loader=path, loader_workers=workers,
-                      compile=compile_ if path == "device" else False)
-        trainer = _trainer(cfg, counts, data, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        train_ips = _train_ips(trainer, steps, warmup if path == "device" else 1)
-        eval_ips = _eval_ips_fast(trainer) if path == "device" else _eval_ips_reference(trainer, workers)
-        epoch_s = n_train / train_ips + n_test / eval_ips
-        results[path] = {"train_images_per_s": train_ips, "eval_images_per_s": eval_ips, "epoch_seconds": epoch_s,
-                         "projected_200_epochs_s": 200 * epoch_s,
-                         "cuda_max_allocated_mib": (torch.cuda.max_memory_allocated(device) / 2**20
-                                                    if device.type == "cuda" else None)}
+    echo(f"train.precision=auto here: {auto.reason}, {'channels_last' if auto.channels_last else 'NCHW'}")
+    rows = {"reference fp32 NCHW": _measure(replace(PROTOCOL, loader="reference", loader_workers=workers, compile=False),
+                                            counts, data, device, steps, warmup, workers, "fp32", False)}
+    for precision, cl in MODES:
+        label = f"fast {precision} {'channels_last' if cl else 'NCHW'}"
+        if (precision, cl) == (auto.name, auto.channels_last):
+            label += " (auto)"
+        rows[label] = _measure(replace(PROTOCOL, compile=compile_), counts, data, device, steps, warmup, workers,
+                               precision, cl)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    label = {"device": "fast path (device-resident data)", "reference": f"reference (PIL+DataLoader, {workers} workers)"}
-    echo(f"{'pipeline':<42}{'train img/s':>12}{'eval img/s':>12}{'s/epoch':>9}{'200 epochs':>12}")
-    for path, r in results.items():
-        echo(f"{label[path]:<42}{r['train_images_per_s']:>12.0f}{r['eval_images_per_s']:>12.0f}"
-             f"{r['epoch_seconds']:>9.1f}{r['projected_200_epochs_s'] / 60:>10.1f} m")
-    ratio = results["reference"]["epoch_seconds"] / results["device"]["epoch_seconds"]
-    echo(f"speed-up of the fast path per epoch: {ratio:.2f}x")
+    base = rows["reference fp32 NCHW"]["epoch_seconds"]
+    echo(f"{'pipeline':<34}{'train img/s':>12}{'eval img/s':>11}{'s/epoch':>9}{'x ref':>7}{'200 ep':>9}{'30 ep':>8}")
+    for label, r in rows.items():
+        echo(f"{label:<34}{r['train_images_per_s']:>12.0f}{r['eval_images_per_s']:>11.0f}{r['epoch_seconds']:>9.1f}"
+             f"{base / r['epoch_seconds']:>6.2f}x{r['projected_200_epochs_s'] / 60:>7.1f} m"
+             f"{r['projected_30_epochs_s'] / 60:>6.1f} m")
     mem = f"peak RSS {rss:.0f} MiB"
     if device.type == "cuda":
-        mem += "; CUDA max allocated " + ", ".join(f"{p} {r['cuda_max_allocated_mib']:.0f} MiB"
-                                                   for p, r in results.items())
+        mem += "; CUDA max allocated " + ", ".join(f"{p} {r['cuda_max_allocated_mib']:.0f} MiB" for p, r in rows.items())
     echo(mem)
-    return {"device": name, "speedup": ratio, "peak_rss_mib": rss, **results}
+    auto_label = next(k for k in rows if k.endswith("(auto)"))
+    return {"device": name, "speedup": base / rows[auto_label]["epoch_seconds"], "peak_rss_mib": rss,
+            "auto": auto_label, "rows": rows}

@@ -86,8 +86,10 @@ def check(params: Path = ParamsOpt):
 
     p = load(params)
     load_plugins(p)
-    typer.echo(f"{params}: ok (dataset={p.dataset}, {p.imbalance} r={p.ratio:g}, loss={p.loss}, "
-               f"epochs={p.train.epochs}, finetune from {p.finetune.start_epoch})")
+    t = p.train
+    typer.echo(f"{params}: ok (dataset={p.dataset}, {p.imbalance} r={p.ratio:g}, loss={p.loss}, schedule={p.schedule}: "
+               f"epochs={t.epochs}, warm-up {t.warmup_epochs}, lr milestones {list(t.milestones)}, "
+               f"finetune from {p.finetune.start_epoch})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -19,6 +19,33 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
 IMBALANCES = ("exp", "step")
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A named schedule preset (params.yaml `schedule`). Epoch numbers in train.* and finetune.*
+    are written in the 200-epoch protocol's units; a preset maps each one to round(e * scale), and
+    sets the warm-up to max(min_warmup, round(warmup * scale)), so that one switch scales the whole
+    schedule consistently (LDAM-DRW milestones, DRW start, BBN's milestones, stage 1 of the two-stage
+    methods)."""
+
+    scale: float
+    min_warmup: int
+    about: str
+
+    def epoch(self, e: int) -> int:
+        return int(e * self.scale + 0.5)
+
+    def warmup(self, w: int) -> int:
+        return 0 if w == 0 else max(self.min_warmup, self.epoch(w))
+
+
+SCHEDULES = {
+    "full": Schedule(1.0, 0, "epoch numbers as written (the 200-epoch LDAM-DRW protocol by default)"),
+    "short": Schedule(0.15, 2, "every epoch number x0.15: 30 epochs, warm-up 2, lr x0.01 from 24 and x0.0001 "
+                               "from 27, DRW from 24"),
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +75,8 @@ class Train:
     compile: bool | None  # None = auto (on for CUDA)
     loader: str  # device (fast path) | reference (PIL + DataLoader, as the LDAM-DRW scripts)
     loader_workers: int
+    precision: str = "auto"  # auto | fp32 | bf16 (pipeline/engine/precision.py)
+    clip_grad_norm: float | None = None  # max global gradient L2 norm; None = no clipping
 
 
 @dataclass(frozen=True)
@@ -66,6 +95,7 @@ class Params:
     ratio: float
     loss: str
     seed: int
+    schedule: str
     data: Data
     model_arch: str
     model_params: dict
@@ -165,15 +195,28 @@ def parse(raw: dict) -> Params:
     arch = _plugin("models", _get(m, "arch", "model"), "model.arch")
     model_params = {k: v for k, v in m.items() if k != "arch"}
 
+    schedule_name = _choice(raw.get("schedule", "full"), "schedule", tuple(SCHEDULES))
+    sched = SCHEDULES[schedule_name]
     t = _get(raw, "train", "")
-    epochs = _int(_get(t, "epochs", "train"), "train.epochs", lo=1)
+    written_epochs = _int(_get(t, "epochs", "train"), "train.epochs", lo=1)
+    epochs = sched.epoch(written_epochs)
+    if epochs < 1:
+        raise LongtailError(f"train.epochs ({written_epochs}) gives {epochs} epochs under schedule={schedule_name}; "
+                            f"it must give at least 1")
     milestones = _get(t, "milestones", "train")
     factors = _get(t, "milestone_factors", "train")
     if not isinstance(milestones, list) or not isinstance(factors, list) or len(milestones) != len(factors):
         raise LongtailError("train.milestones and train.milestone_factors must be lists of the same length")
-    milestones = tuple(_int(v, "train.milestones[]", lo=0) for v in milestones)
-    if list(milestones) != sorted(milestones):
-        raise LongtailError(f"train.milestones must be increasing, got {list(milestones)}")
+    milestones = tuple(sched.epoch(_int(v, "train.milestones[]", lo=0)) for v in milestones)
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise LongtailError(f"train.milestones must be strictly increasing, got {list(milestones)}"
+                            + (f" (under schedule={schedule_name})" if sched.scale != 1 else ""))
+    if milestones and milestones[-1] >= epochs:
+        hint = (" (for the 30-epoch protocol keep the 200-epoch numbers and set schedule=short)"
+                if schedule_name == "full" else "")
+        raise LongtailError(f"train.milestones {list(milestones)} must all be below train.epochs ({epochs}), or the "
+                            f"lr never decays there{hint}")
+    warmup = _int(_get(t, "warmup_epochs", "train"), "train.warmup_epochs", lo=0, hi=written_epochs)
     factors = tuple(_float(v, "train.milestone_factors[]", lo=0, lo_open=True) for v in factors)
     train = Train(
         epochs=epochs,
@@ -181,7 +224,7 @@ def parse(raw: dict) -> Params:
         lr=_float(_get(t, "lr", "train"), "train.lr", lo=0, lo_open=True),
         momentum=_float(_get(t, "momentum", "train"), "train.momentum", lo=0, hi=1),
         weight_decay=_float(_get(t, "weight_decay", "train"), "train.weight_decay", lo=0),
-        warmup_epochs=_int(_get(t, "warmup_epochs", "train"), "train.warmup_epochs", lo=0, hi=epochs),
+        warmup_epochs=min(sched.warmup(warmup), epochs),
         milestones=milestones,
         milestone_factors=factors,
         eval_every=_int(_get(t, "eval_every", "train"), "train.eval_every", lo=1),
@@ -195,11 +238,14 @@ def parse(raw: dict) -> Params:
         compile=_auto(t.get("compile", "auto"), "train.compile", _bool),
         loader=_choice(t.get("loader", "device"), "train.loader", LOADERS),
         loader_workers=_int(t.get("loader_workers", 2), "train.loader_workers", lo=0),
+        precision=_choice(t.get("precision", "auto"), "train.precision", PRECISIONS),
+        clip_grad_norm=(None if t.get("clip_grad_norm") is None
+                        else _float(t.get("clip_grad_norm"), "train.clip_grad_norm", lo=0, lo_open=True)),
     )
 
     f = _get(raw, "finetune", "")
     finetune = Finetune(
-        start_epoch=_int(_get(f, "start_epoch", "finetune"), "finetune.start_epoch", lo=0),
+        start_epoch=sched.epoch(_int(_get(f, "start_epoch", "finetune"), "finetune.start_epoch", lo=0)),
         reweighting=_plugin("reweighting", _get(f, "reweighting", "finetune"), "finetune.reweighting"),
         sampler=_plugin("samplers", _get(f, "sampler", "finetune"), "finetune.sampler"),
         strategy=(strategy := _plugin("finetune", f.get("strategy", "continue"), "finetune.strategy")),
@@ -218,6 +264,7 @@ def parse(raw: dict) -> Params:
         ratio=ratio,
         loss=loss,
         seed=seed,
+        schedule=schedule_name,
         data=data,
         model_arch=arch,
         model_params=model_params,

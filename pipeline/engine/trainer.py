@@ -20,6 +20,7 @@ import torch
 from ..data.augment import augment, normalize
 from ..errors import LongtailError
 from . import distributed
+from .precision import resolve as resolve_precision
 from .schedule import lr_at
 
 
@@ -52,11 +53,16 @@ class DeviceData:
         self.y_train_cpu = self.y_train.cpu()
 
 
+class NonFiniteLoss(LongtailError):
+    """Training produced a non-finite loss or logits; the run stops before the next update."""
+
+
 class Trainer:
     def __init__(self, model, criterion, data: DeviceData, cfg, policy: Callable[[int], Rebalance],
-                 device: torch.device, seed: int, pad: int, flip: bool):
+                 device: torch.device, seed: int, pad: int, flip: bool, stage: str = "train"):
         cfg = replace(cfg, eval_batch_size=eval_batch_size(cfg.eval_batch_size, device))
         self.model, self.criterion, self.data, self.cfg = model, criterion, data, cfg
+        self.stage = stage  # named in errors
         self.policy, self.device, self.pad, self.flip = policy, device, pad, flip
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -66,8 +72,10 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
         self.needs_norms = bool(getattr(criterion, "needs_norms", False))
-        self.channels_last = device.type == "cuda"
-        self.amp = device.type == "cuda"
+        self.precision = resolve_precision(cfg.precision, device.type)
+        self.channels_last = self.precision.channels_last
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.seed = seed
         self.rank, self.world = distributed.world()
         self.net = model  # what the training step calls: the model, DDP-wrapped under torchrun
@@ -92,8 +100,29 @@ class Trainer:
         return self.net(x)
 
     def autocast(self):
-        """bf16 autocast on CUDA (the loss itself is computed in float32); a no-op on CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp) if self.amp else _nullcontext()
+        """bf16 autocast when train.precision resolves to bf16 (the loss is computed in float32
+        outside it, and heads compute their logits in float32); a no-op in fp32."""
+        if self.precision.name == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return _nullcontext()
+
+    def check_finite(self, loss: torch.Tensor, logits: torch.Tensor, epoch: int, step: int) -> None:
+        """Stop at the first non-finite loss or logits, naming stage, epoch (1-based, as printed),
+        step and loss, before the optimizer applies the update."""
+        if bool(torch.isfinite(loss).all()) and bool(torch.isfinite(logits).all()):
+            return
+        what = "loss" if not bool(torch.isfinite(loss).all()) else "logits"
+        raise NonFiniteLoss(f"{self.stage}: non-finite {what} at epoch {epoch + 1}, step {step + 1} (loss "
+                            f"{loss.detach().float().mean().item()}); stopped without writing the stage output; "
+                            f"the last good resume checkpoint is kept (try a lower train.lr or train.clip_grad_norm)")
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer update from a float32 loss: backward, optional gradient-norm clipping, step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        self.optimizer.step()
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -177,10 +206,10 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 logits, feats = self._logits(x)
-                loss = self._loss(logits.float(), feats, y, weight)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            logits = logits.float()
+            loss = self._loss(logits, None if feats is None else feats.float(), y, weight)
+            self.check_finite(loss, logits, epoch, step)
+            self.step(loss)
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             if on_batch is not None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LongtailError
-from .heads import make_head
+from .heads import classify, make_head
 from .resnet import BasicBlock
 
 BRANCHES = ("conventional", "rebalancing")
@@ -73,7 +73,7 @@ class BBNResNet(nn.Module):
         return self.mix(self._pool(self.conventional, h), self._pool(self.rebalancing, h), alpha)
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        return classify(self.classifier, self.features(x))
 
 
 def build_bbn_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", *,

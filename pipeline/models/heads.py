@@ -32,6 +32,13 @@ class NormalizedLinear(nn.Module):
         return F.normalize(x, dim=1) @ self.weight.t() + self.bias
 
 
+def classify(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Logits in float32, outside any autocast region: under train.precision = bf16 the backbone
+    runs in bf16, but cosine logits (scaled by s = 30 in the loss) and margins need float32."""
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.float())
+
+
 def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_features, num_classes)

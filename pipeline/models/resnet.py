@@ -5,7 +5,7 @@ Kaiming-normal init; ~0.46 M parameters for 10 classes. Works on any input size 
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import make_head
+from .heads import classify, make_head
 
 
 class BasicBlock(nn.Module):
@@ -55,7 +55,7 @@ class CifarResNet(nn.Module):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        return classify(self.classifier, self.features(x))
 
 
 def build_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", **params) -> nn.Module:

@@ -5,6 +5,7 @@ is optimistic; both are written, and the metrics say which is which."""
 from __future__ import annotations
 
 import csv
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     model.load_state_dict(state["model"])
     model.to(device).eval()
     data = device_data(ds, device)
+    # evaluate in the precision the model was trained and selected in (train.precision, resolved)
+    precision = meta.get("precision", "fp32")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     @torch.no_grad()
     def logits_of(m):
@@ -53,7 +57,8 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
         bs = eval_batch_size(p.train.eval_batch_size, device)
         for i in range(0, len(data.x_test), bs):
             x = normalize(data.x_test[i:i + bs], data.mean, data.std)
-            out.append(m(x).float().cpu())
+            with autocast():
+                out.append(m(x).float().cpu())
         return torch.cat(out).numpy()
 
     y = ds.y_test
@@ -70,6 +75,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
         "best": {"epoch": state["best"]["epoch"], **{k: rep_best[k] for k in SUMMARY_KEYS}},
         "epochs_evaluated": len(evaluated),
         "shots": {g: rep_final[f"{g}_classes"] for g in ("many", "medium", "few")},
+        "precision": precision,
         "note": "best = the best test accuracy over the evaluated epochs (what LDAM-DRW-style papers report; "
                 "optimistic); final = the last epoch",
     }

@@ -27,7 +27,7 @@ PRETRAIN = Path("models/pretrain.pt")
 FINAL = Path("models/final.pt")
 RESUME_DIR = Path(".longtail/resume")
 # the params that decide what training produces (evaluation-only settings are left out)
-TRAINING_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "data", "model", "train", "finetune",
+TRAINING_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune",
                  "losses", "reweightings", "samplers")
 
 
@@ -65,15 +65,14 @@ def setup(p: Params, dataset: Path = DATASET):
     loss = build_loss(p, counts).to(device)
     head = "linear_nobias" if getattr(loss, "needs_norms", False) else loss.head
     model = build_model(p, len(counts), ds.x_train.shape[3], head).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     aug = augmentation(p, ds)
     trainer = Trainer(model, loss, device_data(ds, device), p.train, build_policy(p, counts), device,
                       p.seed, aug.pad, aug.flip)
     meta = {"class_counts": counts, "classes": ds.classes, "in_channels": int(ds.x_train.shape[3]),
             "head": head, "arch": p.model_arch, "model_params": p.model_params, "loss": p.loss,
             "pad": aug.pad, "flip": aug.flip, "device": str(device), "world_size": distributed.world()[1],
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": trainer.precision.name, "channels_last": trainer.channels_last}
     return trainer, meta
 
 
@@ -82,6 +81,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     if stage not in ("pretrain", "finetune"):
         raise ValueError(stage)
     trainer, meta = setup(p, dataset)
+    trainer.stage = stage
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
     out = pretrain if stage == "pretrain" else final
     fingerprint = _fingerprint(stage, p, dataset)
@@ -115,10 +115,14 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
     progress = Progress(stage, trainer.epoch, until, p.train.epochs)
+    if main:
+        print(f"{stage}: device {meta['device']} ({meta['device_name']}), precision {trainer.precision.reason}, "
+              f"{'channels_last' if trainer.channels_last else 'NCHW'}")
     if log is not None:
         log.set_tags({"longtail.device": meta["device_name"]})
         log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
-                        "resolved.device": meta["device"]})
+                        "resolved.device": meta["device"], "resolved.precision": meta["precision"],
+                        "resolved.channels_last": meta["channels_last"]})
     fit_kwargs = dict(on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
                       on_batch=progress.batch if progress.tty and main else None)
     if stage == "pretrain":

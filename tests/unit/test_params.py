@@ -26,7 +26,7 @@ def test_default_params_are_valid(default_params):
     (lambda d: d["finetune"].update(reweighting="x"), "finetune.reweighting: unknown reweighting plugin 'x'"),
     (lambda d: d["model"].update(arch="vgg"), "model.arch: unknown models plugin 'vgg'"),
     (lambda d: d["train"].update(lr="fast"), "train.lr must be a number"),
-    (lambda d: d["train"].update(milestones=[180, 160]), "train.milestones must be increasing"),
+    (lambda d: d["train"].update(milestones=[180, 160]), "train.milestones must be strictly increasing"),
     (lambda d: d["train"].update(milestone_factors=[0.1]), "must be lists of the same length"),
     (lambda d: d["train"].update(flip="maybe"), "train.flip must be true, false or auto"),
     (lambda d: d["train"].update(device="tpu"), "train.device must be one of auto, cpu, cuda"),

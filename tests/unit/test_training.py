@@ -87,3 +87,68 @@ def test_finetune_needs_a_matching_pretrain_checkpoint(prepared, tmp_path):
     (tmp_path / "pre.pt").write_bytes(b"garbage")
     with pytest.raises(LongtailError, match="is corrupt or unreadable"):
         training.run("finetune", p, **files)
+
+
+# -- a non-finite loss stops the run (issue: NaN went unnoticed and produced a class-0 model) ------
+
+class _NaNAfter(torch.nn.Module):
+    """Wraps a loss: from its `bad`-th call on it returns NaN (as a diverging loss would)."""
+
+    def __init__(self, inner, bad: int):
+        super().__init__()
+        self.inner, self.bad, self.calls = inner, bad, 0
+        self.head = inner.head
+
+    def forward(self, logits, target, class_weight=None):
+        self.calls += 1
+        loss = self.inner(logits, target, class_weight=class_weight)
+        return loss * float("nan") if self.calls >= self.bad else loss
+
+
+def test_a_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(prepared, tmp_path, monkeypatch):
+    from pipeline.engine.trainer import NonFiniteLoss
+
+    p, ds = prepared
+    build = training.build_loss
+    steps_per_epoch = -(-sum(training.load_dataset(ds).class_counts) // p.train.batch_size)
+    # NaN at the second step of the second epoch (epoch 2 of 4, 1-based as printed)
+    monkeypatch.setattr(training, "build_loss", lambda p, counts: _NaNAfter(build(p, counts), steps_per_epoch + 2))
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    with pytest.raises(NonFiniteLoss, match=r"^pretrain: non-finite loss at epoch 2, step 2 \(loss nan\)"):
+        training.run("pretrain", p, **files)
+    assert not (tmp_path / "pre.pt").exists()  # no stage output
+    kept = io.load_checkpoint(tmp_path / "r" / "pretrain.pt")  # the last good resume checkpoint (after epoch 1)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_gradient_clipping_bounds_the_update(prepared):
+    """train.clip_grad_norm: the global gradient norm seen by the optimizer is at most the limit."""
+    p, ds = prepared
+    p = parse(tiny(p.raw, clip_grad_norm=0.01))
+    trainer, _ = training.setup(p, ds)
+    norms = []
+    step = trainer.optimizer.step
+
+    def recording_step(*a, **k):
+        norms.append(torch.sqrt(sum(q.grad.pow(2).sum() for q in trainer.model.parameters() if q.grad is not None)))
+        return step(*a, **k)
+
+    trainer.optimizer.step = recording_step
+    trainer.fit(1)
+    assert norms and max(norms) <= 0.01 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_split_run_is_exact_in_each_precision(tmp_path, default_params, precision):
+    """pretrain + finetune equals one uninterrupted run bit for bit, in fp32 and in bf16 autocast."""
+    p = parse(tiny(default_params, precision=precision))
+    build_dataset.run(p, out_dir=tmp_path / "prepared")
+    ds = tmp_path / "prepared" / "dataset.npz"
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    training.run("pretrain", p, **files)
+    training.run("finetune", p, **files)
+    split = io.load_checkpoint(tmp_path / "final.pt")
+    assert split["meta"]["precision"] == precision
+    trainer, _ = training.setup(p, ds)
+    trainer.fit(p.train.epochs)
+    _same(split["model"], trainer.state_dict()["model"])

@@ -1,0 +1,64 @@
+"""train.precision: which arithmetic the model runs in (the loss is always float32).
+
+- ``fp32``: plain float32.
+- ``bf16``: bfloat16 autocast for the model's convolutions and matmuls; the classifier head, the
+  loss and the optimizer stay float32 (heads compute their logits outside autocast, see
+  `pipeline.models.heads`).
+- ``auto``: bf16 on CUDA, and on a CPU only where the processor has native bf16 arithmetic
+  (AVX-512 BF16 or AMX); fp32 everywhere else, because emulated bf16 is slower than fp32.
+
+The memory layout follows the same rule of measurement: channels_last on CUDA and for bf16 on a
+CPU; plain NCHW for fp32 on a CPU (see `longtail bench`, which prints every mode on the machine
+at hand)."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+PRECISIONS = ("auto", "fp32", "bf16")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The processor's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        if platform.system() != "Linux" or not path.exists():
+            return set()
+        cpuinfo = path.read_text(errors="replace")
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    return any(f in cpu_flags(cpuinfo) for f in NATIVE_BF16_FLAGS)
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16: what runs
+    channels_last: bool
+    reason: str  # one line: why this mode (printed at stage start)
+
+
+def resolve(setting: str, device_type: str, cpuinfo: str | None = None) -> Precision:
+    """The precision mode for train.precision = `setting` on a device of `device_type`."""
+    if setting not in PRECISIONS:
+        raise ValueError(setting)
+    if device_type == "cuda":
+        name = "fp32" if setting == "fp32" else "bf16"
+        return Precision(name, True, f"{name} on CUDA" + (" (auto)" if setting == "auto" else ""))
+    native = cpu_has_native_bf16(cpuinfo)
+    if setting == "auto":
+        name = "bf16" if native else "fp32"
+        why = ("the CPU has native bf16 (avx512_bf16/amx_bf16)" if native
+               else "the CPU has no native bf16 (no avx512_bf16/amx_bf16 flag), so bf16 would be emulated and slow")
+        return Precision(name, name == "bf16", f"{name} (auto: {why})")
+    if setting == "bf16" and not native:
+        return Precision("bf16", True, "bf16 as set, although this CPU has no native bf16: expect it to be slower "
+                                       "than fp32")
+    return Precision(setting, setting == "bf16", f"{setting} as set")
