@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from torch import nn
 
 from .. import registry
 from ..data.augment import augment, normalize
+from ..engine.contract import StepResult
 from ..engine.progress import Progress
 from ..errors import LongtailError
 from ..models.heads import make_head
@@ -153,11 +153,6 @@ def cosine_lr(lr: float, i: int, epochs: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * i / epochs))
 
 
-def reset_best(trainer) -> None:
-    """Best-epoch tracking restarts at stage 2: the stage-1 snapshot holds another classifier."""
-    trainer.best = {"epoch": -1, "test_acc": -1.0, "model": None}
-
-
 def final_is_best(trainer) -> None:
     """For a strategy that does not train: best = the final (transformed) model, at the last epoch."""
     trainer.best = {"epoch": trainer.epoch - 1, "test_acc": -1.0, "model": None}
@@ -178,8 +173,8 @@ def _check_nonneg(name: str, key: str, value):
 
 
 class ClassifierTraining:
-    """Train `head` (and nothing else) on backbone features for `epochs` stage-2 epochs, through
-    Trainer.fit's `train_epoch` hook (so evaluation, history and best tracking are the usual ones).
+    """Train `head` (and nothing else) on backbone features for `epochs` stage-2 epochs: the trainer
+    runs its `ClassifierSteps` (evaluation, history, best tracking and checkpoints are the usual ones).
     Epochs are numbered on from the stage-1 end: [trainer.epoch, trainer.epoch + epochs)."""
 
     def __init__(self, name: str, sampler: str, epochs: int, lr: float, batch_size: int, momentum: float,
@@ -201,49 +196,48 @@ class ClassifierTraining:
 
     def train(self, ctx, head: nn.Module) -> None:
         t = ctx.trainer
-        model = t.model
-        model.classifier = head.to(t.device)
+        t.model.classifier = head.to(t.device)
         params = [p for p in head.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        t.optimizer = opt  # the checkpoint then holds the optimizer that trained stage 2
-        sampler = build_sampler(ctx, self.sampler_name)
-        train_bn = self.bn == "train"
-        # no augmentation and fixed BatchNorm statistics: the features are computed once
-        bank = None if (self.augment or train_bn) else extract_features(t)
-        first, epochs, bs = t.epoch, self.epochs, self.batch_size
+        # the checkpoint then holds the optimizer that trains stage 2
+        t.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        first = t.epoch
         counts = ctx.meta["class_counts"]
         size = max(counts) * len(counts) if self.epoch_size == "balanced" else sum(counts)
+        steps = ClassifierSteps(self, t, head, build_sampler(ctx, self.sampler_name), first, size)
+        t.reset_best()  # the stage-1 snapshot holds another classifier
+        on_epoch, on_batch = epoch_logger(ctx, self.name, first, first + self.epochs)
+        ctx.fit(steps, first + self.epochs, on_epoch=on_epoch, on_batch=on_batch)
 
-        def train_epoch(e: int, on_batch=None) -> dict:
-            i = e - first
-            lr = cosine_lr(self.lr, i, epochs)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            order = epoch_order(sampler, t.data.y_train_cpu, i, epochs, t.sample_gen, size).to(t.device)
-            loss_sum = torch.zeros((), device=t.device)
-            correct = torch.zeros((), device=t.device, dtype=torch.long)
-            start, n = time.perf_counter(), len(order)
-            steps = (n + bs - 1) // bs
-            for step in range(steps):
-                idx = order[step * bs:(step + 1) * bs]
-                feats = bank[idx] if bank is not None else extract_features(t, idx, self.augment, train_bn)
-                y = t.data.y_train[idx]
-                logits = head(feats)
-                loss = t._loss(logits, feats, y, None)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach() * len(idx)
-                correct += (logits.detach().argmax(1) == y).sum()
-                if on_batch is not None:
-                    on_batch(step + 1, steps)
-            seconds = time.perf_counter() - start
-            return {"epoch": e, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-                    "images_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds, "reweighted": False}
 
-        reset_best(t)
-        on_epoch, on_batch = epoch_logger(ctx, self.name, first, first + epochs)
-        t.fit(first + epochs, on_epoch=on_epoch, on_batch=on_batch, train_epoch=train_epoch)
+class ClassifierSteps:
+    """engine.contract.Steps of a classifier-only stage 2: cosine lr over the stage-2 epochs, `size`
+    samples of the sampler per epoch, features of the frozen backbone, the configured loss."""
+
+    def __init__(self, training: ClassifierTraining, trainer, head, sampler, first: int, size: int):
+        self.c, self.t, self.head, self.sampler, self.first, self.size = training, trainer, head, sampler, first, size
+        self.train_bn = training.bn == "train"
+        # no augmentation and fixed BatchNorm statistics: the features are computed once
+        self.bank = None if (training.augment or self.train_bn) else extract_features(trainer)
+
+    def lr(self, epoch: int) -> float:
+        return cosine_lr(self.c.lr, epoch - self.first, self.c.epochs)
+
+    def batches(self, epoch: int):
+        t, bs = self.t, self.c.batch_size
+        order = epoch_order(self.sampler, t.data.y_train_cpu, epoch - self.first, self.c.epochs, t.sample_gen,
+                            self.size).to(t.device)
+        return [order[i:i + bs] for i in range(0, len(order), bs)]
+
+    def loss(self, idx) -> StepResult:
+        t = self.t
+        if self.bank is not None:
+            feats = self.bank[idx]
+        else:
+            feats = extract_features(t, idx, self.c.augment, self.train_bn)
+        y = t.data.y_train[idx]
+        logits = self.head(feats)
+        loss = t.loss(logits, y, None, feats)
+        return StepResult(loss, logits, (logits.detach().argmax(1) == y).sum(), len(idx))
 
 
 def _common(name, sampler, epochs, lr, batch_size, momentum, weight_decay, augment, epoch_size, bn):

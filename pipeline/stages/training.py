@@ -45,6 +45,17 @@ class FinetuneContext:
     until: int
     fit_kwargs: dict = field(default_factory=dict)
     log: object = None
+    resume: object = None  # () -> None: loads the stage's resume checkpoint, if any, into the trainer
+
+    def fit(self, steps=None, until: int | None = None, **callbacks) -> None:
+        """Train with `steps` (an engine.contract.Steps; None = plain training) up to `until`
+        (default self.until). Call it after setting up the model and optimizer the steps train: a
+        killed run's checkpoint is loaded into them first, so the stage resumes where it stopped.
+        `callbacks` (on_epoch, on_batch) replace the stage's own."""
+        if self.resume is not None:
+            self.resume()
+            self.resume = None
+        self.trainer.fit(self.until if until is None else until, steps=steps, **{**self.fit_kwargs, **callbacks})
 
 
 def _fingerprint(stage: str, p: Params, dataset: Path) -> str:
@@ -94,13 +105,20 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
                                 f"{state.get('meta', {}).get('loss')!r}, but finetune.start_epoch is "
                                 f"{p.finetune.start_epoch} and loss is {p.loss!r}: re-run `dvc repro pretrain`")
         trainer.load_state_dict(state)
-    if resume.exists():
-        state = io.load_checkpoint(resume, "resume checkpoint")
-        if state.get("fingerprint") == fingerprint:
-            trainer.load_state_dict(state)
-            print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
-        else:
-            resume.unlink()
+
+    def load_resume():
+        """A killed run's checkpoint, loaded once the model and optimizer it holds are set up (the
+        finetune strategy calls it through FinetuneContext.fit, after building its classifier)."""
+        if resume.exists():
+            state = io.load_checkpoint(resume, "resume checkpoint")
+            if state.get("fingerprint") == fingerprint:
+                trainer.load_state_dict(state)
+                print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
+            else:
+                resume.unlink()
+
+    if stage == "pretrain":
+        load_resume()
 
     main = distributed.is_main()
 
@@ -114,7 +132,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         if log is not None:
             log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
-    progress = Progress(stage, trainer.epoch, until, p.train.epochs)
+    progress = Progress(stage, trainer.epoch, until, p.train.epochs)  # (finetune: from the stage-1 end)
     if main:
         print(f"{stage}: device {meta['device']} ({meta['device_name']}), precision {trainer.precision.reason}, "
               f"{'channels_last' if trainer.channels_last else 'NCHW'}")
@@ -130,7 +148,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     else:
         strategy = registry.build("finetune", p.finetune.strategy, params=p.finetune.strategy_params,
                                   param_key=f"finetunes.{p.finetune.strategy}")
-        strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log))
+        strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log, load_resume))
     if main:
         io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "meta": meta})
         if resume.exists():
