@@ -22,6 +22,7 @@ from ..errors import LongtailError
 from . import distributed
 from .precision import resolve as resolve_precision
 from .contract import StepResult, Steps
+from .inference import batched
 from .schedule import lr_at
 
 
@@ -235,14 +236,8 @@ class Trainer:
     def predict(self, x_uint8: torch.Tensor, model=None) -> torch.Tensor:
         model = model or self.model
         model.eval()
-        out = []
-        for i in range(0, len(x_uint8), self.cfg.eval_batch_size):
-            x = normalize(x_uint8[i:i + self.cfg.eval_batch_size], self.data.mean, self.data.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                out.append(model(x).argmax(1))
-        return torch.cat(out)
+        return batched(lambda x: model(x).argmax(1), x_uint8, self.data.mean, self.data.std,
+                       self.cfg.eval_batch_size, self.autocast, self.channels_last)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, until: int, on_epoch: Callable[[dict], None] | None = None,

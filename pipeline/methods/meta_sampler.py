@@ -25,7 +25,6 @@ the real step's learning rate. Stage 2 always uses Balanced Softmax (the paper's
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,8 @@ from torch.func import functional_call
 
 from ..errors import LongtailError
 from ..engine.contract import StepResult
-from .decoupling import balanced_subset, cosine_lr, epoch_logger, extract_features, require_full_stage_one
+from .classifier_stage import (balanced_subset, cosine_lr, epoch_logger, extract_features, reinit_classifier,
+                               require_full_stage_one)
 
 
 class ClassSampler:
@@ -150,13 +150,9 @@ class MetaSampler:
         t, kw = ctx.trainer, dict(self.kw)
         model, counts = t.model, ctx.meta["class_counts"]
         clf = model.classifier
+        init_seed = kw.pop("init_seed")
         if kw.pop("reinit"):
-            g = torch.Generator().manual_seed(kw["init_seed"])
-            with torch.no_grad():
-                clf.weight.copy_(torch.randn(clf.weight.shape, generator=g) * math.sqrt(2.0 / clf.weight.shape[1]))
-                if getattr(clf, "bias", None) is not None:
-                    clf.bias.zero_()
-        kw.pop("init_seed")
+            reinit_classifier(clf, init_seed)
         meta_idx = balanced_subset(t.data.y_train_cpu, kw.pop("meta_per_class"), kw.pop("meta_seed"))
         feats = extract_features(t)  # backbone frozen: eval mode, no augmentation, computed once
         meta_feats = feats[meta_idx.to(feats.device)]

@@ -10,6 +10,7 @@ from twostage_util import (RecordingLog, assert_same, backbone_state, prepare, p
 
 from pipeline import registry
 from pipeline.errors import LongtailError
+from pipeline.methods import classifier_stage as cs
 from pipeline.methods import decoupling as dc
 from pipeline.models.heads import make_head
 
@@ -232,7 +233,7 @@ def test_tau_is_searched_over_zero_to_two():
 
 def test_crt_uses_class_balanced_batches(ctx, monkeypatch):
     seen = []
-    real = dc.build_sampler
+    real = cs.build_sampler
 
     def spy(ctx_, name):
         s = real(ctx_, name)
@@ -240,7 +241,7 @@ def test_crt_uses_class_balanced_batches(ctx, monkeypatch):
         s.indices = lambda *a: seen.append(orig(*a)) or seen[-1]
         return s
 
-    monkeypatch.setattr(dc, "build_sampler", spy)
+    monkeypatch.setattr(cs, "build_sampler", spy)
     dc.build_crt(epochs=2, augment=False).run(ctx)
     y = ctx.trainer.data.y_train_cpu[torch.cat(seen)]
     freq = torch.bincount(y, minlength=10).float() / len(y)

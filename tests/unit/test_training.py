@@ -152,3 +152,43 @@ def test_split_run_is_exact_in_each_precision(tmp_path, default_params, precisio
     trainer, _ = training.setup(p, ds)
     trainer.fit(p.train.epochs)
     _same(split["model"], trainer.state_dict()["model"])
+
+
+def test_a_sampler_asks_for_wider_crop_padding_through_last_pad_scale(prepared):
+    """The trainer reads a sampler's per-sample crop-padding multipliers (`last_pad_scale`) without
+    knowing which sampler it is: scale-2 samples get the augmentation with twice the padding."""
+    from pipeline.data.augment import augment, normalize
+
+    p, ds = prepared
+    trainer, _ = training.setup(p, ds)
+    idx = torch.arange(8)
+    scale = torch.tensor([1, 2] * 4)
+    gen_state = trainer.aug_gen.get_state()
+    x = trainer.prepare(idx, scale)
+    d = trainer.data
+    g = torch.Generator().manual_seed(0)
+    g.set_state(gen_state)
+    plain = augment(d.x_train[idx], trainer.pad, trainer.flip, g)
+    wide = augment(d.x_train[idx], 2 * trainer.pad, trainer.flip, g)
+    expected = normalize(torch.where((scale == 2)[:, None, None, None], wide, plain), d.mean, d.std)
+    assert torch.equal(x, expected)
+    # the policy's sampler hands its scales to the epoch's batches
+    class Scaled:
+        last_pad_scale = None
+
+        def indices(self, labels, epoch, epochs, generator):
+            order = torch.randperm(len(labels), generator=generator)
+            self.last_pad_scale = torch.full((len(order),), 2)
+            return order
+
+    from pipeline.engine.trainer import PolicySteps, Rebalance
+
+    trainer.policy = lambda e: Rebalance(None, Scaled())
+    trainer.aug_gen.set_state(gen_state)
+    order_gen = trainer.sample_gen.get_state()
+    x0, _ = next(iter(PolicySteps(trainer).batches(0)))
+    g.set_state(gen_state)
+    order = torch.randperm(len(d.y_train), generator=torch.Generator().set_state(order_gen))
+    first = order[:p.train.batch_size]
+    augment(d.x_train[first], trainer.pad, trainer.flip, g)  # the plain crop is drawn first, as before
+    assert torch.equal(x0, normalize(augment(d.x_train[first], 2 * trainer.pad, trainer.flip, g), d.mean, d.std))
