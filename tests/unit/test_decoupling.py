@@ -307,4 +307,8 @@ def test_ncm_strategy_sets_a_head_evaluate_can_rebuild(ctx):
     x = (t.data.x_train.float() / 255 - t.data.mean.view(-1, 1, 1)) / t.data.std.view(-1, 1, 1)
     with torch.no_grad():
         pred = m(x).argmax(1)
-    assert torch.equal(pred, torch.cdist(F.normalize(feats, dim=1), means).argmin(1))
+    # the predicted class is a nearest mean (up to float rounding: after two epochs on 170 images
+    # many features are almost equidistant from two means, so the exact argmin may differ)
+    dist = torch.cdist(F.normalize(feats, dim=1), means)
+    assert torch.allclose(dist.gather(1, pred[:, None]).squeeze(1), dist.min(1).values, atol=1e-5)
+    assert (pred == dist.argmin(1)).float().mean() > 0.9
