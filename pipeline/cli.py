@@ -26,25 +26,29 @@ NoTrack = typer.Option(False, "--no-track", help="do not log this stage to MLflo
 def _stage(name: str, params_path: Path, no_track: bool, fn, distributed_ok: bool = False):
     """Load and validate params, open the stage's MLflow run, run it. Under torchrun, training
     stages run on every rank and only rank 0 tracks and writes; other stages run on rank 0 only."""
+    from contextlib import nullcontext
+
     from .engine import distributed
-    from .params import load, load_plugins
+    from .io import workspace_lock
+    from .params import check_plugins, load
 
     p = load(params_path)
-    load_plugins(p)
+    check_plugins(p)
     if not distributed.is_main() and not distributed_ok:
         return None
-    if distributed_ok:
-        distributed.init_from_env(p.train.device)
-    try:
-        if no_track or not distributed.is_main():
-            return fn(p, None)
-        from .tracking import stage_run
-
-        with stage_run(name, p.raw, p.experiment) as log:
-            return fn(p, log)
-    finally:
+    with workspace_lock(name) if distributed.is_main() else nullcontext():
         if distributed_ok:
-            distributed.shutdown()
+            distributed.init_from_env(p.train.device)
+        try:
+            if no_track or not distributed.is_main():
+                return fn(p, None)
+            from .tracking import stage_run
+
+            with stage_run(name, p.raw, p.experiment) as log:
+                return fn(p, log)
+        finally:
+            if distributed_ok:
+                distributed.shutdown()
 
 
 @app.command("build-dataset")
@@ -82,10 +86,10 @@ def evaluate(params: Path = ParamsOpt, no_track: bool = NoTrack):
 @app.command()
 def check(params: Path = ParamsOpt):
     """Validate params.yaml (keys, values, plugin names) without running anything."""
-    from .params import load, load_plugins
+    from .params import check_plugins, load
 
     p = load(params)
-    load_plugins(p)
+    check_plugins(p)
     t = p.train
     typer.echo(f"{params}: ok (dataset={p.dataset}, {p.imbalance} r={p.ratio:g}, loss={p.loss}, schedule={p.schedule}: "
                f"epochs={t.epochs}, warm-up {t.warmup_epochs}, lr milestones {list(t.milestones)}, "
@@ -130,10 +134,10 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
     from .tracking import fetch_artifact, finished_runs, tracking_uri
 
     if experiment is None:
-        import yaml
+        from .checks import yaml_load
+        from .params import experiment_name
 
-        raw = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {}
-        experiment = str(((raw or {}).get("tracking") or {}).get("experiment", "longtail"))
+        experiment = experiment_name(yaml_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {})
     found = finished_runs("evaluate", experiment)
     res = rep.generate(found, out, fetch=fetch_artifact, published=published,
                        compare=[c.strip() for c in compare.split(",") if c.strip()] if compare else None,
@@ -221,6 +225,16 @@ def plugins_new(name: str = typer.Argument(..., help="the loss name, e.g. my_los
 
     out = new_loss(name, dest or Path("plugins") / f"longtail-{name.replace('_', '-')}", params)
     typer.echo(f"wrote {out}; next: pip install -e {out} && pytest {out} && dvc exp run -S loss={name}")
+
+
+@plugins_app.command("add")
+def plugins_add(name: str = typer.Argument(..., help="an installed plugin, e.g. smooth_ce"), params: Path = ParamsOpt):
+    """Write a plugin's params section into params.yaml with its build defaults (optional: a selected
+    plugin without a section runs with its defaults)."""
+    from .scaffold import add_plugin
+
+    key, values = add_plugin(name, params)
+    typer.echo(f"{params}: added {key}: {values}")
 
 
 def _print_plugins(found) -> None:

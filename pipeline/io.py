@@ -1,4 +1,5 @@
-"""Atomic writes: an output file is either complete or absent, never half-written."""
+"""Atomic writes (an output file is either complete or absent, never half-written, even after a
+power cut) and safe checkpoint reads (`torch.load(weights_only=True)`: a checkpoint cannot run code)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
+    """Yield a temporary path next to `path`; if the block succeeds, fsync it, move it into place and
+    fsync the folder (so the rename itself is durable). The file gets the umask's mode, not 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -36,8 +57,11 @@ def save_torch(path: str | Path, obj) -> None:
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path: str | Path, what: str = "checkpoint", stage: str = ""):
-    """torch.load with a one-line error for a missing or corrupt file."""
+def load_checkpoint(path: str | Path, what: str = "checkpoint", stage: str = "", require=()):
+    """torch.load(weights_only=True) with a one-line error for a missing, corrupt or unsafe file, or one
+    that is not a dict holding the keys in `require` (a torch file of another program)."""
+    import pickle
+
     import torch
 
     from .errors import LongtailError
@@ -47,6 +71,47 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", stage: str = "")
     if not path.exists():
         raise LongtailError(f"{what} {path} not found{hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a refused class or function: a damaged file
+            raise LongtailError(f"{what} {path} is corrupt or unreadable (UnpicklingError){hint}") from None
+        lines = str(exc).strip().splitlines()
+        detail = next((line for line in lines if "Unsupported global" in line or "GLOBAL" in line), "")
+        raise LongtailError(f"{what} {path} was refused: it holds Python objects that a checkpoint does not "
+                            f"need and could run code ({detail.strip()[:160] or 'unsafe pickle'}){hint}") from None
     except Exception as exc:
-        raise LongtailError(f"{what} {path} is corrupt or unreadable ({exc.__class__.__name__}){hint}") from exc
+        raise LongtailError(f"{what} {path} is corrupt or unreadable ({exc.__class__.__name__}){hint}") from None
+    missing = [k for k in require if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LongtailError(f"{what} {path} is not a longtail checkpoint (no {', '.join(missing)}){hint}")
+    return state
+
+
+WORKSPACE_LOCK = Path(".longtail/workspace.lock")
+
+
+@contextmanager
+def workspace_lock(stage: str, path: Path = WORKSPACE_LOCK):
+    """One stage command at a time in a workspace (they share models/, metrics/ and the resume files).
+    A second one fails at once with one line naming the holder; the OS drops the lock if a holder dies."""
+    import fcntl
+
+    from .errors import LongtailError
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise LongtailError(f"{holder} is running in this workspace ({path.resolve().parent.parent}); "
+                                f"wait for it to finish, or stop it, before `longtail {stage}`") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"`longtail {stage}` (pid {os.getpid()})")
+        fh.flush()
+        yield
+    finally:
+        fh.close()

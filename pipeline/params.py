@@ -1,22 +1,26 @@
 """params.yaml -> validated settings. Every error names the key and the valid values.
 
 Validation runs before any work (each stage validates the whole file, so an inconsistent file fails
-in its first stage). Plugin names are checked against the installed entry points (metadata only).
-"""
+in its first stage). `parse` checks every key (an unknown one names the closest valid key), every
+number (finite, in range) and the plugin names against the installed entry points (metadata only).
+`check_plugins` then binds each plugin section to its plugin's `build` signature and builds the
+selected plugins (with the real class counts where they are cheap to know)."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import difflib
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from . import registry
+from .checks import check_number, find_non_finite, unknown_key, yaml_load
+from .data import DATASETS, IMBALANCES, SOURCE_SIZES
 from .errors import LongtailError
-
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
-IMBALANCES = ("exp", "step")
+from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -121,24 +125,49 @@ def _get(d: dict, key: str, path: str):
 
 
 def _int(value, key: str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise LongtailError(f"{key} must be an integer, got {value!r}")
-    if lo is not None and value < lo:
-        raise LongtailError(f"{key} must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise LongtailError(f"{key} must be <= {hi}, got {value}")
-    return value
+    return check_number(key, value, min=lo, max=hi, integer=True)
 
 
 def _float(value, key: str, lo: float | None = None, hi: float | None = None, lo_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LongtailError(f"{key} must be a number, got {value!r}")
-    value = float(value)
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise LongtailError(f"{key} must be {'>' if lo_open else '>='} {lo}, got {value:g}")
-    if hi is not None and value > hi:
-        raise LongtailError(f"{key} must be <= {hi}, got {value:g}")
-    return value
+    return check_number(key, value, min=None if lo_open else lo, above=lo if lo_open else None, max=hi)
+
+
+# the keys each fixed section may hold; plugin sections are checked against the installed plugins
+TOP_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune", "losses",
+            "reweightings", "samplers", "finetunes", "tracking")
+SECTION_KEYS = {
+    "data": ("root", "n_max"),
+    "train": tuple(f.name for f in fields(Train)),
+    "finetune": ("start_epoch", "reweighting", "sampler", "strategy"),
+    "tracking": ("experiment",),
+}
+# plugin-parameter sections: params.yaml key -> registry group
+PLUGIN_SECTIONS = {"losses": "losses", "reweightings": "reweighting", "samplers": "samplers",
+                   "finetunes": "finetune"}
+
+
+def _check_keys(raw: dict) -> None:
+    """Every key of params.yaml is known: a typo names the closest valid key."""
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise unknown_key("", key, TOP_KEYS)
+    for section, valid in SECTION_KEYS.items():
+        node = raw.get(section)
+        if isinstance(node, dict):
+            for key in node:
+                if key not in valid:
+                    raise unknown_key(section, key, valid)
+    for section, group in PLUGIN_SECTIONS.items():
+        node = raw.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise LongtailError(f"{section} must be a mapping of plugin name -> parameters")
+        installed = registry.names(group)
+        for name in node:
+            # a section of a plugin that is not installed here is left alone, unless it looks like a typo
+            if name not in installed and difflib.get_close_matches(str(name), installed, n=1, cutoff=0.75):
+                raise unknown_key(section, name, installed)
 
 
 def _choice(value, key: str, valid) -> str:
@@ -181,6 +210,10 @@ def parse(raw: dict) -> Params:
     """Validate a params mapping (as read from params.yaml) and return typed settings."""
     if not isinstance(raw, dict):
         raise LongtailError("params.yaml must be a mapping of keys to values")
+    bad = find_non_finite(raw)
+    if bad:
+        raise LongtailError(f"{bad} must be a finite number, got {_at(raw, bad)!r}")
+    _check_keys(raw)
     dataset = _choice(_get(raw, "dataset", ""), "dataset", DATASETS)
     imbalance = _choice(_get(raw, "imbalance", ""), "imbalance", IMBALANCES)
     ratio = _float(_get(raw, "ratio", ""), "ratio", lo=1)
@@ -188,7 +221,10 @@ def parse(raw: dict) -> Params:
     loss = _plugin("losses", _get(raw, "loss", ""), "loss")
 
     d = _get(raw, "data", "")
-    data = Data(root=str(_get(d, "root", "data")), n_max=_auto(_get(d, "n_max", "data"), "data.n_max",
+    root = _get(d, "root", "data")
+    if not isinstance(root, str) or not root.strip():
+        raise LongtailError(f"data.root must be a folder path (e.g. data/raw), got {root!r}")
+    data = Data(root=root, n_max=_auto(_get(d, "n_max", "data"), "data.n_max",
                                                                   lambda v, k: _int(v, k, lo=1)))
 
     m = _get(raw, "model", "")
@@ -257,7 +293,6 @@ def parse(raw: dict) -> Params:
             f"it must be between 0 and train.epochs ({epochs})"
         )
 
-    tracking = raw.get("tracking") or {}
     return Params(
         dataset=dataset,
         imbalance=imbalance,
@@ -274,9 +309,22 @@ def parse(raw: dict) -> Params:
         reweighting_params={n: _plugin_params(raw, "reweightings", n)
                             for n in {train.reweighting, finetune.reweighting}},
         sampler_params={n: _plugin_params(raw, "samplers", n) for n in {train.sampler, finetune.sampler}},
-        experiment=str(tracking.get("experiment", "longtail")),
+        experiment=experiment_name(raw),
         raw=copy.deepcopy(raw),
     )
+
+
+def _at(raw, dotted: str):
+    node = raw
+    for part in dotted.replace("[", ".").replace("]", "").split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def experiment_name(raw: dict | None) -> str:
+    """tracking.experiment of a params mapping, else the default."""
+    tracking = (raw or {}).get("tracking") or {}
+    return str(tracking.get("experiment", DEFAULT_EXPERIMENT)) if isinstance(tracking, dict) else DEFAULT_EXPERIMENT
 
 
 def override(raw: dict, overrides: dict) -> dict:
@@ -291,13 +339,70 @@ def override(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def load_plugins(p: Params) -> None:
-    """Import every plugin the params select, so that a broken one fails before any work."""
+def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts.json")) -> list[int] | None:
+    """The training images per class these params give, when that is cheap to know: the prepared
+    dataset's counts if they were made with these settings, else the profile of a fixed-size source."""
+    try:
+        made = json.loads(prepared.read_text())
+        if (made.get("dataset"), made.get("imbalance"), made.get("ratio")) == (p.dataset, p.imbalance, p.ratio) \
+                and (p.data.n_max is None or made.get("n_max") == p.data.n_max):
+            return [int(n) for n in made["class_counts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if p.dataset in SOURCE_SIZES:
+        from .data.profiles import lt_counts
+
+        classes, n_max = SOURCE_SIZES[p.dataset]
+        return lt_counts(min(p.data.n_max or n_max, n_max), classes, p.imbalance, p.ratio)
+    return None
+
+
+# a plugin parameter with one of these names (or ending in _NAME) names a plugin of that group
+PLUGIN_REFERENCES = {"sampler": "samplers", "reweighting": "reweighting"}
+
+
+def check_plugins(p: Params, class_counts: list[int] | None = None) -> None:
+    """Before any work: import every selected plugin, bind every plugin section of params.yaml to its
+    plugin's build signature, and build the selected losses, re-weightings, samplers and fine-tune
+    strategy (with `class_counts`, or the counts `expected_counts` knows). Errors name the key."""
+    counts = class_counts if class_counts is not None else expected_counts(p)
     selected = {("losses", p.loss), ("models", p.model_arch), ("finetune", p.finetune.strategy),
                 ("reweighting", p.train.reweighting), ("reweighting", p.finetune.reweighting),
                 ("samplers", p.train.sampler), ("samplers", p.finetune.sampler)}
     for group, name in sorted(selected):
         registry.load(group, name)
+    # a model is cheap to build (resnet32: 0.5M parameters); its build checks its params
+    registry.build("models", p.model_arch, len(counts or [0] * 10), 3, "linear", params=p.model_params,
+                   param_key="model")
+    sections = [(section, group, name) for section, group in PLUGIN_SECTIONS.items()
+                for name in (p.raw.get(section) or {})]
+    sections += [(s, g, n) for s, g in PLUGIN_SECTIONS.items() for g2, n in sorted(selected)
+                 if g2 == g and n not in (p.raw.get(s) or {})]  # selected, section absent: defaults
+    for section, group, name in sections:
+        key = f"{section}.{name}"
+        if name not in registry.names(group):
+            continue  # a section for a plugin not installed here (typos were caught by parse)
+        params = _plugin_params(p.raw, section, name)
+        try:
+            fn = registry.load(group, name)
+        except LongtailError:
+            if (group, name) in selected:
+                raise
+            continue  # a broken plugin nobody selected does not stop this run
+        args = () if group == "finetune" else (counts or [1],)
+        registry.bind(fn, args, params, key)
+        for pkey, value in params.items():
+            ref = next((g for suffix, g in PLUGIN_REFERENCES.items()
+                        if pkey == suffix or str(pkey).endswith("_" + suffix)), None)
+            if ref and isinstance(value, str) and value not in registry.names(ref):
+                valid = registry.names(ref)
+                match = difflib.get_close_matches(value, valid, n=1)
+                raise LongtailError(f"{key}.{pkey}: unknown {ref} plugin {value!r}"
+                                    f"{f' (did you mean {match[0]}?)' if match else ''}; valid: {', '.join(valid)}")
+        if group == "finetune" or counts is not None:
+            registry.build(group, name, *args, params=params, param_key=key)
+
+
 
 
 def load(path: str | Path = "params.yaml") -> Params:
@@ -305,7 +410,7 @@ def load(path: str | Path = "params.yaml") -> Params:
     if not path.exists():
         raise LongtailError(f"params file {path} not found (run from the project root, or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
         raise LongtailError(f"params file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     return parse(raw)

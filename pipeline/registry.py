@@ -7,8 +7,11 @@ Listing reads package metadata and the plugin's source text only; it never impor
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
+import inspect
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -41,8 +44,18 @@ class Plugin:
     problem: str = ""  # empty when the plugin looks loadable
 
 
+_CACHE: dict = {}  # (kind, group, sys.path) -> result: discovery runs once per process (per sys.path)
+
+
+def _cached(kind: str, group: str, make):
+    key = (kind, group, tuple(sys.path))
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
 def _entry_points(group: str):
-    return entry_points(group=f"longtail.{group}")
+    return _cached("eps", group, lambda: tuple(entry_points(group=f"longtail.{group}")))
 
 
 def _static_problem(value: str) -> str:
@@ -80,18 +93,21 @@ def _static_problem(value: str) -> str:
 def discover(group: str | None = None) -> list[Plugin]:
     """All installed plugins (of one group or all), with problems found statically and name clashes."""
     groups = [group] if group else list(GROUPS)
+    return [dataclasses.replace(p) for g in groups for p in _cached("discover", g, lambda g=g: _discover(g))]
+
+
+def _discover(g: str) -> list[Plugin]:
     found: list[Plugin] = []
-    for g in groups:
-        seen: dict[str, Plugin] = {}
-        for ep in _entry_points(g):
-            dist = ep.dist.name if ep.dist else "?"
-            plugin = Plugin(g, ep.name, ep.value, dist, _static_problem(ep.value))
-            if ep.name in seen and seen[ep.name].value != ep.value:
-                clash = f"name clash: {g} {ep.name!r} is declared by {seen[ep.name].dist} and {dist}"
-                plugin.problem = plugin.problem or clash
-                seen[ep.name].problem = seen[ep.name].problem or clash
-            seen.setdefault(ep.name, plugin)
-            found.append(plugin)
+    seen: dict[str, Plugin] = {}
+    for ep in _entry_points(g):
+        dist = ep.dist.name if ep.dist else "?"
+        plugin = Plugin(g, ep.name, ep.value, dist, _static_problem(ep.value))
+        if ep.name in seen and seen[ep.name].value != ep.value:
+            clash = f"name clash: {g} {ep.name!r} is declared by {seen[ep.name].dist} and {dist}"
+            plugin.problem = plugin.problem or clash
+            seen[ep.name].problem = seen[ep.name].problem or clash
+        seen.setdefault(ep.name, plugin)
+        found.append(plugin)
     return found
 
 
@@ -121,16 +137,41 @@ def load(group: str, name: str):
         ) from exc
 
 
+def bind(fn, args: tuple, params: dict, param_key: str) -> None:
+    """Check params against a build function's signature (inspect.signature(...).bind): an unknown key
+    names the closest accepted one, a missing required one is named. One line, no call."""
+    from .checks import closest
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: only a call can tell
+        return
+    accepted = [n for n, p in sig.parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][len(args):]
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    for key in params:
+        if not isinstance(key, str) or (key not in accepted and not takes_any):
+            raise LongtailError(f"unknown key {param_key}.{key} in params.yaml"
+                                f"{closest(str(key), accepted, param_key + '.')}")
+    try:
+        sig.bind(*args, **params)
+    except TypeError as exc:
+        raise LongtailError(f"bad parameters under {param_key}: {exc}") from None
+
+
 def build(group: str, name: str, *args, params: dict | None = None, param_key: str = ""):
-    """Load a plugin and call its build function; bad params become a one-line error naming the key."""
+    """Load a plugin, bind its params to its build signature, and call it."""
     fn = load(group, name)
     params = dict(params or {})
-    try:
-        return fn(*args, **params)
-    except TypeError as exc:
-        if "argument" in str(exc):
-            raise LongtailError(f"bad parameters for {group} plugin {name!r} under {param_key or group}: {exc}") from exc
-        raise
+    bind(fn, args, params, param_key or f"{group}.{name}")
+    return fn(*args, **params)
+
+
+def defaults(group: str, name: str) -> dict:
+    """The keyword parameters of a plugin's build function with their defaults (for `plugins add`)."""
+    sig = inspect.signature(load(group, name))
+    return {n: p.default for n, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def check_all() -> list[Plugin]:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import yaml
 
+from .data import DATASETS, IMBALANCES
 from .errors import LongtailError
 
 HERE = Path(__file__).resolve().parent
 METHODS_FILE = HERE / "method_names.yaml"
 PUBLISHED_FILE = HERE / "published.yaml"
 
-DATASET_ORDER = ("cifar10", "cifar100", "imagefolder", "digits")
-PROFILE_ORDER = ("exp", "step")
+DATASET_ORDER, PROFILE_ORDER = DATASETS, IMBALANCES
 # evaluate-run metrics (fractions in MLflow; percentages in the report)
 METRICS = ("best_error", "final_error", "best_top1", "final_top1", "final_many", "final_medium", "final_few",
            "best_many", "best_medium", "best_few")

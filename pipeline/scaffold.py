@@ -106,7 +106,7 @@ def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
         raise LongtailError(f"plugin name {name!r} must be a lowercase Python identifier (e.g. my_loss)")
     from . import registry
 
-    if name in registry.names("losses"):
+    if name in registry.names("losses"):  # the exact path losses.NAME (samplers.sqrt is another plugin)
         raise LongtailError(f"a loss named {name!r} is already installed (see `longtail plugins list losses`)")
     if dest.exists():
         raise LongtailError(f"{dest} already exists; choose another name or --dest")
@@ -124,10 +124,46 @@ def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(template.format(**fields))
     if params_file is not None and params_file.exists():
-        text = params_file.read_text()
-        if re.search(rf"^  {name}:", text, re.M) is None:
-            text, n = re.subn(r"^losses:.*\n", lambda m: m.group(0) + f"  {name}: {{smoothing: 0.0}}   # {dest}\n",
-                              text, count=1, flags=re.M)
-            if n:
-                params_file.write_text(text)
+        add_section(params_file, "losses", name, {"smoothing": 0.0}, comment=str(dest))
     return dest
+
+
+def add_section(params_file: Path, section: str, name: str, values: dict, comment: str = "") -> bool:
+    """Write `section.name: {values}` into params.yaml (keeping its comments) unless that exact key
+    exists; returns whether it wrote. The check is on the parsed path, not on the text, so a key of
+    the same name in another section (samplers.sqrt, finetunes.crt) does not count."""
+    import yaml
+
+    from .checks import yaml_load
+
+    text = params_file.read_text()
+    raw = yaml_load(text) or {}
+    if name in (raw.get(section) or {}):
+        return False
+    flow = yaml.safe_dump(values, default_flow_style=True, width=10**6).strip() if values else "{}"
+    line = f"  {name}: {flow}" + (f"   # {comment}" if comment else "") + "\n"
+    text, n = re.subn(rf"^{section}:.*\n", lambda m: m.group(0) + line, text, count=1, flags=re.M)
+    if not n:
+        text = text.rstrip("\n") + f"\n\n{section}:\n{line}"
+    params_file.write_text(text)
+    return True
+
+
+def add_plugin(name: str, params_file: Path) -> tuple[str, dict]:
+    """`longtail plugins add NAME`: the plugin's params section from its build signature's defaults."""
+    from . import registry
+    from .params import PLUGIN_SECTIONS
+
+    groups = [(section, group) for section, group in PLUGIN_SECTIONS.items() if name in registry.names(group)]
+    if not groups:
+        valid = sorted({n for g in PLUGIN_SECTIONS.values() for n in registry.names(g)})
+        raise LongtailError(f"no installed plugin named {name!r} takes params (valid: {', '.join(valid)})")
+    if not params_file.exists():
+        raise LongtailError(f"params file {params_file} not found")
+    section, group = groups[0]
+    values = registry.defaults(group, name)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()
+              if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+    if not add_section(params_file, section, name, values):
+        raise LongtailError(f"{params_file} already has {section}.{name}")
+    return f"{section}.{name}", values

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .checks import yaml_value
 from .errors import LongtailError, unknown
 
 QUEUED = re.compile(r"Queued experiment '([^']+)'")
@@ -43,18 +44,7 @@ def split_list(text: str | None, what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _value(text: str):
-    """A -S value as DVC (Hydra) reads it: YAML-like, with 1e-3 style numbers."""
-    try:
-        v = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
+_value = yaml_value  # a -S value as DVC (Hydra) reads it: YAML, with 1e-3 style numbers
 
 
 def _text(v) -> str:
@@ -106,7 +96,7 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
                extra=()) -> list[Combo]:
     """The combinations, each validated; raises LongtailError before anything is queued."""
     from . import registry
-    from .params import DATASETS, IMBALANCES, parse
+    from .params import DATASETS, IMBALANCES, check_plugins, parse
     from .report import MethodNames
 
     if losses and methods:
@@ -166,7 +156,7 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
         if key not in checked:  # the seeds 0..n-1 are valid; validate each other combination once
             checked.add(key)
             try:
-                parse(raw)
+                check_plugins(parse(raw))
             except LongtailError as exc:
                 raise LongtailError(f"{label}: {exc}") from None
         combos.append(Combo(sets, label))
@@ -253,7 +243,7 @@ def run_and_wait(names: list[str], jobs: int = 1, poll: float = 5.0, echo=print,
 
 def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, extra, name, run, jobs,
          dry_run, echo=print) -> int:
-    from .params import load
+    from .params import experiment_name, load
 
     if not Path("dvc.yaml").exists():
         raise LongtailError("no dvc.yaml here: run `longtail sweep` from the project root")
@@ -270,7 +260,7 @@ def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, 
         return 0
     from .tracking import ensure_experiment
 
-    ensure_experiment(str((base.get("tracking") or {}).get("experiment", "longtail")))
+    ensure_experiment(experiment_name(base))
     names = queue(combos, name, echo)
     echo(f"{len(names)} experiment(s) queued")
     if not run:

@@ -21,6 +21,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # longtail report downloads
 
 GROUP_TAG = "longtail.group"
+DEFAULT_EXPERIMENT = "longtail"  # the MLflow experiment when params.yaml has no tracking.experiment
 
 
 def project_root() -> Path:
@@ -99,6 +100,37 @@ class StageRun:
         _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
 
+@contextmanager
+def _init_lock():
+    """An inter-process lock around store and experiment creation: MLflow creates and migrates an
+    sqlite schema without one, so parallel queue workers on a fresh store crashed ("duplicate column
+    name", "table ... already exists"). The lock file sits next to the sqlite file (or in .longtail/
+    for other stores), so every process of one store takes the same lock."""
+    import fcntl
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        lock = Path(uri[len("sqlite:///"):] + ".init.lock")
+    else:
+        lock = project_root() / ".longtail" / "mlflow-init.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def client_and_experiment(name: str):
+    """(MlflowClient, experiment id), creating the store and the experiment under the init lock."""
+    from mlflow.tracking import MlflowClient
+
+    with _init_lock():
+        client = MlflowClient(tracking_uri=tracking_uri())
+        return client, _retry(_experiment_id, client, name)
+
+
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -119,12 +151,9 @@ def _group(raw_params: dict) -> tuple[str, str]:
 
 
 @contextmanager
-def stage_run(stage: str, raw_params: dict, experiment: str = "longtail"):
+def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT):
     """Open an MLflow run for one stage, nested under its pipeline-execution parent run."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri())
-    exp_id = _retry(_experiment_id, client, experiment)
+    client, exp_id = client_and_experiment(experiment)
     group, commit = _group(raw_params)
     tags = {GROUP_TAG: group, "longtail.commit": commit, "mlflow.source.git.commit": commit,
             "longtail.dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
@@ -138,6 +167,13 @@ def stage_run(stage: str, raw_params: dict, experiment: str = "longtail"):
         parent = _retry(client.create_run, exp_id, run_name=group, tags={**tags, "longtail.parent": "true"})
         parent_id = parent.info.run_id
         StageRun(client, parent_id).log_params(raw_params)
+    # a run of this stage left RUNNING by a killed process: mark it KILLED (the workspace lock rules out
+    # a live one); the new run re-logs the resumed epochs, so it alone shows the whole curve
+    stale = _retry(client.search_runs, [exp_id],
+                   filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.stage` = '{stage}' "
+                                 "and attributes.status = 'RUNNING'")
+    for r in stale:
+        _retry(client.set_terminated, r.info.run_id, "KILLED")
     run = _retry(client.create_run, exp_id, run_name=f"{group}/{stage}",
                  tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id})
     handle = StageRun(client, run.info.run_id)
@@ -150,17 +186,15 @@ def stage_run(stage: str, raw_params: dict, experiment: str = "longtail"):
         _retry(client.set_terminated, run.info.run_id, status)
 
 
-def ensure_experiment(experiment: str = "longtail") -> str:
+def ensure_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Create the store and the experiment now: parallel queue workers starting on a fresh sqlite store
     would otherwise race to create its tables (one of them fails). Returns the experiment id."""
-    from mlflow.tracking import MlflowClient
-
-    return _retry(_experiment_id, MlflowClient(tracking_uri=tracking_uri()), experiment)
+    return client_and_experiment(experiment)[1]
 
 
 # -- reading (longtail report) -------------------------------------------------------------------
 
-def finished_runs(stage: str = "evaluate", experiment: str = "longtail") -> list[dict]:
+def finished_runs(stage: str = "evaluate", experiment: str = DEFAULT_EXPERIMENT) -> list[dict]:
     """Every FINISHED run of one stage, as plain dicts: run_id, group, start_time, params, metrics,
     tags. An sqlite store that does not exist yet reads as empty (and is not created)."""
     from mlflow.tracking import MlflowClient

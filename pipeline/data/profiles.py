@@ -4,9 +4,8 @@ import numbers
 
 import numpy as np
 
+from pipeline.data import IMBALANCES as IMBALANCE
 from pipeline.errors import LongtailError, unknown
-
-IMBALANCE = ("exp", "step")
 
 
 def lt_counts(n_max: int, num_classes: int, imbalance: str, ratio: float) -> list[int]:

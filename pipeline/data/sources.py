@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.data import DATASETS
 from pipeline.errors import LongtailError, unknown
 
 # Normalisation constants of the LDAM-DRW protocol, used there for both CIFAR-10 and CIFAR-100.
@@ -141,7 +142,14 @@ def load_cifar(name: str, root: str) -> RawData:
 def _decode(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16"):  # 16-bit grayscale: Pillow's RGB conversion clips at 255
+                gray = np.rint(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
+            if im.mode in ("I", "F"):
+                raise LongtailError(f"image {path} has 32-bit pixels (mode {im.mode}); save it as 8- or 16-bit")
             return np.asarray(im.convert("RGB"))
+    except LongtailError:
+        raise
     except Exception as e:
         raise LongtailError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
 
@@ -229,7 +237,7 @@ def load_digits(root: str = "") -> RawData:
     return RawData(x[~test], y[~test], x[test], y[test], [str(c) for c in range(10)], mean, std, False)
 
 
-SOURCES = {
+SOURCES = {  # one loader per name of pipeline.data.DATASETS
     "cifar10": lambda root: load_cifar("cifar10", root),
     "cifar100": lambda root: load_cifar("cifar100", root),
     "imagefolder": load_imagefolder,
@@ -247,3 +255,6 @@ def load_source(name: str, root: str) -> RawData:
 def source_n_max(raw: RawData) -> int:
     """n_max of the long-tailed profile: the smallest per-class train count (5000 CIFAR-10, 500 CIFAR-100)."""
     return int(np.bincount(raw.y_train, minlength=len(raw.classes)).min())
+
+
+assert tuple(SOURCES) == DATASETS, "pipeline.data.DATASETS and SOURCES must list the same datasets"

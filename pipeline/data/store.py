@@ -1,13 +1,13 @@
 """The prepared dataset artifact: one uncompressed .npz, written atomically. numpy only."""
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.data.sources import RawData
+from pipeline.io import atomic_path
 from pipeline.errors import LongtailError
 
 KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "mean", "std", "hflip")
@@ -19,27 +19,16 @@ class Prepared(RawData):
 
 
 def save_dataset(path, x_train, y_train, x_test, y_test, classes, mean, std, hflip) -> None:
-    """Write the dataset to `path` atomically: a temp file in the same folder, fsync, then os.replace."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    """Write the dataset to `path` atomically (pipeline.io.atomic_path: temp file, fsync, rename)."""
     arrays = dict(
         x_train=np.ascontiguousarray(x_train, dtype=np.uint8), y_train=np.asarray(y_train, dtype=np.int64),
         x_test=np.ascontiguousarray(x_test, dtype=np.uint8), y_test=np.asarray(y_test, dtype=np.int64),
         classes=np.asarray([str(c) for c in classes], dtype=np.str_), mean=np.asarray(mean, dtype=np.float64),
         std=np.asarray(std, dtype=np.float64), hflip=np.asarray(bool(hflip)),
     )
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the artifact is an ordinary shared file
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_dataset(path) -> Prepared:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.checks import check_number  # noqa: F401  the one number validator (re-exported for plugins)
 from pipeline.errors import LongtailError
 
 # -----------------------------------------------------------------------------
@@ -60,19 +61,6 @@ def ldam_margins(class_counts, max_m):
     """Delta_j = K / n_j^(1/4), K chosen so that max_j Delta_j = max_m (Cao et al., NeurIPS 2019). Float64 [C]."""
     m = torch.tensor(class_counts, dtype=torch.float64).pow(-0.25)
     return m * (max_m / m.max())
-
-
-def check_number(key, value, *, min=None, above=None, max=None):
-    """Return float(value) or raise LongtailError('losses.x.y must be >= 0, got -1')."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LongtailError(f"{key} must be a finite number, got {value!r}")
-    if min is not None and value < min:
-        raise LongtailError(f"{key} must be >= {min}, got {value}")
-    if above is not None and value <= above:
-        raise LongtailError(f"{key} must be > {above}, got {value}")
-    if max is not None and value > max:
-        raise LongtailError(f"{key} must be <= {max}, got {value}")
-    return float(value)
 
 
 def check_counts(loss, class_counts):

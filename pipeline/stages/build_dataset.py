@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .. import io
 from ..data.profiles import lt_counts, select_long_tailed
 from ..data.sources import load_source, source_n_max
@@ -18,6 +20,11 @@ OUT_DIR = Path("data/prepared")
 def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
     raw = load_source(p.dataset, p.data.root)
     available = source_n_max(raw)
+    if available < 1:
+        per_class = np.bincount(raw.y_train, minlength=len(raw.classes))
+        empty = [c for c, n in zip(raw.classes, per_class) if n == 0]
+        raise LongtailError(f"dataset {p.dataset} (data.root {p.data.root}) has no training images in class(es) "
+                            f"{', '.join(map(str, empty))}: every class needs at least one")
     n_max = p.data.n_max or available
     if n_max > available:
         raise LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that "

@@ -36,7 +36,7 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
 def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metrics: Path = METRICS,
         plots: Path = PLOTS) -> dict:
     ds = load_dataset(dataset)
-    state = io.load_checkpoint(final, "final checkpoint", "finetune")
+    state = io.load_checkpoint(final, "final checkpoint", "finetune", require=("model", "meta", "history"))
     meta = state.get("meta", {})
     if meta.get("class_counts") != ds.class_counts:
         raise LongtailError(f"{final} was trained on other data than {dataset}: re-run `dvc repro`")

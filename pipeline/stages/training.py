@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +29,12 @@ DATASET = Path("data/prepared/dataset.npz")
 PRETRAIN = Path("models/pretrain.pt")
 FINAL = Path("models/final.pt")
 RESUME_DIR = Path(".longtail/resume")
-# the params that decide what training produces (evaluation-only settings are left out)
+# the params that decide what each stage produces (evaluation-only settings are left out); the
+# finetune stage also depends on every strategy's parameters
 TRAINING_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune",
                  "losses", "reweightings", "samplers")
+STAGE_KEYS = {"pretrain": TRAINING_KEYS, "finetune": (*TRAINING_KEYS, "finetunes")}
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "criterion", "sample_gen", "aug_gen", "history", "best")
 
 
 @dataclass
@@ -58,13 +64,39 @@ class FinetuneContext:
         self.trainer.fit(self.until if until is None else until, steps=steps, **{**self.fit_kwargs, **callbacks})
 
 
+def _inputs(stage: str, p: Params) -> dict:
+    """What the stage's result depends on besides the dataset file (stored in each checkpoint, so that
+    a mismatch can name the key that differs)."""
+    return json.loads(json.dumps(p.section(*STAGE_KEYS[stage]), sort_keys=True, default=str))
+
+
 def _fingerprint(stage: str, p: Params, dataset: Path) -> str:
     h = hashlib.sha256(stage.encode())
-    h.update(json.dumps(p.section(*TRAINING_KEYS), sort_keys=True, default=str).encode())
+    h.update(json.dumps(_inputs(stage, p), sort_keys=True).encode())
     with open(dataset, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
+    """'seed: 7 -> 0' for the first key whose value differs, or ''."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}"
+    return ""
+
+
+def _set_aside(path: Path, why: str) -> None:
+    """Move an unusable resume file out of the way (kept for a post-mortem) and say so."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(path, aside)
+    print(f"warning: {why}; moved it to {aside} and starting the stage from the beginning", file=sys.stderr)
 
 
 def setup(p: Params, dataset: Path = DATASET):
@@ -99,32 +131,45 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     resume = resume_dir / f"{stage}.pt"
 
     if stage == "finetune":
-        state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain")
-        if state.get("epoch") != p.finetune.start_epoch or state.get("meta", {}).get("loss") != p.loss:
-            raise LongtailError(f"pretrain checkpoint {pretrain} stopped at epoch {state.get('epoch')} with loss "
-                                f"{state.get('meta', {}).get('loss')!r}, but finetune.start_epoch is "
-                                f"{p.finetune.start_epoch} and loss is {p.loss!r}: re-run `dvc repro pretrain`")
+        state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT_KEYS)
+        if state.get("fingerprint") != _fingerprint("pretrain", p, dataset):
+            diff = _first_difference(state.get("inputs") or {}, _inputs("pretrain", p))
+            raise LongtailError(f"pretrain checkpoint {pretrain} was made with other params or data than "
+                                f"params.yaml and {dataset} ({diff or 'the dataset differs'}): "
+                                f"re-run `dvc repro pretrain`")
         trainer.load_state_dict(state)
 
     def load_resume():
         """A killed run's checkpoint, loaded once the model and optimizer it holds are set up (the
         finetune strategy calls it through FinetuneContext.fit, after building its classifier)."""
-        if resume.exists():
-            state = io.load_checkpoint(resume, "resume checkpoint")
-            if state.get("fingerprint") == fingerprint:
-                trainer.load_state_dict(state)
-                print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
-            else:
-                resume.unlink()
+        if not resume.exists():
+            return
+        try:
+            state = io.load_checkpoint(resume, "resume checkpoint", require=CHECKPOINT_KEYS)
+        except LongtailError as exc:
+            _set_aside(resume, str(exc))
+            return
+        if state.get("fingerprint") != fingerprint:
+            resume.unlink()
+            return
+        trainer.load_state_dict(state)
+        print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
+        if log is not None:  # the killed run's epochs again, so that this run shows the whole curve
+            first = 0 if stage == "pretrain" else p.finetune.start_epoch
+            for row in trainer.history:
+                if first <= row["epoch"] < trainer.epoch:
+                    log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
     if stage == "pretrain":
         load_resume()
 
     main = distributed.is_main()
 
+    inputs = _inputs(stage, p)
+
     def save(state):
         if main:
-            io.save_torch(resume, {**state, "fingerprint": fingerprint, "meta": meta})
+            io.save_torch(resume, {**state, "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
 
     def on_epoch(row):
         if main:
@@ -150,7 +195,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
                                   param_key=f"finetunes.{p.finetune.strategy}")
         strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log, load_resume))
     if main:
-        io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "meta": meta})
+        io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
         if resume.exists():
             os.unlink(resume)
     ran = [r for r in trainer.history if r["epoch"] >= (0 if stage == "pretrain" else p.finetune.start_epoch)]

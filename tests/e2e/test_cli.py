@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
            "dvc repro pretrain")
     _fails([LONGTAIL, "evaluate", "--no-track"], tmp_path, "final checkpoint models/final.pt not found")
     _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=1, losses__ce={"gamma": 2})
-    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "bad parameters for losses plugin 'ce' under losses.ce")
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "unknown key losses.ce.gamma in params.yaml")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
     assert not list((tmp_path / "data/prepared").glob(".*.tmp"))
 

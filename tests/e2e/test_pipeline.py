@@ -82,7 +82,8 @@ def _stages_changed(repo: Path) -> set[str]:
     ("finetune.start_epoch", 5, {"pretrain", "finetune", "evaluate"}),
     ("train.lr", 0.05, {"pretrain", "finetune"}),
     ("train.eval_batch_size", 512, {"pretrain", "finetune", "evaluate"}),
-    ("losses.ldam", {"s": 10}, set()),  # not the selected loss: nothing depends on it
+    # whole plugin sections, as reweightings/samplers: a selection without a section must reach longtail's check
+    ("losses.ldam", {"s": 10}, {"pretrain", "finetune"}),
     ("reweightings.cb.beta", 0.999, {"pretrain", "finetune"}),
 ])
 def test_each_stage_depends_on_exactly_the_params_it_reads(ran, key, value, expected):

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_default_params_are_valid(default_params):
     (lambda d: d["train"].update(sampler="magic"), "train.sampler: unknown samplers plugin 'magic'"),
     (lambda d: d["finetune"].update(reweighting="x"), "finetune.reweighting: unknown reweighting plugin 'x'"),
     (lambda d: d["model"].update(arch="vgg"), "model.arch: unknown models plugin 'vgg'"),
-    (lambda d: d["train"].update(lr="fast"), "train.lr must be a number"),
+    (lambda d: d["train"].update(lr="fast"), "train.lr must be a finite number"),
     (lambda d: d["train"].update(milestones=[180, 160]), "train.milestones must be strictly increasing"),
     (lambda d: d["train"].update(milestone_factors=[0.1]), "must be lists of the same length"),
     (lambda d: d["train"].update(flip="maybe"), "train.flip must be true, false or auto"),
@@ -56,3 +57,73 @@ def test_load_reports_missing_and_broken_files(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(LongtailError, match="not valid YAML"):
         load(bad)
+
+
+# -- issue 14.3/4/8/9/13 and issue 11.2: every key and number checked, plugin params bound before any work
+
+from pipeline.checks import yaml_load, yaml_value  # noqa: E402
+from pipeline.params import check_plugins, override  # noqa: E402
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.epoch": 5}, "unknown key train.epoch in params.yaml (did you mean train.epochs?)"),
+    ({"lossses": "ldam"}, "unknown key lossses in params.yaml (did you mean losses?)"),
+    ({"data.rot": "x"}, "unknown key data.rot in params.yaml (did you mean data.root?)"),
+    ({"losses.foacl": {}}, "unknown key losses.foacl in params.yaml (did you mean losses.focal?)"),
+    ({"train.lr": float("nan")}, "train.lr must be a finite number, got nan"),
+    ({"train.weight_decay": float("inf")}, "train.weight_decay must be a finite number, got inf"),
+    ({"losses.focal.gamma": float("nan")}, "losses.focal.gamma must be a finite number, got nan"),
+    ({"finetunes.tau_norm.grid": [0.1, float("inf")]}, "finetunes.tau_norm.grid[1] must be a finite number"),
+    ({"train.milestones": [8, 8]}, "train.milestones must be strictly increasing, got [8, 8]"),
+    ({"train.milestones": [160, 200]}, "must all be below train.epochs (200)"),
+    ({"data.root": None}, "data.root must be a folder path (e.g. data/raw), got None"),
+])
+def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
+    with pytest.raises(LongtailError) as err:
+        parse(override(default_params, overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"losses.focal.gama": 2}, "unknown key losses.focal.gama in params.yaml (did you mean losses.focal.gamma?)"),
+    ({"finetunes.crt.sampler": "class_balancd"},
+     "finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
+    ({"finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be a positive integer, got -1"),
+    ({"finetune.strategy": "crt", "finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be a positive integer"),
+    ({"reweightings.cb.beta": 1.5}, "reweightings.cb.beta must be in [0, 1)"),
+    ({"model.width": 2}, "model.width: resnet32 takes no parameters"),
+])
+def test_plugin_params_are_bound_and_built_before_any_work(default_params, overrides, message):
+    p = parse(override(default_params, overrides))
+    with pytest.raises(LongtailError) as err:
+        check_plugins(p, class_counts=[50, 5])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_selected_plugin_without_a_section_runs_with_its_defaults(default_params):
+    raw = override(default_params, {"loss": "focal"})
+    del raw["losses"]["focal"]
+    p = parse(raw)
+    check_plugins(p, class_counts=[50, 5])
+    assert p.loss_params == {}
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    assert yaml_load("lr: 1e-3\nb: 5E+2\nc: .5\nd: '1e-3'\ne: 1_0") == {"lr": 0.001, "b": 500.0, "c": 0.5,
+                                                                       "d": "1e-3", "e": 10}
+    assert yaml_value("1e-3") == 0.001 and yaml_value("[1, 2]") == [1, 2] and yaml_value("a: [") == "a: ["
+    path = tmp_path / "params.yaml"
+    path.write_text((Path(__file__).parents[2] / "params.yaml").read_text().replace("lr: 0.1", "lr: 1e-1"))
+    assert load(path).train.lr == 0.1
+
+
+def test_discovery_runs_once_per_process(default_params, monkeypatch):
+    from pipeline import registry
+
+    calls = []
+    real = registry.entry_points
+    monkeypatch.setattr(registry, "entry_points", lambda **kw: calls.append(kw) or real(**kw))
+    monkeypatch.setattr(registry, "_CACHE", {})
+    check_plugins(parse(default_params), class_counts=[50, 5])
+    check_plugins(parse(default_params), class_counts=[50, 5])
+    assert len(calls) <= len(registry.GROUPS)

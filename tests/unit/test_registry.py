@@ -67,7 +67,7 @@ def test_build_reports_bad_parameters(tmp_path, monkeypatch):
                {"parammod": "def build(class_counts, *, gamma=1.0):\n    return gamma\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
     assert registry.build("losses", "paramloss", [1, 2], params={"gamma": 2.0}) == 2.0
-    with pytest.raises(LongtailError, match="bad parameters for losses plugin 'paramloss' under losses.paramloss"):
+    with pytest.raises(LongtailError, match=r"unknown key losses.paramloss.gama in params.yaml \(did you mean losses.paramloss.gamma\?\)"):
         registry.build("losses", "paramloss", [1, 2], params={"gama": 2.0}, param_key="losses.paramloss")
 
 

@@ -185,3 +185,30 @@ def test_source_n_max():
     raw = sources.RawData(np.zeros((7, 1, 1, 1), np.uint8), np.array([0, 0, 0, 1, 1, 2, 2]), None, None,
                           ["a", "b", "c"], (0.0,), (1.0,), False)
     assert source_n_max(raw) == 2
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    """Issue 14.12: Pillow's RGB conversion clipped 16-bit grey at 255 (an almost white image)."""
+    _tree(tmp_path)
+    img = tmp_path / "train" / "ant" / "00.png"
+    w, h = Image.open(img).size
+    Image.fromarray(np.full((h, w), 32896, dtype=np.uint16)).save(img)  # mid-grey: 128 * 257
+    raw = load_source("imagefolder", str(tmp_path))
+    assert (raw.x_train[0] == 128).all()
+
+
+def test_a_class_without_images_names_the_dataset(tmp_path, default_params, monkeypatch):
+    """Issue 14.13: a source with an empty class (here: a digits class removed) names dataset and class."""
+    from pipeline.params import parse
+    from pipeline.stages import build_dataset
+
+    raw = sources.load_digits()
+    keep = raw.y_train != 3
+    empty = sources.RawData(raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test, raw.classes, raw.mean,
+                            raw.std, raw.hflip)
+    p = parse({**default_params, "dataset": "digits", "ratio": 10})
+    monkeypatch.setattr(build_dataset, "load_source", lambda name, root: empty)
+    with pytest.raises(LongtailError, match=r"dataset digits \(data.root data/raw\) has no training images in "
+                                            r"class\(es\) 3"):
+        build_dataset.run(p, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

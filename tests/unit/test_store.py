@@ -93,3 +93,48 @@ def test_corrupt_file(tmp_path, how):
 def test_missing_file(tmp_path):
     with pytest.raises(LongtailError, match=r"nope\.npz does not exist; re-run the build-dataset stage"):
         load_dataset(tmp_path / "nope.npz")
+
+
+# -- issue 14.2 / 14.7: checkpoints cannot run code; the atomic writer fsyncs
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_a_code_payload_is_refused(tmp_path):
+    import torch
+
+    from pipeline.io import load_checkpoint
+
+    marker = tmp_path / "payload-ran"
+    payload = _Payload()
+    payload.marker = marker
+    torch.save({"epoch": 3, "model": {}, "x": payload}, tmp_path / "pretrain.pt")
+    with pytest.raises(LongtailError) as err:
+        load_checkpoint(tmp_path / "pretrain.pt", "pretrain checkpoint", "pretrain")
+    assert "was refused" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()  # nothing executed
+
+
+def test_a_torch_file_of_another_structure_is_named(tmp_path):
+    import torch
+
+    from pipeline.io import load_checkpoint
+
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "pretrain.pt")
+    with pytest.raises(LongtailError, match=r"is not a longtail checkpoint \(no model, epoch\)"):
+        load_checkpoint(tmp_path / "pretrain.pt", "pretrain checkpoint", require=("model", "epoch"))
+
+
+def test_atomic_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    from pipeline import io
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    io.write_json(tmp_path / "a.json", {"x": 1})
+    assert any(s.startswith(str(tmp_path / ".a.json.")) for s in synced)  # the file, before the rename
+    assert str(tmp_path) in synced  # the folder, after it
+    assert oct((tmp_path / "a.json").stat().st_mode & 0o777) != "0o600"

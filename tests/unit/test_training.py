@@ -89,6 +89,104 @@ def test_finetune_needs_a_matching_pretrain_checkpoint(prepared, tmp_path):
         training.run("finetune", p, **files)
 
 
+# -- issue 14.5/6/7/13: resume and fine-tune never mix settings; corrupt resume files are set aside
+
+class _Log:
+    def __init__(self):
+        self.steps = []
+
+    def log_metrics(self, metrics, step=None):
+        if "test_acc" in metrics:
+            self.steps.append(step)
+
+    def set_tags(self, tags):
+        pass
+
+    def log_params(self, params):
+        pass
+
+
+def _killed_after_one_epoch(p, ds, resume_dir):
+    trainer, meta = training.setup(p, ds)
+    trainer.fit(1)
+    io.save_torch(resume_dir / "pretrain.pt", {**trainer.state_dict(), "meta": meta,
+                                               "fingerprint": training._fingerprint("pretrain", p, ds),
+                                               "inputs": training._inputs("pretrain", p)})
+
+
+def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    _killed_after_one_epoch(p, ds, tmp_path / "r")
+    log = _Log()
+    training.run("pretrain", p, log=log, **files)
+    assert log.steps == [0, 1]  # one complete curve in the new run
+
+
+def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
+    p, ds = prepared
+    other = parse(tiny(default_params) | {"finetunes": {**default_params["finetunes"],
+                                                        "bbn": {"rebalancing_sampler": "instance"}}})
+    assert training._fingerprint("finetune", p, ds) != training._fingerprint("finetune", other, ds)
+    assert training._fingerprint("pretrain", p, ds) == training._fingerprint("pretrain", other, ds)
+
+
+def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, default_params):
+    from pipeline.errors import LongtailError
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    seven = parse(tiny(default_params) | {"seed": 7})
+    training.run("pretrain", seven, **files)
+    with pytest.raises(LongtailError, match=r"was made with other params .*\(seed: 7 -> 0\).*dvc repro pretrain"):
+        training.run("finetune", p, **files)
+
+
+def test_a_wrong_structure_pretrain_file_is_named(prepared, tmp_path):
+    from pipeline.errors import LongtailError
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    torch.save({"state_dict": {}}, tmp_path / "pre.pt")
+    with pytest.raises(LongtailError, match=r"pre.pt is not a longtail checkpoint \(no epoch, model"):
+        training.run("finetune", p, **files)
+
+
+def test_a_corrupt_resume_file_is_set_aside_and_the_stage_restarts(prepared, tmp_path, capsys):
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    _killed_after_one_epoch(p, ds, tmp_path / "r")
+    blob = (tmp_path / "r" / "pretrain.pt").read_bytes()
+    (tmp_path / "r" / "pretrain.pt").write_bytes(blob[: len(blob) // 2])  # truncated
+    training.run("pretrain", p, **files)
+    assert "warning: resume checkpoint" in capsys.readouterr().err
+    assert [f.name.split(".corrupt-")[0] for f in (tmp_path / "r").iterdir()] == ["pretrain.pt"]
+    assert io.load_checkpoint(tmp_path / "pre.pt")["epoch"] == 2
+
+
+def test_a_second_stage_command_in_one_workspace_names_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.errors import LongtailError
+
+    lock = tmp_path / ".longtail" / "workspace.lock"
+    code = ("import sys, time; from pathlib import Path; from pipeline.io import workspace_lock\n"
+            "with workspace_lock('pretrain', Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LongtailError, match=rf"`longtail pretrain` \(pid {holder.pid}\) is running in this "
+                                                r"workspace"):
+            with io.workspace_lock("finetune", lock):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with io.workspace_lock("finetune", lock):  # a dead holder's lock is free
+        pass
+
+
 # -- a non-finite loss stops the run (issue: NaN went unnoticed and produced a class-0 model) ------
 
 class _NaNAfter(torch.nn.Module):

@@ -1,0 +1,59 @@
+"""Issue 14.1: any number of processes may create the MLflow store and experiment at once."""
+
+import multiprocessing
+import os
+
+import pytest
+
+from pipeline import tracking
+
+REPS = int(os.environ.get("LONGTAIL_STORE_RACE_REPS", "1"))  # the issue's acceptance run: 10
+
+
+def _start(uri, barrier, errors):
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    barrier.wait()
+    try:
+        tracking.ensure_experiment("race")
+    except Exception as exc:  # report, then fail the child
+        errors.put(f"{type(exc).__name__}: {exc}"[:300])
+        os._exit(1)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("rep", range(REPS))
+def test_four_processes_start_on_a_new_store_at_once(tmp_path, rep):
+    import mlflow.tracking  # noqa: F401  imported before the fork: the children only race on the store
+
+    ctx = multiprocessing.get_context("fork")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    barrier, errors = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_start, args=(uri, barrier, errors)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    msgs = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0], msgs
+    from mlflow.tracking import MlflowClient
+
+    assert len([e for e in MlflowClient(uri).search_experiments() if e.name == "race"]) == 1
+
+
+def test_a_run_left_running_by_a_kill_is_marked_killed_on_resume(tmp_path, monkeypatch):
+    """Issue 14.6: the resumed stage's run replaces the killed one (which it re-logs, see test_training)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-killed")
+    raw = {"dataset": "digits", "loss": "ce"}
+    killed = tracking.stage_run("pretrain", raw)
+    killed.__enter__()  # a kill -9 never runs the exit
+    with tracking.stage_run("pretrain", raw) as run:
+        pass
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("longtail").experiment_id],
+                              filter_string="tags.`longtail.stage` = 'pretrain'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert {r.info.run_id for r in runs if r.info.status == "FINISHED"} == {run.run_id}
