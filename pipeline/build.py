@@ -14,6 +14,33 @@ from .errors import LongtailError
 from .params import Params
 
 
+def gpu_present() -> str:
+    """A GPU the machine has, whether or not torch can use it ("" when none is seen)."""
+    import glob
+    import os
+
+    if glob.glob("/dev/nvidia[0-9]*"):
+        return "/dev/nvidia0"
+    if os.path.exists("/dev/kfd"):
+        return "/dev/kfd (AMD)"
+    return ""
+
+
+def describe_device(device: torch.device) -> str:
+    """What a stage prints at its start: the device, with the GPU's name; a warning when the machine
+    has a GPU that torch cannot use (e.g. a driver older than the wheel's CUDA)."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return f"device cuda:{idx} ({torch.cuda.get_device_name(idx)})"
+    line = f"device {device}"
+    seen = gpu_present() if device.type == "cpu" else ""
+    if seen and not torch.cuda.is_available():
+        line += (f"\nwarning: a GPU is present ({seen}) but torch {torch.__version__} cannot use it "
+                 f"(built for CUDA {torch.version.cuda or 'none'}; is the driver too old, or the GPU not passed "
+                 "into the container with --gpus all?): training runs on the CPU")
+    return line
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

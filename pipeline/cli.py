@@ -5,13 +5,13 @@ Start-up stays fast: torch, mlflow and the stage modules are imported inside the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from .demo import DURATION as DEMO_DURATION
 from .errors import LongtailError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,6 +21,20 @@ app.add_typer(plugins_app, name="plugins")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file")
 NoTrack = typer.Option(False, "--no-track", help="do not log this stage to MLflow")
+
+
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"longtail {version('longtail')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """Long-tailed image classification: build dataset -> pretrain -> DRW fine-tune -> evaluate."""
 
 
 def _stage(name: str, params_path: Path, no_track: bool, fn, distributed_ok: bool = False):
@@ -83,6 +97,20 @@ def evaluate(params: Path = ParamsOpt, no_track: bool = NoTrack):
     _stage("evaluate", params, no_track, lambda p, log: stage.run(p, log=log))
 
 
+@app.command("export-images")
+def export_images(out: Path = typer.Argument(..., help="the folder to write (new or empty)"),
+                  dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, cifar100 or digits"),
+                  root: str = typer.Option("data/raw", "--root",
+                                           help="where the official archive is: its folder or the .tar.gz itself "
+                                                "(downloaded by torchvision when missing and online)")):
+    """Write a dataset as an image folder (train/<class>/*.png, test/<class>/*.png) for dataset=imagefolder."""
+    from .data.export import export_images as run
+
+    n = run(dataset, root, out)
+    typer.echo(f"wrote {n['train']} train and {n['test']} test images of {n['classes']} classes under {out}/; "
+               f"use it with: dvc exp run -S dataset=imagefolder -S data.root={out}")
+
+
 @app.command()
 def check(params: Path = ParamsOpt):
     """Validate params.yaml (keys, values, plugin names) without running anything."""
@@ -96,21 +124,19 @@ def check(params: Path = ParamsOpt):
                f"finetune from {p.finetune.start_epoch})")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             help=f"Run the whole pipeline as a DVC experiment on the embedded digits data ({DEMO_DURATION}).\n\n"
+                  "It runs the committed params.yaml with dataset=digits (workspace edits are undone for the "
+                  "demo), then prints the method it ran and a summary table. Extra arguments go to "
+                  "`dvc exp run`, e.g. `longtail demo -S loss=ldam`.")
 def demo(ctx: typer.Context,
          temp: bool = typer.Option(True, "--temp/--workspace",
                                    help="run in a temporary copy (default) or in this workspace")):
-    """Run the whole pipeline as a DVC experiment on the embedded digits data (about 2 minutes on 2 cores).
+    from . import demo as dm
 
-    Extra arguments go to `dvc exp run`, e.g. `longtail demo -S loss=ldam`."""
-    cmd = ["dvc", "exp", "run", "-S", "dataset=digits", *(["--temp"] if temp else []), *ctx.args]
-    typer.echo("$ " + " ".join(cmd), err=True)
-    rc = subprocess.call(cmd)
-    if rc != 0:
+    rc = dm.run(list(ctx.args), temp, typer.echo)
+    if rc:
         raise typer.Exit(rc)
-    subprocess.call(["dvc", "exp", "show", "--no-pager", "--drop", ".*",
-                     "--keep", r"Experiment|^loss$|final\.top1|final\.few|best\.top1|best\.epoch"])
-    typer.echo("Browse the runs: mlflow ui --backend-store-uri sqlite:///mlflow.db", err=True)
 
 
 @app.command()
@@ -126,11 +152,12 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
                                                     help="MLflow experiment (default: tracking.experiment of params.yaml)"),
            list_methods: bool = typer.Option(False, "--list-methods", help="print the named-method table and exit")):
     """Tables (Markdown + CSV) and figures from the finished runs in the MLflow store -> reports/."""
-    from . import report as rep
-
     if list_methods:
-        typer.echo(rep.MethodNames.load().markdown())
+        from .method_names import MethodNames
+
+        typer.echo(MethodNames.load().markdown())
         return
+    from . import report as rep
     from .tracking import fetch_artifact, finished_runs, tracking_uri
 
     if experiment is None:
@@ -162,17 +189,42 @@ def sweep(loss: Optional[str] = typer.Option(None, "--loss", help="losses, comma
           run: bool = typer.Option(False, "--run", help="also start the queue and wait for it"),
           jobs: int = typer.Option(1, "-j", "--jobs", help="queue workers with --run"),
           dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, queue nothing"),
+          executor: str = typer.Option("local", "--executor",
+                                       help="local: DVC queue workers here; slurm: one SLURM job per experiment"),
+          status: bool = typer.Option(False, "--status",
+                                      help="show the SLURM sweeps (--name: one): queued/running/done/failed per "
+                                           "experiment, job ids, a failed job's log tail"),
+          partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition (default: slurm.partition)"),
+          time_limit: Optional[str] = typer.Option(None, "--time", help="slurm: minutes or [D-]HH:MM:SS per job"),
+          gpus: Optional[int] = typer.Option(None, "--gpus", help="slurm: GPUs per job"),
+          cpus: Optional[int] = typer.Option(None, "--cpus", help="slurm: CPUs per job"),
+          mem: Optional[str] = typer.Option(None, "--mem", help="slurm: memory per job, e.g. 16G"),
+          parallel: Optional[int] = typer.Option(None, "--parallel", help="slurm: at most N jobs running at once"),
+          sbatch: List[str] = typer.Option([], "--sbatch", help="slurm: any other sbatch option, KEY=VALUE"),
           params: Path = ParamsOpt):
     """Queue a grid of DVC experiments (dvc exp run --queue -S ...), one per combination and seed.
 
     Values left out come from params.yaml. Everything is validated before anything is queued.
-    A full table is two commands: `longtail sweep ... --run` then `longtail report`."""
+    A full table is two commands: `longtail sweep ... --run` then `longtail report`.
+    On a cluster: `--executor slurm` (README: Running a sweep on a cluster)."""
     from . import sweep as sw
 
+    if status:
+        from . import slurm
+
+        slurm.check_executor(executor)
+        from .checks import yaml_load
+        from .params import experiment_name
+
+        slurm.status(name, experiment_name(yaml_load(params.read_text()) if params.exists() else {}), echo=typer.echo)
+        return
+    flags = {"partition": partition, "time": time_limit, "gpus": gpus, "cpus": cpus, "mem": mem, "parallel": parallel}
+    if executor == "local" and (any(v is not None for v in flags.values()) or sbatch):
+        raise LongtailError("--partition/--time/--gpus/--cpus/--mem/--parallel/--sbatch are for --executor slurm")
     rc = sw.main(params, losses=sw.split_list(loss, "loss"), methods=sw.split_list(method, "method"),
                  datasets=sw.split_list(dataset, "dataset"), imbalances=sw.split_list(imbalance, "imbalance"),
                  ratios=sw.split_list(ratio, "ratio"), seeds=seeds, extra=set_param, name=name, run=run,
-                 jobs=jobs, dry_run=dry_run, echo=typer.echo)
+                 jobs=jobs, dry_run=dry_run, echo=typer.echo, executor=executor, slurm_flags=flags, sbatch=sbatch)
     if rc:
         raise typer.Exit(rc)
 

@@ -3,6 +3,7 @@ power cut) and safe checkpoint reads (`torch.load(weights_only=True)`: a checkpo
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -48,6 +49,14 @@ def atomic_path(path: str | Path):
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: str | Path, header, rows) -> None:
+    """The one CSV writer: a header row, then the rows, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def save_torch(path: str | Path, obj) -> None:

@@ -134,12 +134,13 @@ def _float(value, key: str, lo: float | None = None, hi: float | None = None, lo
 
 # the keys each fixed section may hold; plugin sections are checked against the installed plugins
 TOP_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune", "losses",
-            "reweightings", "samplers", "finetunes", "tracking")
+            "reweightings", "samplers", "finetunes", "tracking", "slurm")
 SECTION_KEYS = {
     "data": ("root", "n_max"),
     "train": tuple(f.name for f in fields(Train)),
     "finetune": ("start_epoch", "reweighting", "sampler", "strategy"),
     "tracking": ("experiment",),
+    "slurm": ("partition", "time", "gpus", "cpus", "mem", "parallel", "options"),  # values: pipeline/slurm.py
 }
 # plugin-parameter sections: params.yaml key -> registry group
 PLUGIN_SECTIONS = {"losses": "losses", "reweightings": "reweighting", "samplers": "samplers",

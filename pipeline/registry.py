@@ -185,3 +185,28 @@ def check_all() -> list[Plugin]:
         except LongtailError as exc:
             p.problem = str(exc)
     return plugins
+
+
+# the params keys (dotted) that select a plugin of each group
+SELECTING_KEYS = {"losses": ("loss",), "reweighting": ("train.reweighting", "finetune.reweighting"),
+                  "samplers": ("train.sampler", "finetune.sampler"), "models": ("model.arch",),
+                  "finetune": ("finetune.strategy",)}
+
+
+def plugin_versions(raw: dict, core: str = "longtail") -> dict[str, str]:
+    """{distribution: version} of the third-party plugin packages that raw params select (e.g.
+    {"longtail-mm": "0.1.0"}): they live outside the repository, so a run records them (metadata only,
+    nothing imported). Built-ins (the `core` distribution) are pinned by the git commit."""
+    def get(key):
+        node = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    out = {}
+    for group, keys in SELECTING_KEYS.items():
+        wanted = {str(get(k)) for k in keys if get(k) is not None}
+        for ep in _entry_points(group):
+            if ep.name in wanted and ep.dist is not None and ep.dist.name != core:
+                out[ep.dist.name] = ep.dist.version
+    return dict(sorted(out.items()))

@@ -96,8 +96,8 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
                extra=()) -> list[Combo]:
     """The combinations, each validated; raises LongtailError before anything is queued."""
     from . import registry
+    from .method_names import MethodNames
     from .params import DATASETS, IMBALANCES, check_plugins, parse
-    from .report import MethodNames
 
     if losses and methods:
         raise LongtailError("give --loss or --method, not both (a method fixes its loss)")
@@ -242,9 +242,13 @@ def run_and_wait(names: list[str], jobs: int = 1, poll: float = 5.0, echo=print,
 
 
 def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, extra, name, run, jobs,
-         dry_run, echo=print) -> int:
+         dry_run, echo=print, executor: str = "local", slurm_flags: dict | None = None, sbatch=()) -> int:
     from .params import experiment_name, load
 
+    if executor != "local":
+        from . import slurm
+
+        slurm.check_executor(executor)
     if not Path("dvc.yaml").exists():
         raise LongtailError("no dvc.yaml here: run `longtail sweep` from the project root")
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
@@ -254,13 +258,16 @@ def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, 
     base = load(params).raw
     combos = build_grid(base, losses=losses, methods=methods, datasets=datasets, imbalances=imbalances,
                         ratios=ratios, seeds=seeds, extra=parse_set(extra))
+    experiment = experiment_name(base)
+    if executor == "slurm":
+        return _slurm(base, combos, name, experiment, slurm_flags or {}, sbatch, run, dry_run, echo)
     if dry_run:
         for c in combos:
             echo("dvc exp run --queue " + " ".join(c.args()))
         return 0
     from .tracking import ensure_experiment
 
-    ensure_experiment(experiment_name(base))
+    ensure_experiment(experiment)
     names = queue(combos, name, echo)
     echo(f"{len(names)} experiment(s) queued")
     if not run:
@@ -274,4 +281,33 @@ def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, 
     if not failed:
         echo("next: longtail report")
     sys.stdout.flush()
+    return 1 if failed else 0
+
+
+def _slurm(base: dict, combos: list[Combo], name, experiment: str, flags: dict, sbatch, run: bool, dry_run: bool,
+           echo) -> int:
+    """--executor slurm: one SLURM job per experiment (pipeline/slurm.py); with --run, wait for them."""
+    from . import slurm
+
+    opts = slurm.options(base.get("slurm"), flags, list(sbatch))
+    if not dry_run:
+        slurm.require("sbatch")
+        from .tracking import ensure_experiment, tracking_uri
+
+        slurm.ensure_server_experiment(experiment)
+        ensure_experiment(experiment)
+        if tracking_uri().startswith("sqlite:"):
+            echo("note: the jobs log to the project's sqlite MLflow store; with jobs on several nodes set "
+                 "MLFLOW_TRACKING_URI to the team's `mlflow server` (README: Running a sweep on a cluster)")
+    sweep = slurm.submit(combos, name, opts, experiment, echo=echo, dry_run=dry_run)
+    if dry_run or not run:
+        if not dry_run:
+            echo(f"watch it: longtail sweep --status --name {sweep.name}   (then: longtail report)")
+        return 0
+    echo(f"waiting for sweep {sweep.name} (Ctrl-C stops waiting, not the jobs)")
+    rows = slurm.wait(sweep, echo=echo)
+    slurm.print_status(sweep, rows, echo)
+    failed = [r for r in rows if r.state != "done"]
+    if not failed:
+        echo("next: longtail report")
     return 1 if failed else 0

@@ -1,6 +1,9 @@
 """The one place that talks to MLflow.
 
 Store: $MLFLOW_TRACKING_URI, else sqlite at the project root (mlflow.db; artifacts in mlartifacts/).
+In that sqlite store, artifact locations are relative to the project root ("mlartifacts/<id>"), so a
+copied or moved project (or a container with the workspace mounted elsewhere) stays self-contained;
+`mlflow ui` run at the project root serves them.
 The root is $DVC_ROOT when DVC runs the stage, so `dvc exp run --temp/--queue` (which run in a
 temporary copy) still log into the project's store. Each stage is an MLflow run, nested under one
 parent run per pipeline execution: the DVC experiment name when there is one, else a hash of the
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sqlite3
 import subprocess
 import time
 from contextlib import contextmanager
@@ -22,6 +27,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # longta
 
 GROUP_TAG = "longtail.group"
 DEFAULT_EXPERIMENT = "longtail"  # the MLflow experiment when params.yaml has no tracking.experiment
+
+# MLflow announces creating a store ("Creating initial MLflow database tables...", alembic's migration
+# lines) at INFO on every fresh store; keep warnings and errors only.
+for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def project_root() -> Path:
@@ -74,6 +84,7 @@ class StageRun:
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self.parent: StageRun | None = None  # the pipeline-execution run this stage is nested under
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -91,13 +102,66 @@ class StageRun:
         for i in range(0, len(items), 500):
             _retry(self.client.log_batch, self.run_id, metrics=items[i:i + 500])
 
+    def log_epoch(self, row: dict, **extra) -> None:
+        """One epoch's row (the trainer's 0-based `epoch` index) at step = the epoch number counted from 1,
+        the convention of the console, eval.json, history.csv and the figures."""
+        self.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, **extra}, step=int(row["epoch"]) + 1)
+
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
         _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+        path = Path(path).resolve()
+        with _at_root():
+            _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_table(self, columns: dict, artifact_file: str) -> None:
+        """One table (columns of equal length) as an MLflow table artifact (the UI's table view)."""
+        with _at_root():
+            _retry(self.client.log_table, self.run_id, columns, artifact_file)
+
+    def log_history(self, history: list[dict]) -> None:
+        """Many epochs' rows at once (as `log_epoch`: step = epoch number from 1)."""
+        ts = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
+        items = [Metric(k, float(v), ts, int(row["epoch"]) + 1) for row in history for k, v in row.items()
+                 if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            _retry(self.client.log_batch, self.run_id, metrics=items[i:i + 500])
+
+
+@contextmanager
+def _at_root():
+    """Artifact locations are relative to the project root: resolve them there, not in a DVC temp copy."""
+    old = os.getcwd()
+    os.chdir(project_root())
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _portable(uri: str, exp_id: str) -> None:
+    """Store the experiment's artifact location relative to the project root ("mlartifacts/<id>"; MLflow
+    itself only stores absolute ones), and hide the `Default` experiment MLflow creates with the
+    store (its location is wherever the first process happened to run, e.g. a deleted DVC temp copy)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    con = sqlite3.connect(uri[len("sqlite:///"):], timeout=60)
+    try:
+        with con:
+            for eid in {"0", str(exp_id)}:
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ? "
+                            "AND artifact_location NOT LIKE 'mlartifacts/%' "
+                            "AND (artifact_location LIKE 'file:%' OR artifact_location LIKE '/%')",
+                            (f"mlartifacts/{eid}", int(eid)))
+            con.execute("UPDATE experiments SET lifecycle_stage = 'deleted' WHERE experiment_id = 0 "
+                        "AND lifecycle_stage = 'active' AND NOT EXISTS (SELECT 1 FROM runs WHERE experiment_id = 0)")
+    finally:
+        con.close()
 
 
 @contextmanager
@@ -133,12 +197,19 @@ def client_and_experiment(name: str):
 
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
-    except Exception:  # created meanwhile by a parallel run
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        # a local store keeps artifacts in the project (made relative by _portable); a tracking server
+        # uses its own (shared) artifact root
+        local = tracking_uri().startswith(("sqlite:", "file:", "/"))
+        try:
+            exp_id = client.create_experiment(
+                name, artifact_location=(project_root() / "mlartifacts").as_uri() if local else None)
+        except Exception:  # created meanwhile by a parallel run
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    _retry(_portable, tracking_uri(), exp_id)
+    return exp_id
 
 
 def _group(raw_params: dict) -> tuple[str, str]:
@@ -150,21 +221,61 @@ def _group(raw_params: dict) -> tuple[str, str]:
     return f"repro-{digest}", commit
 
 
+# what a user compares in the runs table: copied from the evaluate run onto the parent run
+PARENT_METRICS = ("final_top1", "best_top1", "final_many", "final_medium", "final_few", "final_error", "best_error",
+                  "final_epoch", "best_epoch")
+
+
+def _run_tags(raw_params: dict, group: str, commit: str) -> dict:
+    from .method_names import MethodNames, flatten
+    from .registry import plugin_versions
+
+    flat = flatten(raw_params)
+    try:
+        method = MethodNames.load().name(flat)
+    except Exception:  # an unreadable method_names.yaml must not stop training
+        method = str(raw_params.get("loss"))
+    plugins = plugin_versions(raw_params)
+    return {GROUP_TAG: group, "longtail.commit": commit, "mlflow.source.git.commit": commit,
+            "longtail.dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "method": method,
+            "dataset": raw_params.get("dataset"), "imbalance": raw_params.get("imbalance"),
+            "ratio": raw_params.get("ratio"), "seed": raw_params.get("seed"),
+            "longtail.dataset": raw_params.get("dataset"), "longtail.loss": raw_params.get("loss"),
+            "longtail.plugins": ", ".join(f"{d} {v}" for d, v in plugins.items()) or "built-in only",
+            **{f"longtail.plugin.{d}": v for d, v in plugins.items()}}
+
+
+def _wall_seconds(client, exp_id: str, group: str, now_ms: int) -> float:
+    """Wall time of the pipeline: the latest run of each stage of this group, end - start, summed."""
+    latest: dict = {}
+    for r in _retry(client.search_runs, [exp_id], max_results=1000,
+                    filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.stage` != ''"):
+        stage = r.data.tags.get("longtail.stage")
+        if stage and (stage not in latest or r.info.start_time > latest[stage].info.start_time):
+            latest[stage] = r
+    return sum(((r.info.end_time or now_ms) - r.info.start_time) / 1000 for r in latest.values())
+
+
 @contextmanager
 def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT):
-    """Open an MLflow run for one stage, nested under its pipeline-execution parent run."""
+    """Open an MLflow run for one stage, nested under its pipeline-execution parent run. The parent
+    carries what a user compares (method, dataset, imbalance, ratio, seed as tags; final / best top-1,
+    many / medium / few, wall time as metrics); it ends FINISHED after the evaluate stage, FAILED when a
+    stage fails, and is RUNNING in between."""
     client, exp_id = client_and_experiment(experiment)
     group, commit = _group(raw_params)
-    tags = {GROUP_TAG: group, "longtail.commit": commit, "mlflow.source.git.commit": commit,
-            "longtail.dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
-            "longtail.dataset": raw_params.get("dataset"), "longtail.loss": raw_params.get("loss")}
+    tags = _run_tags(raw_params, group, commit)
     parents = _retry(client.search_runs, [exp_id],
                      filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'",
                      max_results=1)
     if parents:
         parent_id = parents[0].info.run_id
+        if parents[0].info.status != "RUNNING":
+            _retry(client.update_run, parent_id, status="RUNNING")
     else:
-        parent = _retry(client.create_run, exp_id, run_name=group, tags={**tags, "longtail.parent": "true"})
+        name = (f"{tags['method']} · {tags['dataset']} {tags['imbalance']} {tags['ratio']} · seed {tags['seed']} "
+                f"· {group}")
+        parent = _retry(client.create_run, exp_id, run_name=name, tags={**tags, "longtail.parent": "true"})
         parent_id = parent.info.run_id
         StageRun(client, parent_id).log_params(raw_params)
     # a run of this stage left RUNNING by a killed process: mark it KILLED (the workspace lock rules out
@@ -177,6 +288,7 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
     run = _retry(client.create_run, exp_id, run_name=f"{group}/{stage}",
                  tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id})
     handle = StageRun(client, run.info.run_id)
+    handle.parent = StageRun(client, parent_id)
     handle.log_params(raw_params)
     status = "FAILED"
     try:
@@ -184,6 +296,14 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
         status = "FINISHED"
     finally:
         _retry(client.set_terminated, run.info.run_id, status)
+        if status == "FAILED":
+            _retry(client.set_terminated, parent_id, "FAILED")
+        elif stage == "evaluate":
+            metrics = _retry(client.get_run, run.info.run_id).data.metrics
+            now = int(time.time() * 1000)
+            handle.parent.log_metrics({**{k: metrics[k] for k in PARENT_METRICS if k in metrics},
+                                       "wall_seconds": _wall_seconds(client, exp_id, group, now)})
+            _retry(client.set_terminated, parent_id, "FINISHED")
 
 
 def ensure_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:
@@ -218,12 +338,35 @@ def finished_runs(stage: str = "evaluate", experiment: str = DEFAULT_EXPERIMENT)
             return out
 
 
+def parent_summary(group: str, experiment: str = "longtail") -> dict | None:
+    """The parent run of one pipeline execution (a DVC experiment name) as a flat dict: its tags
+    (method, dataset, imbalance, ratio, seed) and its metrics; None when it is not in the store."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return None
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1,
+                              filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'")
+    if not runs:
+        return None
+    r = runs[0]
+    return {**{k: r.data.tags.get(k) for k in ("method", "dataset", "imbalance", "ratio", "seed")},
+            **r.data.metrics, "status": r.info.status, "experiment_id": exp.experiment_id}
+
+
 def fetch_artifact(run_id: str, path: str, dst: str | Path) -> Path | None:
     """Download one artifact of a run into dst (a folder); None when the run has no such artifact."""
     from mlflow.tracking import MlflowClient
 
-    Path(dst).mkdir(parents=True, exist_ok=True)
+    dst = Path(dst).resolve()
+    dst.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(MlflowClient(tracking_uri=tracking_uri()).download_artifacts(run_id, path, str(dst)))
+        with _at_root():
+            return Path(MlflowClient(tracking_uri=tracking_uri()).download_artifacts(run_id, path, str(dst)))
     except Exception:  # missing artifact: mlflow raises its own (store-dependent) exception types
         return None

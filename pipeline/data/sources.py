@@ -69,6 +69,8 @@ def _read_cifar_members(name: str, root: str):
     folder, archive, train, test, _, meta, _ = CIFAR[name]
     members = train + [test, meta]
     d = os.path.join(root, folder)
+    if os.path.isfile(root):  # data.root names the archive itself, wherever it is
+        root, archive = os.path.dirname(root) or ".", os.path.basename(root)
     if os.path.isdir(d):
         out = {}
         for m in members:
@@ -109,10 +111,10 @@ def load_cifar(name: str, root: str) -> RawData:
             _download_cifar(name, root)
         except Exception as e:
             raise LongtailError(
-                f"{name} not found under {os.path.abspath(root)} and the download failed "
-                f"({type(e).__name__}: {e}); put {archive} (or its extracted {folder}/) in {os.path.abspath(root)}, "
-                f"or use dataset=imagefolder with data.root=<dir holding train/<class>/ and test/<class>/> "
-                f"(e.g. the CIFAR-10 JPEG tree of ../shared/data/cifar10-jpeg.tar.xz unpacked to data/raw/cifar10-jpeg)"
+                f"{name} not found under {os.path.abspath(root)} and torchvision's download failed "
+                f"({type(e).__name__}: {e}); put the official {archive} (or its extracted {folder}/) there, "
+                f"or set data.root to the archive wherever it is (-S data.root=/path/to/{archive}), "
+                f"or use dataset=imagefolder with data.root=<your dir holding train/<class>/ and test/<class>/>"
             ) from None
         blobs, where = _read_cifar_members(name, root)
         if blobs is None:

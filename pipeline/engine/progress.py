@@ -1,5 +1,7 @@
 """Progress output: one line per epoch (epoch, loss, accuracy, images/s, time left); on a terminal
-also an in-place step counter within the epoch."""
+also an in-place step counter within the epoch. Epochs count the whole schedule from 1 ("epoch
+3/200"); the time left is this stage's, so it names the epoch the stage ends at when that is not
+the last one ("left 4m10s to epoch 160")."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Progress:
         test = f" test {100 * row['test_acc']:.2f}%" if "test_acc" in row else ""
         line = (f"{self.stage} epoch {row['epoch'] + 1}/{self.total} lr {row['lr']:.5f} "
                 f"loss {row['train_loss']:.4f} train {100 * row['train_acc']:.2f}%{test} "
-                f"{row['images_per_s']:.0f} img/s left {_hms(left)}")
+                f"{row['images_per_s']:.0f} img/s left {_hms(left)}"
+                + (f" to epoch {self.until}" if self.until != self.total else ""))
         self.stream.write(("\r" if self.tty else "") + line + "\n")
         self.stream.flush()

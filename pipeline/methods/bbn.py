@@ -91,7 +91,7 @@ class BBNSteps:
         t, cfg = self.t, self.t.cfg
         self.alpha = bbn_alpha(epoch, cfg.epochs)
         if self.log is not None:
-            self.log.log_metrics({"bbn_alpha": self.alpha}, step=epoch)
+            self.log.log_metrics({"bbn_alpha": self.alpha}, step=epoch + 1)  # epoch numbers from 1
         order_c = self.conventional.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
         order_r = self.rebalancing.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
         n = min(len(order_c), len(order_r))

@@ -111,7 +111,7 @@ def epoch_logger(ctx, name: str, first: int, last: int):
     def on_epoch(row):
         progress.epoch(row)
         if ctx.log is not None:
-            ctx.log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            ctx.log.log_epoch(row)
 
     on_batch = progress.batch if ctx.fit_kwargs.get("on_batch") is not None else None
     return on_epoch, on_batch

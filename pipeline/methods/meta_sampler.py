@@ -170,7 +170,7 @@ class MetaSampler:
                 rates = training.sampler.rates().tolist()
                 meta = sum(training.meta_losses) / max(len(training.meta_losses), 1)
                 ctx.log.log_metrics({"meta_loss": meta, **{f"sampler_rate/{j:03d}": r for j, r in enumerate(rates)}},
-                                    step=row["epoch"])
+                                    step=row["epoch"] + 1)  # epoch numbers from 1
 
         ctx.fit(training, first + epochs, on_epoch=log_epoch, on_batch=on_batch)
         self.rates = training.sampler.rates().tolist()

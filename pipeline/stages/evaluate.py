@@ -4,33 +4,27 @@ is optimistic; both are written, and the metrics say which is which."""
 
 from __future__ import annotations
 
-import csv
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from .. import figures, io
-from ..build import device_data, pick_device
-from ..engine.inference import batched
+from ..build import describe_device, device_data, pick_device
 from ..data.store import load_dataset
+from ..engine.inference import batched
 from ..engine.metrics import classification_report, sample_margins
 from ..engine.trainer import best_model, eval_batch_size
 from ..errors import LongtailError
 from ..params import Params
 from ..registry import build as build_plugin
+from ..registry import plugin_versions
 from .training import DATASET, FINAL
 
 METRICS = Path("metrics/eval.json")
 PLOTS = Path("plots")
 SUMMARY_KEYS = ("top1", "error", "many", "medium", "few")
-
-
-def _write_csv(path: Path, header: list[str], rows) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metrics: Path = METRICS,
@@ -41,6 +35,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     if meta.get("class_counts") != ds.class_counts:
         raise LongtailError(f"{final} was trained on other data than {dataset}: re-run `dvc repro`")
     device = pick_device(p.train.device)
+    print(f"evaluate: {describe_device(device)}", file=sys.stderr, flush=True)
     torch.manual_seed(0)
     model = build_plugin("models", meta["arch"], len(ds.class_counts), meta["in_channels"], meta["head"],
                          params=meta["model_params"], param_key="model")
@@ -65,23 +60,25 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     history = state["history"]
     evaluated = [r["epoch"] for r in history if "test_acc" in r]
     result = {
-        "final": {"epoch": state["epoch"] - 1, **{k: rep_final[k] for k in SUMMARY_KEYS}},
-        "best": {"epoch": state["best"]["epoch"], **{k: rep_best[k] for k in SUMMARY_KEYS}},
+        # epochs are numbered from 1 everywhere a user reads them (console, here, history.csv, MLflow, figures)
+        "final": {"epoch": state["epoch"], **{k: rep_final[k] for k in SUMMARY_KEYS}},
+        "best": {"epoch": state["best"]["epoch"] + 1, **{k: rep_best[k] for k in SUMMARY_KEYS}},
         "epochs_evaluated": len(evaluated),
         "shots": {g: rep_final[f"{g}_classes"] for g in ("many", "medium", "few")},
         "precision": precision,
-        "note": "best = the best test accuracy over the evaluated epochs (what LDAM-DRW-style papers report; "
-                "optimistic); final = the last epoch",
     }
+    plugins = plugin_versions(p.raw)
+    if plugins:  # third-party plugin packages live outside the repository: record what ran
+        result["provenance"] = {"plugins": plugins}
     io.write_json(metrics, result)
 
     classes = ds.classes
-    _write_csv(plots / "per_class.csv", ["class", "name", "train_images", "acc_final", "acc_best"],
+    io.write_csv(plots / "per_class.csv", ["class", "name", "train_images", "acc_final", "acc_best"],
                [[i, classes[i], ds.class_counts[i], rep_final["per_class"][i], rep_best["per_class"][i]]
                 for i in range(len(classes))])
-    _write_csv(plots / "history.csv", ["epoch", "lr", "train_loss", "train_acc", "test_acc"],
-               [[r["epoch"], r["lr"], r["train_loss"], r["train_acc"], r.get("test_acc", "")] for r in history])
-    _write_csv(plots / "confusion.csv", ["actual", "predicted"],
+    io.write_csv(plots / "history.csv", ["epoch", "lr", "train_loss", "train_acc", "test_acc"],
+               [[r["epoch"] + 1, r["lr"], r["train_loss"], r["train_acc"], r.get("test_acc", "")] for r in history])
+    io.write_csv(plots / "confusion.csv", ["actual", "predicted"],
                [[classes[a], classes[b]] for a, b in zip(y.tolist(), final_pred.tolist())])
     figures.curves(history, p.finetune.start_epoch, plots / "curves.png")
     figures.per_class(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
@@ -91,7 +88,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
                          plots / "acc_vs_count.png")
     # per-sample margins z_y - max_{j != y} z_j of the final model (cosine units for cosine heads)
     margins = sample_margins(final_logits, y)
-    _write_csv(plots / "margins.csv", ["class", "margin"], [[int(c), f"{m:.6g}"] for c, m in zip(y.tolist(), margins)])
+    io.write_csv(plots / "margins.csv", ["class", "margin"], [[int(c), f"{m:.6g}"] for c, m in zip(y.tolist(), margins)])
     figures.margins([margins[y == c] for c in range(len(classes))], ds.class_counts, classes, plots / "margins.png",
                     unit="cosine" if str(meta.get("head")) == "cosine" else "logits")
 
@@ -101,13 +98,19 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
         flat.update({f"class_acc_final/{i:03d}": a for i, a in enumerate(rep_final["per_class"]) if a is not None})
         flat.update({f"class_acc_best/{i:03d}": a for i, a in enumerate(rep_best["per_class"]) if a is not None})
         log.log_metrics(flat)
+        log.log_table({"class": list(range(len(classes))), "name": [str(c) for c in classes],
+                       "train_images": list(ds.class_counts),
+                       "acc_final": rep_final["per_class"], "acc_best": rep_best["per_class"]},
+                      "evaluation/per_class_table.json")
+        if log.parent is not None:  # the whole schedule (pretrain + finetune) on the pipeline's run
+            log.parent.log_history(history)
         for f in (metrics, plots / "per_class.csv", plots / "history.csv", plots / "curves.png",
                   plots / "per_class.png", plots / "confusion.png", plots / "confusion.csv", plots / "acc_vs_count.png",
                   plots / "margins.csv", plots / "margins.png"):
             log.log_artifact(f, "evaluation")
-    print(f"evaluate: final epoch {result['final']['epoch'] + 1}: top-1 {100 * rep_final['top1']:.2f}% "
+    print(f"evaluate: final epoch {result['final']['epoch']}: top-1 {100 * rep_final['top1']:.2f}% "
           f"(many {_pct(rep_final['many'])} / medium {_pct(rep_final['medium'])} / few {_pct(rep_final['few'])}); "
-          f"best epoch {result['best']['epoch'] + 1}: top-1 {100 * rep_best['top1']:.2f}%")
+          f"best epoch {result['best']['epoch']}: top-1 {100 * rep_best['top1']:.2f}%")
     return result
 
 

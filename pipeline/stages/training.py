@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .. import io, registry
-from ..build import augmentation, build_loss, build_model, build_policy, device_data, pick_device
+from ..build import (augmentation, build_loss, build_model, build_policy, describe_device, device_data,
+                     pick_device)
 from ..data.store import load_dataset
 from ..engine import distributed
 from ..engine.progress import Progress
@@ -125,6 +126,9 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         raise ValueError(stage)
     trainer, meta = setup(p, dataset)
     trainer.stage = stage
+    warning = describe_device(trainer.device).partition("\n")[2]  # a GPU torch cannot use
+    if warning and distributed.is_main():
+        print(f"{stage}: {warning}", file=sys.stderr, flush=True)
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
     out = pretrain if stage == "pretrain" else final
     fingerprint = _fingerprint(stage, p, dataset)
@@ -158,7 +162,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             first = 0 if stage == "pretrain" else p.finetune.start_epoch
             for row in trainer.history:
                 if first <= row["epoch"] < trainer.epoch:
-                    log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+                    log.log_epoch(row)  # as the live epochs: step = epoch from 1
 
     if stage == "pretrain":
         load_resume()
@@ -175,7 +179,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         if main:
             progress.epoch(row)
         if log is not None:
-            log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            log.log_epoch(row)
 
     progress = Progress(stage, trainer.epoch, until, p.train.epochs)  # (finetune: from the stage-1 end)
     if main:

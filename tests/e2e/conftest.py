@@ -37,6 +37,8 @@ def make_repo(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for f in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / f, path / f)
+    # the stages depend on the project code they run (hashed only; the installed package runs)
+    shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     sh(["git", "init", "-q"], path)
     sh(["dvc", "init", "-q"], path)
     sh(["dvc", "config", "core.analytics", "false"], path)

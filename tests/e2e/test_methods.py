@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.params import override as _apply, parse
-from pipeline.report import MethodNames
+from pipeline.method_names import MethodNames
 from pipeline.stages import build_dataset, evaluate, training
 from pipeline.tracking import stage_run
 

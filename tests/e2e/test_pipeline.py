@@ -31,12 +31,17 @@ def test_outputs_metrics_and_plots(ran):
     assert counts["dataset"] == "digits" and counts["train_images"] == sum(counts["class_counts"])
     assert counts["class_counts"][0] / counts["class_counts"][-1] == pytest.approx(100, rel=0.5)
     m = json.loads((repo / "metrics/eval.json").read_text())
-    assert m["final"]["epoch"] == 7 and 0 <= m["best"]["epoch"] <= 7
+    # epochs are numbered from 1 everywhere: console, eval.json, history.csv, MLflow steps, figures
+    assert m["final"]["epoch"] == 8 and 1 <= m["best"]["epoch"] <= 8
+    assert "note" not in m and "provenance" not in m  # no prose in metrics; built-in plugins only
     assert 0.0 <= m["final"]["top1"] <= 1.0 and m["final"]["error"] == pytest.approx(1 - m["final"]["top1"])
-    assert m["best"]["top1"] >= m["final"]["top1"] - 1e-9 or m["best"]["epoch"] == 7
+    assert m["best"]["top1"] >= m["final"]["top1"] - 1e-9 or m["best"]["epoch"] == 8
     assert set(m["shots"]) == {"many", "medium", "few"} and sum(m["shots"].values()) == 10
     history = (repo / "plots/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and len(history) == 1 + 8
+    assert [int(line.split(",")[0]) for line in history[1:]] == list(range(1, 9))
+    for f in ("metrics/eval.json", "plots/history.csv", "plots/curves.png", "models/final.pt"):
+        assert (repo / f).stat().st_mode & 0o777 == 0o644, f  # readable by an MLflow server / other users
     assert len((repo / "plots/per_class.csv").read_text().splitlines()) == 11
     for png in ("curves.png", "per_class.png", "confusion.png"):
         assert (repo / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -45,14 +50,24 @@ def test_outputs_metrics_and_plots(ran):
     assert "pretrain epoch 6/8" in out.stderr and "img/s left" in out.stderr
 
 
-def test_mlflow_has_every_stage_with_curves_and_per_class_results(ran):
+def test_mlflow_has_every_stage_with_curves_and_per_class_results(ran, monkeypatch):
     repo, _ = ran
+    monkeypatch.chdir(repo)  # artifact locations are relative to the project root, where `mlflow ui` runs
     client = _client(repo)
     exp = client.get_experiment_by_name("longtail")
     runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'first'")
     by_stage = {r.data.tags.get("longtail.stage", "parent"): r for r in runs}
     assert set(by_stage) == {"parent", "build-dataset", "pretrain", "finetune", "evaluate"}
-    parent = by_stage.pop("parent").info.run_id
+    parent_run = by_stage.pop("parent")
+    parent = parent_run.info.run_id
+    # the parent run is what the runs table compares: finished, named, with the headline numbers
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags["method"] == "ERM-DRW" and parent_run.data.tags["dataset"] == "digits"
+    assert parent_run.info.run_name.startswith("ERM-DRW · digits exp 100 · seed 0")
+    assert {"final_top1", "best_top1", "final_many", "final_medium", "final_few", "wall_seconds"} <= set(
+        parent_run.data.metrics)
+    whole = client.get_metric_history(parent, "train_loss")  # the whole schedule in one place
+    assert [m.step for m in whole] == list(range(1, 9))
     for run in by_stage.values():
         assert run.data.tags["mlflow.parentRunId"] == parent
         assert run.info.status == "FINISHED"
@@ -60,14 +75,18 @@ def test_mlflow_has_every_stage_with_curves_and_per_class_results(ran):
         assert len(run.data.tags["longtail.commit"]) == 40
     pre = client.get_metric_history(by_stage["pretrain"].info.run_id, "test_acc")
     fin = client.get_metric_history(by_stage["finetune"].info.run_id, "test_acc")
-    assert [m.step for m in pre] == list(range(6)) and [m.step for m in fin] == [6, 7]
+    assert [m.step for m in pre] == list(range(1, 7)) and [m.step for m in fin] == [7, 8]
     lr = client.get_metric_history(by_stage["pretrain"].info.run_id, "lr")
     assert [m.value for m in lr][:2] == pytest.approx([0.1, 0.1])
     ev = by_stage["evaluate"].data.metrics
     assert {f"class_acc_final/{i:03d}" for i in range(10)} <= set(ev)
     assert ev["final_top1"] == pytest.approx(json.loads((repo / "metrics/eval.json").read_text())["final"]["top1"])
     arts = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluation")}
-    assert {"evaluation/confusion.png", "evaluation/curves.png", "evaluation/eval.json"} <= arts
+    assert {"evaluation/confusion.png", "evaluation/curves.png", "evaluation/eval.json",
+            "evaluation/per_class_table.json"} <= arts
+    # artifact locations are relative to the project root; no visible Default experiment
+    assert exp.artifact_location == f"mlartifacts/{exp.experiment_id}"
+    assert [e.name for e in client.search_experiments()] == ["longtail"]
 
 
 def _stages_changed(repo: Path) -> set[str]:
@@ -103,6 +122,33 @@ def test_each_stage_depends_on_exactly_the_params_it_reads(ran, key, value, expe
         (repo / "params.yaml").write_text(original)
 
 
+@pytest.mark.parametrize("code, expected", [
+    ("pipeline/methods/losses.py", {"pretrain", "finetune"}),  # a loss's code re-runs training
+    ("pipeline/figures.py", {"evaluate"}),
+    ("pipeline/data/profiles.py", {"build_dataset"}),
+])
+def test_each_stage_depends_on_the_code_it_runs(ran, code, expected):
+    repo, _ = ran
+    original = (repo / code).read_text()
+    assert _stages_changed(repo) == set()
+    try:
+        (repo / code).write_text(original + "\n# changed\n")
+        assert _stages_changed(repo) == expected
+    finally:
+        (repo / code).write_text(original)
+
+
+def test_readme_diff_commands_work_with_two_experiment_names(ran):
+    repo, _ = ran
+    sh(["dvc", "exp", "run", "-n", "other", *set_params(FAST), "-S", "seed=3"], repo)
+    for cmd in (["dvc", "exp", "diff", "first", "other"], ["dvc", "metrics", "diff", "first", "other"]):
+        out = sh(cmd, repo)
+        assert "final.top1" in out.stdout, cmd
+    sh(["dvc", "plots", "diff", "first", "other", "-o", "diffplots"], repo)
+    page = (repo / "diffplots" / "index.html").read_text()
+    assert "first" in page and "other" in page
+
+
 def test_changing_the_finetune_reweighting_reruns_only_finetune_and_evaluate(ran):
     repo, _ = ran
     out = sh(["dvc", "exp", "run", "-n", "second", *set_params(FAST), "-S", "finetune.reweighting=none"], repo)
@@ -116,8 +162,9 @@ def test_changing_the_finetune_reweighting_reruns_only_finetune_and_evaluate(ran
     assert {r.data.tags.get("longtail.stage", "parent") for r in runs} == {"parent", "finetune", "evaluate"}
 
 
-def test_temp_experiment_logs_into_the_project_store(ran):
+def test_temp_experiment_logs_into_the_project_store(ran, monkeypatch):
     repo, _ = ran
+    monkeypatch.chdir(repo)
     sh(["dvc", "exp", "run", "--temp", "-n", "tempexp", *set_params(FAST), "-S", "seed=1"], repo)
     client = _client(repo)
     exp = client.get_experiment_by_name("longtail")

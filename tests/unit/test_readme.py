@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from pipeline.report import MethodNames
+from pipeline.method_names import MethodNames
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -215,6 +215,19 @@ def test_runs_differing_in_other_params_get_separate_rows(default_params):
     assert only.rows == ["ERM-DRW"] and len(only.runs) == 2
 
 
+def test_every_row_states_where_it_differs_from_the_common_settings(default_params, tmp_path):
+    """Issue 12.13: ERM-DRW at 8 epochs next to LDAM-DRW / HMM-DRW at 12 must not read as a method effect."""
+    mm = {"loss": "mm", "losses.mm.variant": "hmm", "losses.mm.as_released": False}
+    runs = [run(flat(default_params, seed=0, **{"train.epochs": 8}), {"best_error": 0.3}, start=1),
+            run(flat(default_params, seed=0, loss="ldam", **{"train.epochs": 12}), {"best_error": 0.3}, start=2),
+            run(flat(default_params, seed=0, **mm, **{"train.epochs": 12}), {"best_error": 0.3}, start=3)]
+    t = report.build_table(runs)
+    assert t.rows == ["ERM-DRW [train.epochs=8]", "LDAM-DRW", "HMM-DRW"]
+    assert t.common == {"train.epochs": 12.0}
+    report.generate(runs, tmp_path)
+    assert "common settings: train.epochs=12." in (tmp_path / "table.md").read_text()
+
+
 def test_no_runs_is_a_one_line_error(tmp_path):
     with pytest.raises(LongtailError, match="no finished evaluate runs"):
         report.generate([], tmp_path)

@@ -23,8 +23,13 @@ class RecordingLog:
     def __init__(self):
         self.metrics, self.artifacts = [], []
 
+    parent = None
+
     def log_metrics(self, metrics, step=None):
         self.metrics.append((dict(metrics), step))
+
+    def log_epoch(self, row, **extra):  # as tracking.StageRun: step = epoch number from 1
+        self.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, **extra}, step=row["epoch"] + 1)
 
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append((str(path), artifact_path))

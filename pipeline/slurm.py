@@ -1,0 +1,599 @@
+"""`longtail sweep --executor slurm`: one SLURM job per experiment, submitted through submitit.
+
+Where things live (the project directory must be on a filesystem the compute nodes share, as home and
+scratch directories are on a cluster):
+
+    .longtail/slurm/<sweep>/sweep.json     the experiments, their -S values, commit and SLURM job ids
+    .longtail/slurm/<sweep>/jobs/<job id>/  submitit's files per job: the sbatch script, the job's log
+    .longtail/slurm/<sweep>/ws/<exp>/       the experiment's workspace while it is unfinished
+
+A job runs its experiment in its own workspace: a `git clone --shared` of the project at the
+submitted commit, whose DVC cache is the project's cache (`cache.dir` in .dvc/config.local). There it
+runs `dvc exp run -n <exp> -S ...` with the same -S values the local queue would get, then
+`dvc exp push --no-cache <project> <exp>` puts the experiment's Git ref into the project, so it shows in
+the user's `dvc exp show` without a pull. The cache, the run cache included, is shared, so outputs
+need no copying and a re-run stage that already ran anywhere is restored instead of trained.
+
+Why a workspace of its own rather than `dvc exp run --temp`: several `--temp` runs in one repository
+share one stash and take each other's entries, and a temp copy is deleted with its resume
+checkpoint. The workspace survives a killed job, so the re-submitted job resumes from
+`.longtail/resume/` in it. It is removed once the experiment is in the project.
+
+MLflow: jobs log where the submitting shell's MLFLOW_TRACKING_URI points (a team's `mlflow
+server`), else to the project's sqlite store. A job killed by the scheduler leaves its stage run
+RUNNING; the next job of that experiment (and `longtail sweep --status`) marks it KILLED, so no run
+stays RUNNING and the re-run stage logs a fresh run under the same parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LongtailError
+
+EXECUTORS = ("local", "slurm")
+STATE_DIR = Path(".longtail/slurm")
+DEFAULTS = {"partition": None, "time": 240, "gpus": 0, "cpus": 2, "mem": None, "parallel": 0, "options": {}}
+ACTIVE = {"PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
+          "REQUEUE_FED": "queued", "RESIZING": "queued", "SUSPENDED": "queued", "RUNNING": "running",
+          "COMPLETING": "running", "STAGE_OUT": "running", "SIGNALING": "running"}
+
+
+def check_executor(name: str) -> str:
+    if name not in EXECUTORS:
+        raise LongtailError(f"unknown executor {name!r} (valid: {', '.join(EXECUTORS)})")
+    return name
+
+
+# -- options -------------------------------------------------------------------------------------
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    time: int = 240  # minutes
+    gpus: int = 0
+    cpus: int = 2
+    mem: str | None = None
+    parallel: int = 0  # 0 = no limit
+    options: dict = field(default_factory=dict)  # any other sbatch option, without the dashes
+
+    def submitit(self, name: str, n_jobs: int) -> dict:
+        kw = {"job_name": f"lt-{name}", "time": self.time, "cpus_per_task": self.cpus, "nodes": 1,
+              "ntasks_per_node": 1, "stderr_to_stdout": True,
+              "array_parallelism": self.parallel or max(n_jobs, 1)}
+        if self.partition:
+            kw["partition"] = self.partition
+        if self.gpus:
+            kw["gpus_per_node"] = self.gpus
+        if self.mem:
+            kw["mem"] = self.mem
+        if self.options:
+            kw["additional_parameters"] = dict(self.options)
+        return kw
+
+    def describe(self) -> str:
+        parts = [f"partition={self.partition or '(default)'}", f"time={self.time} min", f"cpus={self.cpus}",
+                 f"gpus={self.gpus}", f"mem={self.mem or '(default)'}",
+                 f"parallel={self.parallel or 'unlimited'}"]
+        parts += [f"--{k}={v}" for k, v in self.options.items()]
+        return ", ".join(parts)
+
+
+def parse_time(value) -> int:
+    """Minutes from 90, "90", "1:30:00" (H:MM:SS) or "2-00:00:00" (D-HH:MM:SS)."""
+    text = str(value).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{1,2}):(\d{1,2})", text)
+    if m:
+        d, h, mi, s = (int(x or 0) for x in m.groups())
+        minutes = d * 1440 + h * 60 + mi + (1 if s else 0)
+    elif re.fullmatch(r"\d+", text):
+        minutes = int(text)
+    else:
+        raise LongtailError(f"slurm time must be minutes (e.g. 240) or [D-]HH:MM:SS, got {value!r}")
+    if minutes < 1:
+        raise LongtailError(f"slurm time must be at least 1 minute, got {value!r}")
+    return minutes
+
+
+def _count(key: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, str) and value.isdigit()):
+        raise LongtailError(f"slurm {key} must be a whole number >= {low}, got {value!r}")
+    if int(value) < low:
+        raise LongtailError(f"slurm {key} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+def options(section: dict | None, flags: dict, extra: list[str] = ()) -> SlurmOptions:
+    """params.yaml `slurm:` (defaults), overridden by the flags that were given (not None) and by
+    --sbatch KEY=VALUE options."""
+    section = dict(section or {})
+    unknown = sorted(set(section) - set(DEFAULTS))
+    if unknown:
+        raise LongtailError(f"slurm.{unknown[0]}: unknown key (valid: {', '.join(DEFAULTS)})")
+    merged = {**DEFAULTS, **section, **{k: v for k, v in flags.items() if v is not None}}
+    extra_opts = dict(merged["options"] or {})
+    if not isinstance(extra_opts, dict):
+        raise LongtailError(f"slurm.options must be a mapping of sbatch options, got {merged['options']!r}")
+    for item in extra:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise LongtailError(f"--sbatch takes KEY=VALUE (an sbatch option without dashes), got {item!r}")
+        extra_opts[key] = value
+    for key in extra_opts:
+        if key.replace("-", "_") in ("array", "output", "error", "job_name", "signal", "open_mode"):
+            raise LongtailError(f"sbatch option --{key} is set by longtail itself; leave it out")
+    part = merged["partition"]
+    if part is not None and (not isinstance(part, str) or not re.fullmatch(r"[\w.,-]+", part)):
+        raise LongtailError(f"slurm partition must be a partition name, got {part!r}")
+    mem = merged["mem"]
+    if mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(mem)):
+        raise LongtailError(f"slurm mem must be like 16G or 4000M, got {mem!r}")
+    return SlurmOptions(partition=part, time=parse_time(merged["time"]), gpus=_count("gpus", merged["gpus"], 0),
+                        cpus=_count("cpus", merged["cpus"], 1), mem=None if mem is None else str(mem),
+                        parallel=_count("parallel", merged["parallel"], 0), options=extra_opts)
+
+
+# -- the project and its sweeps ------------------------------------------------------------------
+
+def _git(args: list[str], cwd: Path | str = ".", check: bool = True) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise LongtailError(f"`git {' '.join(args)}` failed: {msg[-1] if msg else out.returncode}")
+    return out.stdout.strip()
+
+
+def exp_ref(commit: str, name: str) -> str:
+    """The Git ref DVC gives experiment `name` of baseline `commit`."""
+    return f"refs/exps/{commit[:2]}/{commit[2:]}/{name}"
+
+
+def has_ref(repo: Path | str, ref: str) -> bool:
+    return subprocess.run(["git", "show-ref", "--verify", "--quiet", ref], cwd=repo).returncode == 0
+
+
+def _cache_dir(project: Path) -> Path:
+    """The project's DVC cache directory (cache.dir, else .dvc/cache)."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(project)) as repo:
+            return Path(repo.cache.local_cache_dir).resolve()
+    except Exception:
+        return (project / ".dvc" / "cache").resolve()
+
+
+@dataclass
+class Sweep:
+    name: str
+    project: str
+    commit: str
+    experiments: list  # [{"name", "label", "args": [-S args], "jobs": [job ids]}]
+    created: float = 0.0
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.project) / STATE_DIR / self.name
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "sweep.json.tmp"
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        os.replace(tmp, self.dir / "sweep.json")
+
+    @classmethod
+    def load(cls, path: Path) -> "Sweep":
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise LongtailError(f"{path}: not a readable sweep record ({exc})") from None
+
+
+def sweeps(project: Path, name: str | None = None) -> list[Sweep]:
+    root = project / STATE_DIR
+    if name is not None:
+        path = root / name / "sweep.json"
+        if not path.exists():
+            known = sorted(p.parent.name for p in root.glob("*/sweep.json"))
+            raise LongtailError(f"no SLURM sweep named {name!r} (known: {', '.join(known) or 'none'})")
+        return [Sweep.load(path)]
+    return sorted((Sweep.load(p) for p in root.glob("*/sweep.json")), key=lambda s: s.created)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """One `longtail sweep` at a time changes a sweep (submission and status both write it)."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def default_name(commit: str, combos) -> str:
+    digest = hashlib.sha256(json.dumps([commit, [c.args() for c in combos]]).encode()).hexdigest()
+    return f"sweep-{digest[:7]}"
+
+
+# -- SLURM's view of the jobs --------------------------------------------------------------------
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise LongtailError(f"{tool} not found: --executor slurm needs the SLURM client commands (run on a login "
+                            f"node), or use --executor local (valid: {', '.join(EXECUTORS)})")
+    return path
+
+
+def squeue() -> dict[str, str]:
+    """Job id (array tasks as 12_3) -> SLURM state, for every job the controller still lists."""
+    require("squeue")
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise LongtailError(f"squeue failed, so the jobs' states are unknown: {msg[-1] if msg else out.returncode}")
+    states = {}
+    for line in out.stdout.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job:
+            states[job] = state
+    return states
+
+
+def _job_paths(sweep: Sweep, job_id: str):
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(sweep.dir / "jobs" / "%j", job_id=job_id, task_id=0)
+
+
+NOISE = re.compile(r"submitit WARNING .* Bypassing signal|View (run|experiment) .*at: https?://")
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    """The end of a job's log, up to where submitit prints the job's exception (the reason line
+    already says it), without submitit's signal notes and MLflow's run links."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64_000))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return []
+    rows = [r.rstrip() for r in text.replace("\r", "\n").splitlines() if r.strip()]
+    cut = [i for i, r in enumerate(rows) if "Submitted job triggered an exception" in r]
+    if cut:
+        rows = rows[:cut[0]]
+    return [r for r in rows if not NOISE.search(r)][-lines:] if lines else []
+
+
+def _failure(sweep: Sweep, job_id: str) -> str:
+    """Why a job that left the queue without its experiment ended: its result, else a kill."""
+    try:
+        with open(_job_paths(sweep, job_id).result_pickle, "rb") as fh:
+            kind, value = pickle.load(fh)
+        if kind == "error":
+            last = [r for r in str(value).strip().splitlines() if r.strip()]
+            return last[-1].strip() if last else "raised an error"
+        return "ended without putting the experiment into the project"
+    except FileNotFoundError:
+        return "killed before it finished (scancel, time limit, preemption or node failure)"
+    except Exception as exc:  # a half-written pickle
+        return f"unreadable result ({type(exc).__name__})"
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    state: str  # done | queued | running | failed | not submitted
+    job: str
+    why: str = ""
+    log: list = field(default_factory=list)
+
+
+def experiment_states(sweep: Sweep, queue: dict[str, str] | None = None, log_lines: int = 12) -> list[Row]:
+    queue = squeue() if queue is None else queue
+    prefix = exp_ref(sweep.commit, "")
+    done = set(_git(["for-each-ref", "--format=%(refname)", prefix], cwd=sweep.project).splitlines())
+    rows = []
+    for e in sweep.experiments:
+        job = e["jobs"][-1] if e["jobs"] else ""
+        if prefix + e["name"] in done:
+            rows.append(Row(e["name"], e["label"], "done", job))
+        elif not job:
+            rows.append(Row(e["name"], e["label"], "not submitted", job))
+        elif job in queue:
+            rows.append(Row(e["name"], e["label"], ACTIVE.get(queue[job], "running"), job, queue[job].lower()))
+        else:
+            rows.append(Row(e["name"], e["label"], "failed", job, _failure(sweep, job),
+                            _tail(_job_paths(sweep, job).stdout, log_lines)))
+    return rows
+
+
+# -- MLflow --------------------------------------------------------------------------------------
+
+def close_stale_runs(group: str, experiment: str, finished: bool = False) -> int:
+    """End the MLflow runs of one experiment (tag longtail.group) that a killed job left RUNNING: a stage
+    run still RUNNING was killed (KILLED); the parent run is KILLED too, or FINISHED once the
+    experiment finished (also when a killed attempt had ended it). Returns how many were changed."""
+    from . import tracking
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return 0
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    runs = tracking._retry(client.search_runs, [exp.experiment_id], max_results=1000,
+                           filter_string=f"tags.`{tracking.GROUP_TAG}` = '{group}'")
+    changed = 0
+    for r in runs:
+        parent = r.data.tags.get("longtail.parent") == "true"
+        if parent and finished and r.info.status != "FINISHED":
+            tracking._retry(client.set_terminated, r.info.run_id, "FINISHED")
+        elif r.info.status == "RUNNING":
+            tracking._retry(client.set_terminated, r.info.run_id, "KILLED")
+        else:
+            continue
+        changed += 1
+    return changed
+
+
+def ensure_server_experiment(experiment: str) -> None:
+    """On a tracking server, create the experiment with the server's own artifact root (its
+    --default-artifact-root or proxied --artifacts-destination), shared by the whole team, rather
+    than one user's project folder."""
+    from . import tracking
+
+    uri = tracking.tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(experiment) is None:
+        try:
+            client.create_experiment(experiment)
+        except Exception:  # created meanwhile by someone else
+            if client.get_experiment_by_name(experiment) is None:
+                raise
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+def _ignore_usr2():
+    # SLURM sends the time-limit/preemption warning (USR2) to every process of the job; only the job's
+    # own Python process handles it (submitit requeues the job). The training processes must not die of it.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> int:
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, preexec_fn=_ignore_usr2).returncode
+
+
+class RunExperiment:
+    """The callable submitit runs on the node: one experiment, from its own workspace to a Git ref
+    in the project. Re-running it (a re-submitted or requeued job) continues where it stopped."""
+
+    def __init__(self, project: str, commit: str, name: str, args: list[str], sweep: str, experiment: str,
+                 cache: str, env: dict):
+        self.project, self.commit, self.name, self.args = project, commit, name, list(args)
+        self.sweep, self.experiment, self.cache, self.env = sweep, experiment, cache, dict(env)
+
+    @property
+    def workspace(self) -> Path:
+        return Path(self.project) / STATE_DIR / self.sweep / "ws" / self.name
+
+    def _environment(self) -> dict:
+        env = dict(os.environ)
+        env.update(self.env)
+        env["LONGTAIL_ROOT"] = self.project  # the project's sqlite store when no server is set
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        cpus = env.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in self.env:
+            env["OMP_NUM_THREADS"] = cpus  # torch uses the job's CPUs, not the whole node's
+        for k in [k for k in env if k.startswith("DVC_") and k not in ("DVC_NO_ANALYTICS",)]:
+            env.pop(k)
+        return env
+
+    def _prepare(self, env: dict) -> None:
+        ws = self.workspace
+        if not (ws / ".git").exists():
+            shutil.rmtree(ws, ignore_errors=True)
+            ws.parent.mkdir(parents=True, exist_ok=True)
+            _git(["clone", "-q", "--shared", "--no-checkout", self.project, str(ws)])
+        # tracked files back to the submitted commit (a killed run leaves params.yaml / dvc.lock edited);
+        # ignored files stay: the outputs and .longtail/resume/, the checkpoint the training resumes from
+        _git(["checkout", "-q", "-f", "--detach", self.commit], cwd=ws)
+        # DVC's locks and run records in this workspace belong to an earlier job of this experiment (only
+        # one runs at a time), maybe on another node where its pids mean nothing
+        shutil.rmtree(ws / ".dvc" / "tmp", ignore_errors=True)
+        (ws / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {self.cache}\n")
+        raw = Path(self.project) / "data" / "raw"
+        if raw.is_dir() and not (ws / "data" / "raw").exists():
+            (ws / "data").mkdir(exist_ok=True)
+            (ws / "data" / "raw").symlink_to(raw)
+
+    def __call__(self) -> dict:
+        start = time.time()
+        env = self._environment()
+        os.environ.update({k: env[k] for k in ("LONGTAIL_ROOT",)})
+        for k in ("MLFLOW_TRACKING_URI",):
+            if k in self.env:
+                os.environ[k] = self.env[k]
+        ref = exp_ref(self.commit, self.name)
+        if has_ref(self.project, ref):
+            print(f"{self.name}: already in the project ({ref}); nothing to do", flush=True)
+            return {"name": self.name, "ref": ref, "seconds": 0.0, "ran": False}
+        self._prepare(env)
+        ws = self.workspace
+        dvc = [sys.executable, "-m", "dvc"]
+        if not has_ref(ws, ref):
+            closed = close_stale_runs(self.name, self.experiment)
+            if closed:
+                print(f"{self.name}: marked {closed} MLflow run(s) of an earlier, killed attempt KILLED", flush=True)
+            rc = _run([*dvc, "exp", "run", "-n", self.name, *self.args], ws, env)
+            if rc != 0:
+                close_stale_runs(self.name, self.experiment)
+                if rc < 0:
+                    raise LongtailError(f"{self.name}: `dvc exp run` was killed by {signal.Signals(-rc).name} "
+                                        f"(scancel, time limit or preemption); re-submit to resume")
+                raise LongtailError(f"{self.name}: `dvc exp run` failed with exit code {rc} (its output is above)")
+        else:
+            print(f"{self.name}: finished earlier in {ws}; pushing it", flush=True)
+        rc = _run([*dvc, "exp", "push", "--no-cache", self.project, self.name], ws, env)
+        if rc != 0 or not has_ref(self.project, ref):
+            raise LongtailError(f"{self.name}: `dvc exp push` into {self.project} failed (exit code {rc})")
+        close_stale_runs(self.name, self.experiment, finished=True)
+        shutil.rmtree(ws, ignore_errors=True)
+        print(f"{self.name}: done in {time.time() - start:.0f} s -> {ref}", flush=True)
+        return {"name": self.name, "ref": ref, "seconds": time.time() - start, "ran": True}
+
+    def checkpoint(self):
+        """Time limit or preemption (submitit's USR2 handler): requeue the same job; the training
+        resumes from its last checkpoint in the workspace."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+# -- submitting, watching ------------------------------------------------------------------------
+
+def _dirty(project: Path) -> list[str]:
+    out = _git(["status", "--porcelain", "--untracked-files=no"], cwd=project)
+    return [line.split(maxsplit=1)[-1] for line in out.splitlines() if line.strip()]
+
+
+def submit(combos, name: str | None, opts: SlurmOptions, experiment: str, echo=print, dry_run: bool = False,
+           project: Path | None = None) -> Sweep:
+    """Submit the experiments of a grid that are neither finished nor queued/running (all of them on
+    the first call): one SLURM job each, as one job array."""
+    project = (project or Path.cwd()).resolve()
+    if not dry_run:
+        require("sbatch")
+    commit = _git(["rev-parse", "HEAD"], cwd=project)
+    dirty = _dirty(project)
+    if dirty and not dry_run:
+        raise LongtailError(f"uncommitted changes to {', '.join(dirty[:3])}{' ...' if len(dirty) > 3 else ''}: "
+                            f"SLURM jobs run a commit, so commit (or stash) them first")
+    name = name or default_name(commit, combos)
+    wanted = [{"name": f"{name}-{i}", "label": c.label, "args": c.args(), "jobs": []} for i, c in enumerate(combos)]
+    sweep_dir = project / STATE_DIR / name
+    with _locked(sweep_dir) if not dry_run else contextlib.nullcontext():
+        path = sweep_dir / "sweep.json"
+        if path.exists():
+            sweep = Sweep.load(path)
+            if sweep.commit != commit:
+                raise LongtailError(f"sweep {name!r} was submitted at commit {sweep.commit[:9]} and HEAD is now "
+                                    f"{commit[:9]}: check that commit out to re-submit it, or give a new --name")
+            if [(e["name"], e["args"]) for e in sweep.experiments] != [(e["name"], e["args"]) for e in wanted]:
+                raise LongtailError(f"sweep {name!r} exists with another grid: give the same options to re-submit "
+                                    f"it, or a new --name")
+            rows = {r.name: r for r in experiment_states(sweep)}
+        else:
+            sweep = Sweep(name, str(project), commit, wanted, time.time())
+            rows = {e["name"]: Row(e["name"], e["label"], "not submitted", "") for e in wanted}
+        todo = [e for e in sweep.experiments if rows[e["name"]].state in ("failed", "not submitted")]
+        for state in ("done", "queued", "running"):
+            n = sum(r.state == state for r in rows.values())
+            if n:
+                echo(f"{n} experiment(s) {state}: not submitted again")
+        if dry_run:
+            if dirty:
+                echo(f"note: uncommitted changes to {', '.join(dirty[:3])}: a real submission refuses them")
+            echo(f"sweep {name} at commit {commit[:9]}; sbatch ({opts.describe()}), one job per experiment:")
+            for e in todo:
+                echo(f"  {e['name']}: dvc exp run -n {e['name']} {' '.join(e['args'])}")
+            return sweep
+        if not todo:
+            echo(f"sweep {name}: nothing to submit")
+            sweep.save()
+            return sweep
+        import submitit
+
+        env = {k: v for k, v in os.environ.items() if k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                                            "MLFLOW_TRACKING_PASSWORD", "OMP_NUM_THREADS")}
+        cache = str(_cache_dir(project))
+        executor = submitit.SlurmExecutor(folder=sweep_dir / "jobs" / "%j", max_num_timeout=10)
+        executor.update_parameters(**opts.submitit(name, len(todo)))
+        calls = [RunExperiment(str(project), commit, e["name"], e["args"], name, experiment, cache, env) for e in todo]
+        try:
+            with executor.batch():
+                jobs = [executor.submit(c) for c in calls]
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()
+            raise LongtailError(f"sbatch refused the jobs: {msg[-1] if msg else type(exc).__name__}") from None
+        for e, job in zip(todo, jobs):
+            e["jobs"].append(str(job.job_id))
+            echo(f"submitted {e['name']}: SLURM job {job.job_id} ({e['label']})")
+        sweep.save()
+    echo(f"sweep {name}: {len(jobs)} job(s) submitted ({opts.describe()})")
+    return sweep
+
+
+def print_status(sweep: Sweep, rows: list[Row], echo=print) -> None:
+    counts = {s: sum(r.state == s for r in rows) for s in ("done", "running", "queued", "failed", "not submitted")}
+    echo(f"sweep {sweep.name} (commit {sweep.commit[:9]}, {len(rows)} experiments): "
+         + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    width = max(len(r.name) for r in rows) if rows else 4
+    for r in rows:
+        job = f"job {r.job}" if r.job else "-"
+        echo(f"  {r.name:<{width}}  {r.state:<8} {job:<14} {r.label}")
+        if r.state == "failed":
+            echo(f"      {r.why}")
+            for line in r.log:
+                echo(f"      | {line}")
+
+
+def status(name: str | None, experiment: str, echo=print, project: Path | None = None) -> list[Row]:
+    """Print each sweep's experiments: done / queued / running / failed (SLURM job id; a failed one's
+    reason and log tail). The runs a killed job left RUNNING in MLflow are marked KILLED."""
+    project = (project or Path.cwd()).resolve()
+    found = sweeps(project, name)
+    if not found:
+        echo(f"no SLURM sweeps under {project / STATE_DIR}")
+        return []
+    queue = squeue()
+    out = []
+    for sweep in found:
+        rows = experiment_states(sweep, queue)
+        for r in rows:
+            if r.state == "failed":
+                close_stale_runs(r.name, experiment)
+        print_status(sweep, rows, echo)
+        out.extend(rows)
+    return out
+
+
+def wait(sweep: Sweep, echo=print, poll: float = 10.0) -> list[Row]:
+    """Until no experiment of the sweep is queued or running; prints each change of state."""
+    last: dict = {}
+    while True:
+        rows = experiment_states(sweep, log_lines=0)
+        for r in rows:
+            if (r.state, r.job) != last.get(r.name):
+                echo(f"  {r.name}: {r.state}" + (f" (job {r.job})" if r.job else ""))
+                last[r.name] = (r.state, r.job)
+        if not any(r.state in ("queued", "running") for r in rows):
+            return experiment_states(sweep)
+        time.sleep(poll)

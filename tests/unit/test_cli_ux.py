@@ -1,0 +1,72 @@
+"""Small CLI things a user sees: --version, the demo's own summary and params, device lines, noise."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline import build, demo
+from pipeline.params import override
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_version_is_fast_and_torch_free():
+    code = ("import sys; from typer.testing import CliRunner; from pipeline.cli import app; "
+            "r = CliRunner().invoke(app, ['--version']); print(r.output.strip()); "
+            "print('torch' in sys.modules, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    from importlib.metadata import version
+
+    assert out.stdout.split("\n")[:2] == [f"longtail {version('longtail')}", "False False"]
+
+
+def test_demo_undoes_workspace_edits_of_params(default_params):
+    edited = override(default_params, {"loss": "mm", "train.epochs": 12, "train.milestones": [6, 9]})
+    edited["extra_section"] = {"a": 1}
+    args = demo.restore_args(default_params, edited)
+    assert sorted(args) == sorted(["loss=ce", "train.epochs=200", "train.milestones=[160, 180]",
+                                   "~extra_section.a"])
+    assert demo.restore_args(default_params, default_params) == []
+
+
+def test_demo_summary_is_compact_and_names_the_method():
+    row = {"method": "HMM-LDAM-DRW", "final_top1": 0.8123, "best_top1": 0.83, "best_epoch": 190.0,
+           "final_many": 0.97, "final_medium": 0.8, "final_few": None}
+    lines = demo.summary([row]).splitlines()
+    assert lines[0].split("  ")[0].strip() == "method" and "many / medium / few" in lines[0]
+    assert lines[1].startswith("HMM-LDAM-DRW") and "81.2%" in lines[1] and "83.0% (190)" in lines[1]
+    assert lines[1].endswith("97.0 / 80.0 / n/a") and all(len(line) <= 80 for line in lines)
+
+
+def test_demo_duration_is_the_same_in_help_and_readme():
+    assert demo.DURATION in (ROOT / "README.md").read_text().replace("\n", " ")
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert demo.DURATION in out.stdout
+
+
+def test_demo_filters_only_dvcs_missing_hash_warning():
+    assert demo.NOISE.search("WARNING: No file hash info found for '/x/models/final.pt'. It won't be created.")
+    assert not demo.NOISE.search("ERROR: failed to reproduce 'pretrain'")
+
+
+def test_device_line_names_the_device_and_warns_about_an_unusable_gpu(monkeypatch):
+    monkeypatch.setattr(build, "gpu_present", lambda: "")
+    assert build.describe_device(torch.device("cpu")) == "device cpu"
+    monkeypatch.setattr(build, "gpu_present", lambda: "/dev/nvidia0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = build.describe_device(torch.device("cpu"))
+    assert line.startswith("device cpu\nwarning: a GPU is present (/dev/nvidia0) but torch")
+
+
+def test_store_creation_prints_no_mlflow_info_lines(tmp_path):
+    code = "from pipeline import tracking; tracking.ensure_experiment()"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**env, "LONGTAIL_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)}, check=True)
+    assert (tmp_path / "mlflow.db").exists()
+    assert "Creating initial MLflow database tables" not in out.stderr and "INFO" not in out.stderr, out.stderr

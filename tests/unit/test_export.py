@@ -1,0 +1,77 @@
+"""Issue 16: users get from the official CIFAR archive to an image folder, and no user-facing text names
+this project's build machines (../shared)."""
+
+import io
+import pickle
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import sources
+from pipeline.data.export import export_images
+from pipeline.errors import LongtailError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _small_cifar10(path: Path, per_class=(6, 2)) -> Path:
+    """A CIFAR-10-shaped archive (the official layout and pickles), 6 train / 2 test images per class."""
+    rng = np.random.default_rng(0)
+    tr, te = per_class
+    y = rng.permutation(np.repeat(np.arange(10), tr)).tolist()
+    yt = rng.permutation(np.repeat(np.arange(10), te)).tolist()
+    members = {f"data_batch_{i + 1}": y[i * 12:(i + 1) * 12] for i in range(5)}
+    members["test_batch"] = yt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, obj):
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        for name, labels in members.items():
+            add(name, {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"labels": labels})
+        add("batches.meta", {b"label_names": [f"class {i}" for i in range(10)]})
+    return path
+
+
+def test_cifar_archive_anywhere_exports_to_an_identical_image_folder(tmp_path):
+    archive = _small_cifar10(tmp_path / "downloads" / "elsewhere" / "cifar-10-python.tar.gz")
+    raw = sources.load_source("cifar10", str(archive))  # data.root may name the archive itself
+    assert raw.x_train.shape == (60, 32, 32, 3) and raw.x_test.shape == (20, 32, 32, 3)
+    n = export_images("cifar10", str(archive), tmp_path / "images")
+    assert n == {"train": 60, "test": 20, "classes": 10}
+    back = sources.load_source("imagefolder", str(tmp_path / "images"))
+    assert back.classes == [f"{i}_class_{i}" for i in range(10)]
+    for x, y, bx, by in ((raw.x_train, raw.y_train, back.x_train, back.y_train),
+                         (raw.x_test, raw.y_test, back.x_test, back.y_test)):
+        order = np.argsort(y, kind="stable")  # image folders list by class, then by file name (= source order)
+        assert np.array_equal(by, y[order]) and np.array_equal(bx, x[order])
+    with pytest.raises(LongtailError, match="not empty"):
+        export_images("cifar10", str(archive), tmp_path / "images")
+
+
+def test_missing_cifar_error_names_only_what_a_user_has(tmp_path, monkeypatch):
+    def offline(name, root):
+        raise OSError("no network")
+
+    monkeypatch.setattr(sources, "_download_cifar", offline)
+    with pytest.raises(LongtailError) as err:
+        sources.load_source("cifar10", str(tmp_path))
+    msg = str(err.value)
+    assert "cifar-10-python.tar.gz" in msg and "download" in msg and "train/<class>/" in msg
+    assert "shared" not in msg and "\n" not in msg
+
+
+def _user_sections(readme: str) -> str:
+    """The README without its developer section (the one place that may describe our build machines)."""
+    return re.split(r"^## Development", readme, flags=re.M)[0]
+
+
+def test_no_user_facing_text_names_the_build_machines():
+    assert "../shared" not in _user_sections((ROOT / "README.md").read_text())
+    for path in sorted((ROOT / "pipeline").rglob("*.py")) + [ROOT / "params.yaml", ROOT / "Dockerfile"]:
+        assert "../shared" not in path.read_text() and "/shared/data" not in path.read_text(), path

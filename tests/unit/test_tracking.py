@@ -1,0 +1,83 @@
+"""MLflow store: portable artifact locations, parent runs that end and carry the headline numbers."""
+
+import shutil
+
+import pytest
+import yaml
+
+from pipeline import io, tracking
+from pipeline.registry import plugin_versions
+
+
+def _use(monkeypatch, root, cwd):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("LONGTAIL_ROOT", str(root))
+    monkeypatch.chdir(cwd)
+
+
+def test_store_is_portable_and_parent_runs_end_with_what_users_compare(tmp_path, monkeypatch, default_params):
+    from mlflow.tracking import MlflowClient
+
+    a, temp = tmp_path / "a", tmp_path / "dvc-temp-copy"
+    a.mkdir(), temp.mkdir()
+    _use(monkeypatch, a, temp)  # the stage runs in a DVC temp copy; the store is the project's
+    monkeypatch.setenv("DVC_EXP_NAME", "exp1")
+    (temp / "x.txt").write_text("x")
+    with tracking.stage_run("pretrain", default_params) as log:
+        log.log_epoch({"epoch": 0, "train_loss": 2.0})
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("finetune", default_params):
+            raise RuntimeError("boom")
+    client = MlflowClient(tracking.tracking_uri())
+    parent = client.search_runs([tracking.ensure_experiment()], "tags.`longtail.parent` = 'true'")[0]
+    assert parent.info.status == "FAILED"  # a failed stage fails the pipeline's run
+    with tracking.stage_run("evaluate", default_params) as log:
+        log.log_metrics({"final_top1": 0.7, "best_top1": 0.75, "final_many": 0.9, "final_few": 0.4})
+        log.log_artifact(temp / "x.txt", "evaluation")
+        log.log_table({"class": [0, 1], "acc_final": [0.5, 1.0]}, "evaluation/per_class_table.json")
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["method"] == "ERM-DRW" and parent.data.tags["seed"] == "0"
+    assert parent.data.metrics["final_top1"] == 0.7 and parent.data.metrics["wall_seconds"] >= 0
+    assert parent.data.tags["longtail.plugins"] == "built-in only"
+    # artifacts: under the project root, at a location stored relative to it; nothing in the temp copy
+    exp = client.get_experiment_by_name("longtail")
+    assert exp.artifact_location == f"mlartifacts/{exp.experiment_id}"
+    # the README's link to the runs table names this experiment of a fresh store
+    from pipeline.demo import ui_link
+
+    assert ui_link(exp.experiment_id) in (tracking.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert tracking.parent_summary("exp1")["method"] == "ERM-DRW"
+    assert len(list((a / "mlartifacts").rglob("x.txt"))) == 1 and len(list(a.rglob("per_class_table.json"))) == 1
+    assert not (temp / "mlruns").exists() and not (temp / "mlartifacts").exists()
+    assert [e.name for e in client.search_experiments()] == ["longtail"]  # no Default pointing at the temp copy
+
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(a)  # the original is gone: the copy must stand alone
+    _use(monkeypatch, b, b)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp2")
+    with tracking.stage_run("evaluate", default_params) as log:
+        log.log_artifact(temp / "x.txt", "evaluation")
+    assert len(list((b / "mlartifacts").rglob("x.txt"))) == 2 and not a.exists()
+    old = [r for r in tracking.finished_runs() if r["group"] == "exp1"][0]
+    assert tracking.fetch_artifact(old["run_id"], "evaluation/x.txt", tmp_path / "dl").read_text() == "x"
+
+
+def test_outputs_are_written_with_the_umask_mode_not_0600(tmp_path):
+    io.write_json(tmp_path / "m.json", {"a": 1})
+    io.write_csv(tmp_path / "t.csv", ["a"], [[1]])
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in ("m.json", "t.csv"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_plugin_versions_name_the_third_party_distributions_a_run_selects(default_params):
+    assert plugin_versions(default_params) == {}  # built-ins are pinned by the git commit
+    raw = yaml.safe_load(yaml.safe_dump(default_params))
+    raw["loss"] = "mm"
+    assert plugin_versions(raw) == {"longtail-mm": "0.1.0"}
