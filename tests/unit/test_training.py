@@ -99,6 +99,9 @@ class _Log:
         if "test_acc" in metrics:
             self.steps.append(step)
 
+    def log_epoch(self, row, **extra):  # as tracking.StageRun: step = epoch number from 1
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"] + 1)
+
     def set_tags(self, tags):
         pass
 
@@ -120,7 +123,7 @@ def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
     _killed_after_one_epoch(p, ds, tmp_path / "r")
     log = _Log()
     training.run("pretrain", p, log=log, **files)
-    assert log.steps == [0, 1]  # one complete curve in the new run
+    assert log.steps == [1, 2]  # one complete curve in the new run, epochs numbered from 1
 
 
 def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
