@@ -22,6 +22,8 @@ from ..errors import LongtailError
 from ..plugin_kit import EXTRA_INPUTS
 from . import distributed
 from .precision import resolve as resolve_precision
+from .contract import StepResult, Steps
+from .inference import batched
 from .schedule import lr_at
 
 
@@ -83,6 +85,8 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
         self.extra_inputs = loss_extra_inputs(criterion)
+        self.steps: Steps | None = None  # what the running fit trains with
+        self.pending_steps_state = None
         self.precision = resolve_precision(cfg.precision, device.type)
         self.channels_last = self.precision.channels_last
         if self.channels_last:
@@ -146,6 +150,7 @@ class Trainer:
             "aug_gen": self.aug_gen.get_state(),
             "history": self.history,
             "best": self.best,
+            "steps": self.steps.state_dict() if hasattr(self.steps, "state_dict") else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -157,6 +162,7 @@ class Trainer:
         self.aug_gen.set_state(state["aug_gen"])
         self.history = list(state["history"])
         self.best = dict(state["best"])
+        self.pending_steps_state = state.get("steps")  # handed to the steps of the next fit
 
     # -- one epoch -------------------------------------------------------------------------------
     def _logits(self, x):
@@ -166,7 +172,19 @@ class Trainer:
                 return self.model.classifier(feats), feats
         return self.forward(x), None
 
-    def _batches(self, order: torch.Tensor, repeats, epoch: int):
+    def prepare(self, idx: torch.Tensor, pad_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Training images at `idx`, augmented (crop padding x `pad_scale`, per sample, where given)
+        and normalised, in the trainer's memory format."""
+        d = self.data
+        x = augment(d.x_train[idx], self.pad, self.flip, self.aug_gen)
+        if pad_scale is not None:
+            for scale in sorted(set(pad_scale.tolist()) - {1}):
+                other = augment(d.x_train[idx], int(scale * self.pad), self.flip, self.aug_gen)
+                x = torch.where((pad_scale == scale)[:, None, None, None], other, x)
+        x = normalize(x, d.mean, d.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _batches(self, order: torch.Tensor, pad_scale, epoch: int):
         """Normalised global batches (x, y) in the sampler's order: device-resident data with batched
         augmentation (train.loader = device), or the PIL + DataLoader reference pipeline."""
         cfg, d = self.cfg, self.data
@@ -179,84 +197,74 @@ class Trainer:
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             return
         for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            x = augment(d.x_train[idx], self.pad, self.flip, self.aug_gen)
-            if repeats is not None:  # copies: doubled crop padding
-                strong = augment(d.x_train[idx], 2 * self.pad, self.flip, self.aug_gen)
-                x = torch.where(repeats[start:start + cfg.batch_size, None, None, None], strong, x)
-            yield normalize(x, d.mean, d.std), d.y_train[idx]
+            sl = slice(start, start + cfg.batch_size)
+            yield self.prepare(order[sl], None if pad_scale is None else pad_scale[sl]), d.y_train[order[sl]]
 
-    def _loss(self, logits, feats, y, weight):
+    def loss(self, logits, y, weight=None, feats=None):
+        """The configured loss plugin on float32 logits (class weights optional); a loss that declares
+        extra_inputs also gets the classifier's input features and weight."""
         extra = {"features": feats, "weight": self.model.classifier.weight} if self.extra_inputs else {}
         return self.criterion(logits, y, class_weight=weight, **{k: extra[k] for k in self.extra_inputs})
 
-    def train_epoch(self, epoch: int, on_batch: Callable | None = None) -> dict:
-        cfg, d = self.cfg, self.data
-        lr = lr_at(epoch, cfg.lr, cfg.warmup_epochs, cfg.milestones, cfg.milestone_factors)
+    def reset_best(self) -> None:
+        """Best-epoch tracking restarts (e.g. a stage 2 with a new classifier)."""
+        self.best = {"epoch": -1, "test_acc": -1.0, "model": None}
+
+    def run_epoch(self, epoch: int, steps: Steps, on_batch: Callable | None = None) -> dict:
+        """One epoch of `steps`: the history row (without test_acc)."""
+        lr = steps.lr(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if hasattr(self.criterion, "set_epoch"):
-            self.criterion.set_epoch(epoch, cfg.epochs)
-        rebalance = self.policy(epoch)
-        order = rebalance.sampler.indices(d.y_train_cpu, epoch, cfg.epochs, self.sample_gen).to(self.device)
-        weight = None if rebalance.class_weight is None else rebalance.class_weight.to(self.device)
+            self.criterion.set_epoch(epoch, self.cfg.epochs)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        start, n = time.perf_counter(), len(order)
-        steps = (n + cfg.batch_size - 1) // cfg.batch_size
-        # a sampler that repeats minority images may ask for stronger augmentation of the copies
-        repeats = rebalance.sampler.last_repeat_mask if getattr(rebalance.sampler, "strong_augment", False) else None
-        if repeats is not None:
-            repeats = repeats.to(self.device)
-        for step, (x, y) in enumerate(self._batches(order, repeats, epoch)):
-            if self.world > 1:  # this rank's slice of the global batch
-                x, y = x[self.rank::self.world], y[self.rank::self.world]
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                logits, feats = self._logits(x)
-            logits = logits.float()
-            loss = self._loss(logits, None if feats is None else feats.float(), y, weight)
-            self.check_finite(loss, logits, epoch, step)
-            self.step(loss)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+        correct = torch.zeros((), device=self.device)
+        n, start = 0, time.perf_counter()
+        batches = list(steps.batches(epoch)) if on_batch is not None else steps.batches(epoch)
+        total = len(batches) if on_batch is not None else None
+        for i, batch in enumerate(batches):
+            out = steps.loss(batch)
+            self.check_finite(out.loss, out.logits, epoch, i)
+            self.step(out.loss)
+            loss_sum += out.loss.detach() * out.count
+            correct += out.correct
+            n += out.count
             if on_batch is not None:
-                on_batch(step + 1, steps)
+                on_batch(i + 1, total)
         if self.world > 1:
-            distributed.all_reduce_sum(loss_sum)
-            distributed.all_reduce_sum(correct)
+            count = torch.tensor(float(n), device=self.device)
+            for total_ in (loss_sum, correct, count):
+                distributed.all_reduce_sum(total_)
+            n = int(count.item())
         seconds = time.perf_counter() - start
-        return {"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-                "images_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds,
-                "reweighted": weight is not None}
+        images = n * getattr(steps, "images_per_sample", 1)
+        return {"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / max(n, 1),
+                "train_acc": correct.item() / max(n, 1), "images_per_s": images / max(seconds, 1e-9),
+                "epoch_seconds": seconds, "reweighted": bool(getattr(steps, "reweighted", False))}
 
     @torch.no_grad()
     def predict(self, x_uint8: torch.Tensor, model=None) -> torch.Tensor:
         model = model or self.model
         model.eval()
-        out = []
-        for i in range(0, len(x_uint8), self.cfg.eval_batch_size):
-            x = normalize(x_uint8[i:i + self.cfg.eval_batch_size], self.data.mean, self.data.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                out.append(model(x).argmax(1))
-        return torch.cat(out)
+        return batched(lambda x: model(x).argmax(1), x_uint8, self.data.mean, self.data.std,
+                       self.cfg.eval_batch_size, self.autocast, self.channels_last)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, until: int, on_epoch: Callable[[dict], None] | None = None,
             save: Callable[[dict], None] | None = None, checkpoint_every: int = 1,
-            on_batch: Callable | None = None,
-            train_epoch: Callable[[int, Callable | None], dict] | None = None) -> None:
-        """Run epochs [self.epoch, until); evaluate every `eval_every` epochs and at the last one.
-        `train_epoch(epoch, on_batch) -> row` (same keys as `Trainer.train_epoch`) replaces the built-in
-        epoch, so a fine-tune strategy with its own step keeps evaluation, history, best and checkpoints."""
-        step_epoch = train_epoch or self.train_epoch
+            on_batch: Callable | None = None, steps: Steps | None = None) -> None:
+        """Run epochs [self.epoch, until) of `steps` (default: plain training under the re-balancing
+        policy, `PolicySteps`); evaluate every `eval_every` epochs and at the last one; keep history
+        and best; hand a checkpoint (with the steps' own state) to `save` every `checkpoint_every`."""
+        steps = steps or PolicySteps(self)
+        self.steps = steps
+        if self.pending_steps_state is not None and hasattr(steps, "load_state_dict"):
+            steps.load_state_dict(self.pending_steps_state)
+        self.pending_steps_state = None
         while self.epoch < until:
             e = self.epoch
-            row = step_epoch(e, on_batch)
+            row = self.run_epoch(e, steps, on_batch)
             last = e == self.cfg.epochs - 1 or e == until - 1
             if (e + 1) % self.cfg.eval_every == 0 or last:
                 pred = self.predict(self.data.x_test)
@@ -271,6 +279,42 @@ class Trainer:
                 on_epoch(row)
             if save is not None and (self.epoch % checkpoint_every == 0 or self.epoch == until):
                 save(self.state_dict())
+
+
+class PolicySteps:
+    """Plain training (the `Steps` of pretraining and of `continue`): the LDAM-DRW lr schedule, the
+    epoch's re-balancing policy (class weights and sampler), the trainer's forward and loss. A
+    sampler may hand per-sample crop-padding multipliers for its last order (`last_pad_scale`)."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.t = trainer
+        self.reweighted = False
+
+    def lr(self, epoch: int) -> float:
+        c = self.t.cfg
+        return lr_at(epoch, c.lr, c.warmup_epochs, c.milestones, c.milestone_factors)
+
+    def batches(self, epoch: int):
+        t = self.t
+        rebalance = t.policy(epoch)
+        order = rebalance.sampler.indices(t.data.y_train_cpu, epoch, t.cfg.epochs, t.sample_gen).to(t.device)
+        self.weight = None if rebalance.class_weight is None else rebalance.class_weight.to(t.device)
+        self.reweighted = self.weight is not None
+        scale = getattr(rebalance.sampler, "last_pad_scale", None)
+        return t._batches(order, None if scale is None else scale.to(t.device), epoch)
+
+    def loss(self, batch) -> StepResult:
+        t = self.t
+        x, y = batch
+        if t.world > 1:  # this rank's slice of the global batch
+            x, y = x[t.rank::t.world], y[t.rank::t.world]
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with t.autocast():
+            logits, feats = t._logits(x)
+        logits = logits.float()
+        loss = t.loss(logits, y, self.weight, None if feats is None else feats.float())
+        return StepResult(loss, logits, (logits.detach().argmax(1) == y).sum(), len(y))
 
 
 def best_model(model, state: dict):

@@ -6,28 +6,27 @@ conventional sampler (uniform over instances) for the conventional branch and on
 reversed sampler (p_j proportional to 1/n_j) for the re-balancing branch, and with
 alpha = 1 - (T / T_max)^2 (T = 0-based epoch, T_max = train.epochs):
 
-    z = W [alpha f_c ; (1 - alpha) f_r],  loss = alpha L(z, y_c) + (1 - alpha) L(z, y_r)
+    z = W 2 [alpha f_c ; (1 - alpha) f_r],  loss = alpha L(z, y_c) + (1 - alpha) L(z, y_r)
 
 L is the configured loss plugin (CE in the paper), with class weights only if this strategy's own
 `reweighting` names a re-weighting plugin (default none, as in the paper); finetune.reweighting
-and finetune.sampler are not used. The model's plain forward mixes the branches with alpha = 0.5,
-which is what evaluation uses. The epoch runs through Trainer.fit's `train_epoch` hook, so the lr
+and finetune.sampler are not used. The factor 2 is the authors' combiner (`bbn_mix`); the model's
+plain forward mixes the branches with alpha = 0.5, i.e. W [f_c ; f_r], which is what evaluation
+uses (the authors test on the concatenated features). The strategy hands the trainer its steps (`BBNSteps`), so the lr
 schedule (train.lr, warm-up, train.milestones), evaluation, history, best-epoch tracking and the
-resume checkpoints are the trainer's own. The CIFAR setting of the paper:
+resume checkpoints are the trainer's own. The CIFAR setting of the authors' code (lr 0.1, warm-up 5,
+lr x0.01 from epoch 120 and x0.0001 from epoch 160):
 
     model.arch=bbn_resnet32 finetune.strategy=bbn finetune.start_epoch=0
-    train.milestones=[120,160] train.milestone_factors=[0.1,0.01]
+    train.milestones=[120,160] train.milestone_factors=[0.01,0.0001]
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
-
 import torch
 
 from .. import registry
-from ..data.augment import augment, normalize
+from ..engine.contract import StepResult
 from ..engine.schedule import lr_at
 from ..errors import LongtailError
 
@@ -69,58 +68,50 @@ class BBN:
         if ctx.params.finetune.start_epoch != 0:
             raise LongtailError("finetune.strategy=bbn trains the whole schedule itself: set finetune.start_epoch=0 "
                                 f"(now {ctx.params.finetune.start_epoch})")
-        conventional, rebalancing = self.samplers(ctx)
-        weight = self.class_weight(ctx)
-        cfg, d = t.cfg, t.data
-        autocast = t.autocast if hasattr(t, "autocast") else nullcontext
+        ctx.fit(BBNSteps(t, *self.samplers(ctx), self.class_weight(ctx), ctx.log))
 
-        def prepare(idx):
-            x = normalize(augment(d.x_train[idx], t.pad, t.flip, t.aug_gen), d.mean, d.std)
-            return x.contiguous(memory_format=torch.channels_last) if getattr(t, "channels_last", False) else x
 
-        def train_epoch(e: int, on_batch=None) -> dict:
-            lr = lr_at(e, cfg.lr, cfg.warmup_epochs, cfg.milestones, cfg.milestone_factors)
-            for group in t.optimizer.param_groups:
-                group["lr"] = lr
-            if hasattr(t.criterion, "set_epoch"):
-                t.criterion.set_epoch(e, cfg.epochs)
-            alpha = bbn_alpha(e, cfg.epochs)
-            order_c = conventional.indices(d.y_train_cpu, e, cfg.epochs, t.sample_gen).to(t.device)
-            order_r = rebalancing.indices(d.y_train_cpu, e, cfg.epochs, t.sample_gen).to(t.device)
-            n = min(len(order_c), len(order_r))
-            model.train()
-            loss_sum = torch.zeros((), device=t.device)
-            correct = torch.zeros((), device=t.device)
-            start = time.perf_counter()
-            steps = (n + cfg.batch_size - 1) // cfg.batch_size
-            for step in range(steps):
-                sl = slice(step * cfg.batch_size, min((step + 1) * cfg.batch_size, n))
-                idx_c, idx_r = order_c[sl], order_r[sl]
-                y_c, y_r = d.y_train[idx_c], d.y_train[idx_r]
-                with autocast():
-                    f_c = model.branch_features(prepare(idx_c), "conventional")
-                    f_r = model.branch_features(prepare(idx_r), "rebalancing")
-                    feats = torch.cat([alpha * f_c, (1 - alpha) * f_r], 1)
-                    logits = model.classifier(feats).float()
-                    loss = (alpha * t._loss(logits, feats, y_c, weight)
-                            + (1 - alpha) * t._loss(logits, feats, y_r, weight))
-                t.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                t.optimizer.step()
-                pred = logits.detach().argmax(1)
-                loss_sum += loss.detach() * len(idx_c)
-                correct += alpha * (pred == y_c).sum() + (1 - alpha) * (pred == y_r).sum()
-                if on_batch is not None:
-                    on_batch(step + 1, steps)
-            seconds = time.perf_counter() - start
-            if ctx.log is not None:
-                ctx.log.log_metrics({"bbn_alpha": alpha}, step=e + 1)  # epoch numbers from 1
-            # train_acc = alpha acc(y_c) + (1 - alpha) acc(y_r); images_per_s counts both branches' images
-            return {"epoch": e, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-                    "images_per_s": 2 * n / max(seconds, 1e-9), "epoch_seconds": seconds,
-                    "reweighted": weight is not None}
+class BBNSteps:
+    """engine.contract.Steps of cumulative learning: per step one batch of each sampler (the epoch is
+    as long as the shorter order); train_acc = alpha acc(y_c) + (1 - alpha) acc(y_r); images_per_s
+    counts both branches' images."""
 
-        t.fit(ctx.until, train_epoch=train_epoch, **ctx.fit_kwargs)
+    images_per_sample = 2
+
+    def __init__(self, trainer, conventional, rebalancing, weight, log=None):
+        self.t, self.conventional, self.rebalancing = trainer, conventional, rebalancing
+        self.weight, self.log = weight, log
+        self.reweighted = weight is not None
+
+    def lr(self, epoch: int) -> float:
+        c = self.t.cfg
+        return lr_at(epoch, c.lr, c.warmup_epochs, c.milestones, c.milestone_factors)
+
+    def batches(self, epoch: int):
+        t, cfg = self.t, self.t.cfg
+        self.alpha = bbn_alpha(epoch, cfg.epochs)
+        if self.log is not None:
+            self.log.log_metrics({"bbn_alpha": self.alpha}, step=epoch + 1)  # epoch numbers from 1
+        order_c = self.conventional.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
+        order_r = self.rebalancing.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
+        n = min(len(order_c), len(order_r))
+        return [(order_c[i:min(i + cfg.batch_size, n)], order_r[i:min(i + cfg.batch_size, n)])
+                for i in range(0, n, cfg.batch_size)]
+
+    def loss(self, batch) -> StepResult:
+        t, alpha = self.t, self.alpha
+        idx_c, idx_r = batch
+        y_c, y_r = t.data.y_train[idx_c], t.data.y_train[idx_r]
+        with t.autocast():
+            f_c = t.model.branch_features(t.prepare(idx_c), "conventional")
+            f_r = t.model.branch_features(t.prepare(idx_r), "rebalancing")
+            feats = t.model.mix(f_c, f_r, alpha)
+            logits = t.model.classifier(feats)
+        logits, feats = logits.float(), feats.float()
+        loss = alpha * t.loss(logits, y_c, self.weight, feats) + (1 - alpha) * t.loss(logits, y_r, self.weight, feats)
+        pred = logits.detach().argmax(1)
+        correct = alpha * (pred == y_c).sum() + (1 - alpha) * (pred == y_r).sum()
+        return StepResult(loss, logits, correct, len(idx_c))
 
 
 def build_bbn(*, conventional_sampler: str = "instance", rebalancing_sampler: str = "reversed",

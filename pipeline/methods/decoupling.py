@@ -11,217 +11,28 @@ instance-balanced sampling over the whole schedule (stage 1: set finetune.start_
   classifier with class-balanced sampling; the scales are folded into W and b at the end.
 - `ncm`: nearest class mean of L2-normalised features, as a `ncm` head (pipeline/models/heads.py).
 
-The backbone is frozen in every strategy: it runs in eval mode (BatchNorm uses and keeps its
-running statistics) under no_grad, and only the classifier's parameters reach an optimizer.
-The model contract (`.features(x)`, `.classifier` with `weight[C, d]`) is all they rely on.
+The shared classifier-stage toolkit (frozen-backbone features, `ClassifierTraining`, BatchNorm and
+epoch-size options) is pipeline/methods/classifier_stage.py.
 finetune.reweighting / finetune.sampler are not used: each strategy names its own sampler.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import registry
-from ..data.augment import augment, normalize
-from ..engine.progress import Progress
 from ..errors import LongtailError
 from ..models.heads import make_head
+from .classifier_stage import (ClassifierTraining, _check_nonneg, _check_positive, _common, balanced_accuracy,
+                               balanced_subset, extract_features, final_is_best, linear_classifier,
+                               reinit_classifier, require_full_stage_one)
 
 SWEEP_FILE = Path(".longtail/tau_sweep.json")
-DEFAULT_TAU_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-
-
-# -- helpers shared by the classifier-only strategies (also used by meta_sampler) -----------------
-
-def require_full_stage_one(ctx, name: str) -> None:
-    """Stage 2 of decoupling starts after the whole stage-1 schedule."""
-    if ctx.trainer.epoch < ctx.until:
-        raise LongtailError(
-            f"finetune.strategy={name} re-trains only the classifier after stage 1 has run the whole schedule: "
-            f"set finetune.start_epoch to train.epochs ({ctx.params.train.epochs}), not "
-            f"{ctx.params.finetune.start_epoch}")
-
-
-def linear_classifier(ctx, name: str) -> nn.Linear:
-    clf = ctx.trainer.model.classifier
-    if not isinstance(clf, nn.Linear):
-        raise LongtailError(f"finetune.strategy={name} needs a linear classifier (a loss with head 'linear', "
-                            f"e.g. ce or balanced_softmax); this model's head is {ctx.meta.get('head')!r}")
-    return clf
-
-
-def _autocast(trainer):
-    return trainer.autocast() if hasattr(trainer, "autocast") else nullcontext()
-
-
-@torch.no_grad()
-def extract_features(trainer, idx: torch.Tensor | None = None, augmented: bool = False) -> torch.Tensor:
-    """Backbone features (`model.features`) of training images (all, or those at `idx`), float32.
-    The model is put in eval mode: BatchNorm uses its running statistics and does not update them.
-    Never touches the test set. With `augmented`, the training augmentation (trainer.pad / flip,
-    trainer.aug_gen) is applied first."""
-    d, model = trainer.data, trainer.model
-    model.eval()
-    x_all = d.x_train if idx is None else d.x_train[idx.to(d.x_train.device)]
-    out = []
-    for i in range(0, len(x_all), trainer.cfg.eval_batch_size):
-        x = x_all[i:i + trainer.cfg.eval_batch_size]
-        if augmented:
-            x = augment(x, trainer.pad, trainer.flip, trainer.aug_gen)
-        x = normalize(x, d.mean, d.std)
-        if getattr(trainer, "channels_last", False):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(trainer):
-            out.append(model.features(x).float())
-    if not out:
-        return torch.zeros(0, 0, device=trainer.device)
-    return torch.cat(out)
-
-
-def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """A deterministic, class-balanced subset of the training set: for each class, the first
-    min(per_class, n_j) of its sample positions in a permutation drawn from `seed` (CPU).
-    Returns sorted int64 positions into `labels` (a CPU tensor)."""
-    if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
-    labels = labels.cpu()
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for j in range(int(labels.max()) + 1 if len(labels) else 0):
-        members = torch.nonzero(labels == j).flatten()
-        parts.append(members[torch.randperm(len(members), generator=g)][:per_class])
-    return torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long)
-
-
-def balanced_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
-    """Mean over the classes present in `y` of the per-class accuracy."""
-    accs = [(pred[y == j] == j).float().mean().item() for j in range(num_classes) if (y == j).any()]
-    return sum(accs) / len(accs) if accs else float("nan")
-
-
-def sampler_params(ctx, name: str) -> dict:
-    return dict(((ctx.params.raw.get("samplers") or {}).get(name)) or {})
-
-
-def build_sampler(ctx, name: str):
-    return registry.build("samplers", name, ctx.meta["class_counts"], params=sampler_params(ctx, name),
-                          param_key=f"samplers.{name}")
-
-
-def epoch_logger(ctx, name: str, first: int, last: int):
-    """on_epoch / on_batch callbacks for a stage-2 run of epochs [first, last): a progress line per
-    epoch and the row's metrics to MLflow (step = epoch), as the stage's own callback does."""
-    progress = Progress(f"finetune[{name}]", first, last, last)
-
-    def on_epoch(row):
-        progress.epoch(row)
-        if ctx.log is not None:
-            ctx.log.log_epoch(row)
-
-    on_batch = progress.batch if ctx.fit_kwargs.get("on_batch") is not None else None
-    return on_epoch, on_batch
-
-
-def cosine_lr(lr: float, i: int, epochs: int) -> float:
-    """Cosine annealing from lr (stage-2 epoch i = 0) towards 0 (Kang et al. use a cosine schedule)."""
-    return lr * 0.5 * (1 + math.cos(math.pi * i / epochs))
-
-
-def reset_best(trainer) -> None:
-    """Best-epoch tracking restarts at stage 2: the stage-1 snapshot holds another classifier."""
-    trainer.best = {"epoch": -1, "test_acc": -1.0, "model": None}
-
-
-def final_is_best(trainer) -> None:
-    """For a strategy that does not train: best = the final (transformed) model, at the last epoch."""
-    trainer.best = {"epoch": trainer.epoch - 1, "test_acc": -1.0, "model": None}
-
-
-def _check_positive(name: str, key: str, value, integer=False):
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:
-        raise LongtailError(f"finetunes.{name}.{key} must be a positive {'integer' if integer else 'number'}, "
-                            f"got {value!r}")
-    return value
-
-
-def _check_nonneg(name: str, key: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise LongtailError(f"finetunes.{name}.{key} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-class ClassifierTraining:
-    """Train `head` (and nothing else) on backbone features for `epochs` stage-2 epochs, through
-    Trainer.fit's `train_epoch` hook (so evaluation, history and best tracking are the usual ones).
-    Epochs are numbered on from the stage-1 end: [trainer.epoch, trainer.epoch + epochs)."""
-
-    def __init__(self, name: str, sampler: str, epochs: int, lr: float, batch_size: int, momentum: float,
-                 weight_decay: float, augment: bool):
-        self.name, self.sampler_name = name, sampler
-        self.epochs = _check_positive(name, "epochs", epochs, integer=True)
-        self.lr = float(_check_positive(name, "lr", lr))
-        self.batch_size = _check_positive(name, "batch_size", batch_size, integer=True)
-        self.momentum = _check_nonneg(name, "momentum", momentum)
-        self.weight_decay = _check_nonneg(name, "weight_decay", weight_decay)
-        if not isinstance(augment, bool):
-            raise LongtailError(f"finetunes.{name}.augment must be true or false, got {augment!r}")
-        self.augment = augment
-
-    def train(self, ctx, head: nn.Module) -> None:
-        t = ctx.trainer
-        model = t.model
-        model.classifier = head.to(t.device)
-        params = [p for p in head.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        t.optimizer = opt  # the checkpoint then holds the optimizer that trained stage 2
-        sampler = build_sampler(ctx, self.sampler_name)
-        bank = None if self.augment else extract_features(t)  # no augmentation: features computed once
-        first, epochs, bs = t.epoch, self.epochs, self.batch_size
-
-        def train_epoch(e: int, on_batch=None) -> dict:
-            i = e - first
-            lr = cosine_lr(self.lr, i, epochs)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            order = sampler.indices(t.data.y_train_cpu, i, epochs, t.sample_gen).to(t.device)
-            model.eval()  # the backbone stays frozen, BatchNorm statistics included
-            loss_sum = torch.zeros((), device=t.device)
-            correct = torch.zeros((), device=t.device, dtype=torch.long)
-            start, n = time.perf_counter(), len(order)
-            steps = (n + bs - 1) // bs
-            for step in range(steps):
-                idx = order[step * bs:(step + 1) * bs]
-                feats = bank[idx] if bank is not None else extract_features(t, idx, augmented=True)
-                y = t.data.y_train[idx]
-                logits = head(feats)
-                loss = t._loss(logits, feats, y, None)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach() * len(idx)
-                correct += (logits.detach().argmax(1) == y).sum()
-                if on_batch is not None:
-                    on_batch(step + 1, steps)
-            seconds = time.perf_counter() - start
-            return {"epoch": e, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-                    "images_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds, "reweighted": False}
-
-        reset_best(t)
-        on_epoch, on_batch = epoch_logger(ctx, self.name, first, first + epochs)
-        t.fit(first + epochs, on_epoch=on_epoch, on_batch=on_batch, train_epoch=train_epoch)
-
-
-def _common(name, sampler, epochs, lr, batch_size, momentum, weight_decay, augment):
-    return ClassifierTraining(name, sampler, epochs, lr, batch_size, momentum, weight_decay, augment)
+DEFAULT_TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # [0, 2], as the authors search
 
 
 # -- cRT ------------------------------------------------------------------------------------------
@@ -238,26 +49,23 @@ class ClassifierRetraining:
         require_full_stage_one(ctx, "crt")
         old = ctx.trainer.model.classifier
         num_classes, dim = old.weight.shape
-        head = make_head(ctx.meta["head"], dim, num_classes)
-        g = torch.Generator().manual_seed(self.init_seed)
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * math.sqrt(2.0 / dim))
-            if getattr(head, "bias", None) is not None:
-                head.bias.zero_()
-        self.training.train(ctx, head)
+        self.training.train(ctx, reinit_classifier(make_head(ctx.meta["head"], dim, num_classes), self.init_seed))
 
 
 def build_crt(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
               weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
-              init_seed: int = 0) -> ClassifierRetraining:
+              init_seed: int = 0, epoch_size: str = "balanced", bn: str = "train") -> ClassifierRetraining:
     """Defaults (Kang et al., ICLR 2020, §5 / appendix): 10 epochs, SGD momentum 0.9, weight decay
     5e-4, cosine lr; their lr 0.2 at batch 512 scaled linearly to this protocol's batch 128 -> 0.05.
     augment: true applies the training augmentation (crop/flip) to every batch, as the paper's
-    stage 2 does; the frozen backbone then runs per batch in eval mode (about a third of a
-    training epoch's cost). false computes the features once and reuses them (faster, but the
-    classifier sees the same 'clean' features of memorised training images every epoch)."""
-    return ClassifierRetraining(_common("crt", sampler, epochs, lr, batch_size, momentum, weight_decay, augment),
-                                init_seed)
+    stage 2 does; the frozen backbone then runs per batch (about a third of a training epoch's
+    cost). false skips it; with `bn: eval` the features are then computed once and reused (fast,
+    but the classifier sees the same 'clean' features of memorised training images every epoch).
+    epoch_size: balanced = n_max x C samples an epoch (the authors' class-aware sampler), dataset = N.
+    bn: train = the backbone in train mode, BatchNorm running statistics update (the authors' code);
+    eval = they stay as stage 1 left them."""
+    return ClassifierRetraining(_common("crt", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,
+                                        epoch_size, bn), init_seed)
 
 
 # -- tau-normalisation ----------------------------------------------------------------------------
@@ -339,7 +147,7 @@ def build_tau_norm(*, tau=1.0, grid=DEFAULT_TAU_GRID, holdout_per_class: int = 2
                    sweep_file: str | None = str(SWEEP_FILE)) -> TauNorm:
     """tau: a number >= 0, or "auto" (the best of the sweep). Default 1 (Kang et al.: tau = 1 is plain
     L2 normalisation; they pick tau in (0, 1) on a validation set, which CIFAR-LT does not have).
-    grid: the taus of the sweep (default 0, 0.1, ..., 1). holdout_per_class: images per class of the
+    grid: the taus of the sweep (default 0, 0.1, ..., 2, the authors' range). holdout_per_class: images per class of the
     sweep set (a class-balanced subset of the training set; classes with fewer give all of theirs)."""
     if tau != "auto":
         try:
@@ -419,11 +227,11 @@ class LearnableWeightScaling:
 
 
 def build_lws(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
-              weight_decay: float = 0.0, sampler: str = "class_balanced", augment: bool = True
-              ) -> LearnableWeightScaling:
-    """Same schedule as cRT (Kang et al. train LWS like cRT); weight decay 0 by default because
-    decaying a scale initialised at 1 towards 0 shrinks every logit and has no regularising meaning."""
-    return LearnableWeightScaling(_common("lws", sampler, epochs, lr, batch_size, momentum, weight_decay, augment))
+              weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
+              epoch_size: str = "balanced", bn: str = "train") -> LearnableWeightScaling:
+    """Same schedule and options as cRT, weight decay 5e-4 on the scales, as in the authors' LWS config."""
+    return LearnableWeightScaling(_common("lws", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,
+                                          epoch_size, bn))
 
 
 # -- NCM ------------------------------------------------------------------------------------------

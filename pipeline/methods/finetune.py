@@ -1,7 +1,9 @@
 """Built-in fine-tune strategies (entry-point group `longtail.finetune`).
 
 A strategy is `build(**params) -> object` with `run(ctx: FinetuneContext)`; it trains (or
-transforms) `ctx.trainer.model` from `ctx.trainer.epoch` up to `ctx.until`."""
+transforms) `ctx.trainer.model` from `ctx.trainer.epoch` up to `ctx.until`. One that trains sets up
+its model and optimizer, then calls `ctx.fit(steps)` with an `engine.contract.Steps` (its lr, batches
+and per-batch loss); the trainer owns the loop, evaluation, history, best and checkpoints."""
 
 
 class Continue:
@@ -10,7 +12,7 @@ class Continue:
     class_balanced DRS (Cao et al., NeurIPS 2019, §3.3)."""
 
     def run(self, ctx) -> None:
-        ctx.trainer.fit(ctx.until, **ctx.fit_kwargs)
+        ctx.fit()
 
 
 def build_continue() -> Continue:

@@ -1,6 +1,8 @@
 """Balanced Meta-Softmax (Ren et al., NeurIPS 2020), stage 2: the `meta_sampler` fine-tune strategy.
 
-Stage 1 is Balanced Softmax end to end (loss=balanced_softmax, finetune.start_epoch=train.epochs).
+Stage 1 is a plain softmax (CE) model over the whole schedule (loss=ce,
+finetune.start_epoch=train.epochs), as in the authors' released recipe: Balanced Softmax and the
+meta sampler act only in this classifier stage.
 Stage 2 re-trains the classifier on the frozen backbone with Balanced Softmax,
 CE(z + log n, y), on batches drawn from a learnable class distribution pi = softmax(phi). Each step:
 
@@ -23,8 +25,6 @@ the real step's learning rate. Stage 2 always uses Balanced Softmax (the paper's
 
 from __future__ import annotations
 
-import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,9 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import LongtailError
-from .decoupling import (balanced_subset, cosine_lr, epoch_logger, extract_features, require_full_stage_one,
-                         reset_best)
+from ..engine.contract import StepResult
+from .classifier_stage import (balanced_subset, cosine_lr, epoch_logger, extract_features, reinit_classifier,
+                               require_full_stage_one)
 
 
 class ClassSampler:
@@ -65,16 +66,19 @@ class ClassSampler:
 
 
 class MetaSamplerTraining:
-    """Stage-2 training on precomputed features: `epoch(i)` runs one epoch (ceil(N / B) steps) and
-    returns (mean BS loss, accuracy on the real batches, lr)."""
+    """Stage-2 training on precomputed features, as engine.contract.Steps: an epoch is ceil(N / B)
+    steps; each step a meta step of the sampling logits, then the classifier's Balanced Softmax loss
+    on a batch from the updated pi (the trainer steps `opt`, which it holds as its optimizer).
+    Stage-2 epoch e has cosine lr at e - first. phi and its Adam state go in the checkpoint."""
 
     def __init__(self, classifier: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
                  meta_feats: torch.Tensor, meta_labels: torch.Tensor, class_counts, generator: torch.Generator, *,
                  epochs: int, lr: float, batch_size: int, momentum: float, weight_decay: float, meta_lr: float,
-                 temperature: float, init: str):
+                 temperature: float, init: str, first: int = 0):
         self.classifier, self.feats, self.labels = classifier, feats, labels
         self.meta_feats, self.meta_labels = meta_feats, meta_labels
-        self.generator, self.epochs, self.lr, self.batch_size = generator, epochs, lr, batch_size
+        self.generator, self.epochs, self.lr_base, self.batch_size = generator, epochs, lr, batch_size
+        self.first, self.current_lr, self.meta_losses = first, lr, []
         self.temperature = temperature
         device = feats.device
         counts = torch.tensor(class_counts, dtype=torch.long)
@@ -111,34 +115,29 @@ class MetaSamplerTraining:
         self.meta_opt.step()
         return meta_loss.item()
 
-    def real_step(self):
+    # -- engine.contract.Steps: one meta step then the real step's loss per batch --------------------
+    def lr(self, epoch: int) -> float:
+        self.current_lr = cosine_lr(self.lr_base, epoch - self.first, self.epochs)
+        return self.current_lr
+
+    def batches(self, epoch: int):
+        self.meta_losses = []
+        return range((len(self.labels) + self.batch_size - 1) // self.batch_size)
+
+    def loss(self, _step) -> StepResult:
+        self.meta_losses.append(self.meta_step(self.current_lr))
         cls = self.sampler.sample(self.batch_size, self.generator)
         idx = self._instances(cls)
         logits = self.classifier(self.feats[idx])
-        loss = self._bs(logits, cls)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach(), (logits.detach().argmax(1) == cls).sum()
+        return StepResult(self._bs(logits, cls), logits, (logits.detach().argmax(1) == cls).sum(), len(cls))
 
-    def epoch(self, i: int, on_batch=None):
-        lr = cosine_lr(self.lr, i, self.epochs)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        n = len(self.labels)
-        steps = (n + self.batch_size - 1) // self.batch_size
-        loss_sum = torch.zeros((), device=self.feats.device)
-        correct = torch.zeros((), device=self.feats.device, dtype=torch.long)
-        meta = 0.0
-        for step in range(steps):
-            meta += self.meta_step(lr)
-            loss, right = self.real_step()
-            loss_sum += loss * self.batch_size
-            correct += right
-            if on_batch is not None:
-                on_batch(step + 1, steps)
-        seen = steps * self.batch_size
-        return loss_sum.item() / seen, correct.item() / seen, lr, meta / steps
+    def state_dict(self) -> dict:
+        return {"phi": self.sampler.phi.detach().clone(), "meta_opt": self.meta_opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.sampler.phi.copy_(state["phi"])
+        self.meta_opt.load_state_dict(state["meta_opt"])
 
 
 class MetaSampler:
@@ -151,38 +150,29 @@ class MetaSampler:
         t, kw = ctx.trainer, dict(self.kw)
         model, counts = t.model, ctx.meta["class_counts"]
         clf = model.classifier
+        init_seed = kw.pop("init_seed")
         if kw.pop("reinit"):
-            g = torch.Generator().manual_seed(kw["init_seed"])
-            with torch.no_grad():
-                clf.weight.copy_(torch.randn(clf.weight.shape, generator=g) * math.sqrt(2.0 / clf.weight.shape[1]))
-                if getattr(clf, "bias", None) is not None:
-                    clf.bias.zero_()
-        kw.pop("init_seed")
+            reinit_classifier(clf, init_seed)
         meta_idx = balanced_subset(t.data.y_train_cpu, kw.pop("meta_per_class"), kw.pop("meta_seed"))
         feats = extract_features(t)  # backbone frozen: eval mode, no augmentation, computed once
         meta_feats = feats[meta_idx.to(feats.device)]
         meta_labels = t.data.y_train[meta_idx.to(t.data.y_train.device)]
-        training = MetaSamplerTraining(clf, feats, t.data.y_train, meta_feats, meta_labels, counts, t.sample_gen,
-                                       **kw)
-        t.optimizer = training.opt
         first, epochs = t.epoch, kw["epochs"]
-
-        def train_epoch(e: int, on_batch=None) -> dict:
-            model.eval()
-            start = time.perf_counter()
-            loss, acc, lr, meta = training.epoch(e - first, on_batch)
-            seconds = time.perf_counter() - start
-            rates = training.sampler.rates().tolist()
-            if ctx.log is not None:
-                ctx.log.log_metrics({"meta_loss": meta, **{f"sampler_rate/{j:03d}": r for j, r in enumerate(rates)}},
-                                    step=e + 1)  # epoch numbers from 1
-            n = len(t.data.y_train)
-            return {"epoch": e, "lr": lr, "train_loss": loss, "train_acc": acc, "images_per_s": n / max(seconds, 1e-9),
-                    "epoch_seconds": seconds, "reweighted": False}
-
-        reset_best(t)
+        training = MetaSamplerTraining(clf, feats, t.data.y_train, meta_feats, meta_labels, counts, t.sample_gen,
+                                       first=first, **kw)
+        t.optimizer = training.opt
+        t.reset_best()  # the stage-1 snapshot holds another classifier
         on_epoch, on_batch = epoch_logger(ctx, "meta_sampler", first, first + epochs)
-        t.fit(first + epochs, on_epoch=on_epoch, on_batch=on_batch, train_epoch=train_epoch)
+
+        def log_epoch(row):
+            on_epoch(row)
+            if ctx.log is not None:
+                rates = training.sampler.rates().tolist()
+                meta = sum(training.meta_losses) / max(len(training.meta_losses), 1)
+                ctx.log.log_metrics({"meta_loss": meta, **{f"sampler_rate/{j:03d}": r for j, r in enumerate(rates)}},
+                                    step=row["epoch"] + 1)  # epoch numbers from 1
+
+        ctx.fit(training, first + epochs, on_epoch=log_epoch, on_batch=on_batch)
         self.rates = training.sampler.rates().tolist()
         ctx.meta["meta_sampler_rates"] = self.rates
         print("finetune[meta_sampler]: learned class sampling rates "

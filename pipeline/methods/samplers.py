@@ -4,8 +4,9 @@ Contract: build_<name>(class_counts, **params) -> a sampler with
   indices(labels, epoch, epochs, generator) -> int64 tensor: the sample order of one epoch
       (labels: int64 CPU tensor whose class counts equal class_counts; epoch 0-based; CPU generator),
   class_probabilities(epoch, epochs) -> list[float]: the probability p_j of drawing class j,
-  strong_augment (bool) and last_repeat_mask (bool tensor aligned with the last indices(), True for
-      extra copies of an image, or None when the sampler never repeats on purpose).
+  last_pad_scale (optional): None, or an int tensor aligned with the last indices(): the multiplier
+      of the random-crop padding for each sample (1 = the usual augmentation). This is how a sampler
+      asks the trainer for other augmentation of some samples without the trainer knowing it.
 Samplers with replacement draw each sample with probability p_y / n_y, so class j gets p_j.
 """
 
@@ -22,8 +23,7 @@ def _counts(class_counts) -> list[int]:
 
 
 class Sampler:
-    strong_augment = False
-    last_repeat_mask = None
+    last_pad_scale = None
 
     def __init__(self, class_counts):
         self.class_counts = _counts(class_counts)
@@ -100,7 +100,9 @@ class OversampleSampler(Sampler):
     """Random over-sampling to n_max per class. Rule: each image of class j is kept floor(n_max / n_j)
     times and (n_max mod n_j) of them, drawn without replacement, once more; the epoch (C * n_max
     samples) is then permuted. The first copy of an image is the original, the others are repeats
-    (last_repeat_mask), which the trainer may augment more strongly when strong_augment is set."""
+    (last_repeat_mask). With strong_augment the repeats get doubled crop padding (last_pad_scale 2)."""
+
+    last_repeat_mask = None
 
     def __init__(self, class_counts, strong_augment: bool = False):
         super().__init__(class_counts)
@@ -120,6 +122,7 @@ class OversampleSampler(Sampler):
             repeat += [torch.arange(k * len(members)) >= len(members), torch.ones(r, dtype=torch.bool)]
         perm = torch.randperm(n_max * len(self.class_counts), generator=generator)
         self.last_repeat_mask = torch.cat(repeat)[perm]
+        self.last_pad_scale = 1 + self.last_repeat_mask.long() if self.strong_augment else None
         return torch.cat(idx)[perm]
 
 

@@ -7,9 +7,11 @@ The two branches share the whole ResNet-32 except the last residual block(s): a 
 residual network structure and share all the weights except for the last residual block", so
 branch_blocks defaults to 1; branch_blocks = 5 gives each branch its own whole last stage.
 
-The classifier sees the concatenation [alpha f_c ; (1 - alpha) f_r] (128-d for ResNet-32), i.e.
-logits = alpha W_c f_c + (1 - alpha) W_r f_r. `features(x)` / `forward(x)` use alpha = 0.5, the
-test-time mix; training (the `bbn` fine-tune strategy) calls `branch_features` per branch."""
+The classifier sees 2 [alpha f_c ; (1 - alpha) f_r] (128-d for ResNet-32), i.e.
+logits = 2 alpha W_c f_c + 2 (1 - alpha) W_r f_r, the authors' combiner (the factor 2 keeps the
+mixed feature at the scale of one branch's). `features(x)` / `forward(x)` use alpha = 0.5, the
+test-time mix, which is the plain concatenation [f_c ; f_r] the authors evaluate with; training
+(the `bbn` fine-tune strategy) calls `branch_features` per branch and `mix`."""
 
 from __future__ import annotations
 
@@ -60,10 +62,15 @@ class BBNResNet(nn.Module):
             raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
         return self._pool(getattr(self, branch), self.shared(x))
 
+    @staticmethod
+    def mix(f_c, f_r, alpha: float):
+        """The classifier input 2 [alpha f_c ; (1 - alpha) f_r] (the authors' combiner)."""
+        return 2 * torch.cat([alpha * f_c, (1 - alpha) * f_r], 1)
+
     def features(self, x, alpha: float = 0.5):
-        """[alpha f_c ; (1 - alpha) f_r] for one input (the trunk runs once)."""
+        """mix(f_c, f_r, alpha) for one input (the trunk runs once); alpha = 0.5 gives [f_c ; f_r]."""
         h = self.shared(x)
-        return torch.cat([alpha * self._pool(self.conventional, h), (1 - alpha) * self._pool(self.rebalancing, h)], 1)
+        return self.mix(self._pool(self.conventional, h), self._pool(self.rebalancing, h), alpha)
 
     def forward(self, x):
         return classify(self.classifier, self.features(x))

@@ -12,8 +12,8 @@ import torch
 
 from .. import figures, io
 from ..build import describe_device, device_data, pick_device
-from ..data.augment import normalize
 from ..data.store import load_dataset
+from ..engine.inference import batched
 from ..engine.metrics import classification_report, sample_margins
 from ..engine.trainer import best_model, eval_batch_size
 from ..errors import LongtailError
@@ -46,15 +46,9 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     precision = meta.get("precision", "fp32")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
-    @torch.no_grad()
     def logits_of(m):
-        out = []
         bs = eval_batch_size(p.train.eval_batch_size, device)
-        for i in range(0, len(data.x_test), bs):
-            x = normalize(data.x_test[i:i + bs], data.mean, data.std)
-            with autocast():
-                out.append(m(x).float().cpu())
-        return torch.cat(out).numpy()
+        return batched(lambda x: m(x).float().cpu(), data.x_test, data.mean, data.std, bs, autocast).numpy()
 
     y = ds.y_test
     final_logits = logits_of(model)

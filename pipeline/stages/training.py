@@ -52,12 +52,26 @@ class FinetuneContext:
     until: int
     fit_kwargs: dict = field(default_factory=dict)
     log: object = None
+    resume: object = None  # () -> None: loads the stage's resume checkpoint, if any, into the trainer
+
+    def fit(self, steps=None, until: int | None = None, **callbacks) -> None:
+        """Train with `steps` (an engine.contract.Steps; None = plain training) up to `until`
+        (default self.until). Call it after setting up the model and optimizer the steps train: a
+        killed run's checkpoint is loaded into them first, so the stage resumes where it stopped.
+        `callbacks` (on_epoch, on_batch) replace the stage's own."""
+        if self.resume is not None:
+            self.resume()
+            self.resume = None
+        self.trainer.fit(self.until if until is None else until, steps=steps, **{**self.fit_kwargs, **callbacks})
 
 
 def _inputs(stage: str, p: Params) -> dict:
     """What the stage's result depends on besides the dataset file (stored in each checkpoint, so that
     a mismatch can name the key that differs)."""
-    return json.loads(json.dumps(p.section(*STAGE_KEYS[stage]), sort_keys=True, default=str))
+    inputs = p.section(*STAGE_KEYS[stage])
+    if stage == "pretrain":  # pretrain only runs up to the fine-tune start: one stage 1 serves every strategy
+        inputs["finetune"] = {"start_epoch": p.finetune.start_epoch}
+    return json.loads(json.dumps(inputs, sort_keys=True, default=str))
 
 
 def _fingerprint(stage: str, p: Params, dataset: Path) -> str:
@@ -131,19 +145,30 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
                                 f"params.yaml and {dataset} ({diff or 'the dataset differs'}): "
                                 f"re-run `dvc repro pretrain`")
         trainer.load_state_dict(state)
-    resumed = False
-    if resume.exists():
+
+    def load_resume():
+        """A killed run's checkpoint, loaded once the model and optimizer it holds are set up (the
+        finetune strategy calls it through FinetuneContext.fit, after building its classifier)."""
+        if not resume.exists():
+            return
         try:
             state = io.load_checkpoint(resume, "resume checkpoint", require=CHECKPOINT_KEYS)
         except LongtailError as exc:
             _set_aside(resume, str(exc))
-            state = None
-        if state is not None and state.get("fingerprint") == fingerprint:
-            trainer.load_state_dict(state)
-            resumed = True
-            print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
-        elif state is not None:
+            return
+        if state.get("fingerprint") != fingerprint:
             resume.unlink()
+            return
+        trainer.load_state_dict(state)
+        print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
+        if log is not None:  # the killed run's epochs again, so that this run shows the whole curve
+            first = 0 if stage == "pretrain" else p.finetune.start_epoch
+            for row in trainer.history:
+                if first <= row["epoch"] < trainer.epoch:
+                    log.log_epoch(row)  # as the live epochs: step = epoch from 1
+
+    if stage == "pretrain":
+        load_resume()
 
     main = distributed.is_main()
 
@@ -159,7 +184,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         if log is not None:
             log.log_epoch(row)
 
-    progress = Progress(stage, trainer.epoch, until, p.train.epochs)
+    progress = Progress(stage, trainer.epoch, until, p.train.epochs)  # (finetune: from the stage-1 end)
     if main:
         print(f"{stage}: device {meta['device']} ({meta['device_name']}), precision {trainer.precision.reason}, "
               f"{'channels_last' if trainer.channels_last else 'NCHW'}")
@@ -168,11 +193,6 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
                         "resolved.device": meta["device"], "resolved.precision": meta["precision"],
                         "resolved.channels_last": meta["channels_last"]})
-        if resumed:  # the killed run's epochs again, so that this run shows the whole curve
-            first = 0 if stage == "pretrain" else p.finetune.start_epoch
-            for row in trainer.history:
-                if first <= row["epoch"] < trainer.epoch:
-                    log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
     fit_kwargs = dict(on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
                       on_batch=progress.batch if progress.tty and main else None)
     if stage == "pretrain":
@@ -180,7 +200,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     else:
         strategy = registry.build("finetune", p.finetune.strategy, params=p.finetune.strategy_params,
                                   param_key=f"finetunes.{p.finetune.strategy}")
-        strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log))
+        strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log, load_resume))
     if main:
         io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
         if resume.exists():

@@ -25,7 +25,8 @@ def test_alpha_schedule():
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
-def test_the_plain_forward_mixes_the_branches_with_alpha_one_half():
+def test_the_plain_forward_is_the_concatenation_of_both_branches():
+    """The authors' combiner scales the mix by 2: at test (alpha = 0.5) the classifier sees [f_c ; f_r]."""
     torch.manual_seed(0)
     m = build_bbn_resnet32(4, 3, "linear").eval()
     x = torch.randn(6, 3, 16, 16)
@@ -33,10 +34,27 @@ def test_the_plain_forward_mixes_the_branches_with_alpha_one_half():
         f_c, f_r = m.branch_features(x, "conventional"), m.branch_features(x, "rebalancing")
         z = m(x)
         w_c, w_r = m.classifier.weight[:, :64], m.classifier.weight[:, 64:]
-        assert torch.allclose(z, 0.5 * f_c @ w_c.t() + 0.5 * f_r @ w_r.t() + m.classifier.bias, atol=1e-5)
-        assert torch.allclose(m.features(x), torch.cat([0.5 * f_c, 0.5 * f_r], 1))
+        assert torch.allclose(z, f_c @ w_c.t() + f_r @ w_r.t() + m.classifier.bias, atol=1e-5)
+        assert torch.allclose(m.features(x), torch.cat([f_c, f_r], 1), atol=1e-6)
         # and it is not some other mix
-        assert not torch.allclose(z, m.classifier(torch.cat([f_c, 0 * f_r], 1)), atol=1e-3)
+        assert not torch.allclose(z, m.classifier(torch.cat([0.5 * f_c, 0.5 * f_r], 1)), atol=1e-3)
+
+
+def test_the_training_mix_is_twice_the_weighted_concatenation():
+    f_c, f_r = torch.randn(3, 64), torch.randn(3, 64)
+    assert torch.allclose(BBNResNet.mix(f_c, f_r, 0.8), torch.cat([1.6 * f_c, 0.4 * f_r], 1))
+    assert torch.allclose(BBNResNet.mix(f_c, f_r, 1.0), torch.cat([2 * f_c, 0 * f_r], 1))
+
+
+def test_the_named_method_uses_the_authors_lr_schedule():
+    """The authors' CIFAR config: lr x0.01 from epoch 120, x0.0001 from epoch 160."""
+    import yaml
+    from pathlib import Path
+
+    names = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipeline/method_names.yaml").read_text())
+    bbn = next(m for m in names["methods"] if m["name"] == "BBN")["params"]
+    assert bbn["train.milestones"] == [120, 160]
+    assert bbn["train.milestone_factors"] == [0.01, 0.0001]
 
 
 def test_branch_structure():

@@ -59,7 +59,7 @@ def test_instance_is_a_permutation():
     s = build("instance")
     idx = s.indices(LABELS, 0, 1, torch.Generator().manual_seed(0))
     assert idx.dtype == torch.int64 and torch.equal(idx.sort().values, torch.arange(600))
-    assert s.last_repeat_mask is None and s.strong_augment is False
+    assert s.last_pad_scale is None
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -89,7 +89,12 @@ def test_oversample_counts_and_repeat_mask():
             k = per_image[LABELS == j]
             assert k.min() >= 400 // n and k.max() <= 400 // n + (400 % n > 0)
         assert LABELS[idx[:50]].unique().numel() > 1  # shuffled, not grouped by class
+        # what the trainer sees: doubled crop padding for the copies, through the general interface
+        assert torch.equal(s.last_pad_scale, 1 + mask.long())
     assert build("oversample").strong_augment is False
+    plain = build("oversample")
+    plain.indices(LABELS, 0, 1, torch.Generator().manual_seed(3))
+    assert plain.last_pad_scale is None
 
 
 def test_undersample_counts():

@@ -99,6 +99,9 @@ class _Log:
         if "test_acc" in metrics:
             self.steps.append(step)
 
+    def log_epoch(self, row, **extra):  # as tracking.StageRun: step = epoch number from 1
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"] + 1)
+
     def set_tags(self, tags):
         pass
 
@@ -120,7 +123,7 @@ def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
     _killed_after_one_epoch(p, ds, tmp_path / "r")
     log = _Log()
     training.run("pretrain", p, log=log, **files)
-    assert log.steps == [0, 1]  # one complete curve in the new run
+    assert log.steps == [1, 2]  # one complete curve in the new run, epochs numbered from 1
 
 
 def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
@@ -273,3 +276,56 @@ def test_lsoftmax_schedule_split_equals_one_run(prepared, tmp_path):
     assert int(whole["criterion"]["iteration"]) == int(split["criterion"]["iteration"]) == steps
     _same(split["model"], whole["model"])
     assert [r["train_loss"] for r in split["history"]] == [r["train_loss"] for r in whole["history"]]
+
+
+def test_a_sampler_asks_for_wider_crop_padding_through_last_pad_scale(prepared):
+    """The trainer reads a sampler's per-sample crop-padding multipliers (`last_pad_scale`) without
+    knowing which sampler it is: scale-2 samples get the augmentation with twice the padding."""
+    from pipeline.data.augment import augment, normalize
+
+    p, ds = prepared
+    trainer, _ = training.setup(p, ds)
+    idx = torch.arange(8)
+    scale = torch.tensor([1, 2] * 4)
+    gen_state = trainer.aug_gen.get_state()
+    x = trainer.prepare(idx, scale)
+    d = trainer.data
+    g = torch.Generator().manual_seed(0)
+    g.set_state(gen_state)
+    plain = augment(d.x_train[idx], trainer.pad, trainer.flip, g)
+    wide = augment(d.x_train[idx], 2 * trainer.pad, trainer.flip, g)
+    expected = normalize(torch.where((scale == 2)[:, None, None, None], wide, plain), d.mean, d.std)
+    assert torch.equal(x, expected)
+    # the policy's sampler hands its scales to the epoch's batches
+    class Scaled:
+        last_pad_scale = None
+
+        def indices(self, labels, epoch, epochs, generator):
+            order = torch.randperm(len(labels), generator=generator)
+            self.last_pad_scale = torch.full((len(order),), 2)
+            return order
+
+    from pipeline.engine.trainer import PolicySteps, Rebalance
+
+    trainer.policy = lambda e: Rebalance(None, Scaled())
+    trainer.aug_gen.set_state(gen_state)
+    order_gen = trainer.sample_gen.get_state()
+    x0, _ = next(iter(PolicySteps(trainer).batches(0)))
+    g.set_state(gen_state)
+    order = torch.randperm(len(d.y_train), generator=torch.Generator().set_state(order_gen))
+    first = order[:p.train.batch_size]
+    augment(d.x_train[first], trainer.pad, trainer.flip, g)  # the plain crop is drawn first, as before
+    assert torch.equal(x0, normalize(augment(d.x_train[first], 2 * trainer.pad, trainer.flip, g), d.mean, d.std))
+
+
+def test_one_stage_1_serves_every_fine_tune_strategy(prepared, tmp_path):
+    """The two-stage methods share stage 1: a pretrain checkpoint made for cRT is accepted by tau-norm
+    (the strategy and its params are not pretrain inputs); the fine-tune start still is."""
+    from pipeline.params import override
+
+    p, ds = prepared
+    raw = override(p.raw, {"finetune.start_epoch": 4})
+    crt, tau = parse(override(raw, {"finetune.strategy": "crt"})), parse(override(raw, {"finetune.strategy": "tau_norm"}))
+    assert training._fingerprint("pretrain", crt, ds) == training._fingerprint("pretrain", tau, ds)
+    assert training._fingerprint("finetune", crt, ds) != training._fingerprint("finetune", tau, ds)
+    assert training._fingerprint("pretrain", p, ds) != training._fingerprint("pretrain", crt, ds)

@@ -1,0 +1,47 @@
+"""The contract between the trainer and a fine-tune strategy that trains with its own steps.
+
+A strategy supplies only what differs from plain training: the learning rate of an epoch, the
+batches of an epoch and the loss of one batch (built on the parameters it put in
+`trainer.optimizer`). The trainer (`Trainer.fit(until, steps=...)`) owns everything else: the
+epoch loop, the non-finite guard, the optimizer step (with train.clip_grad_norm), evaluation,
+the history row, best-epoch tracking and the resume checkpoints. A strategy with state of its own
+(e.g. learned sampling logits) returns it from `state_dict` and gets it back from
+`load_state_dict`, so a killed stage resumes bit for bit.
+
+What a strategy may use of the trainer: `model`, `optimizer` (it may replace it), `data`,
+`device`, `cfg`, `sample_gen` / `aug_gen` (the checkpointed RNGs: draw only from them), `epoch`,
+`loss(logits, y, weight=None, feats=None)` (the configured loss plugin), `prepare(idx)` (augmented,
+normalised training images), `autocast()`, `reset_best()`, `fit(...)`."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+
+class StepResult(NamedTuple):
+    """One batch's outcome: the float32 loss to minimise, the logits (checked for finiteness),
+    the number of correct predictions (a float for mixed targets) and of samples."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    correct: torch.Tensor | float
+    count: int
+
+
+@runtime_checkable
+class Steps(Protocol):
+    """What a strategy hands `Trainer.fit`. Optional attributes: `reweighted` (bool, for the history
+    row), `images_per_sample` (images the model sees per sample, e.g. 2 for two branches),
+    `state_dict()` / `load_state_dict(state)` (strategy state kept in the resume checkpoint)."""
+
+    def lr(self, epoch: int) -> float:
+        """The learning rate of epoch `epoch` (the trainer sets it on every optimizer group)."""
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        """The batches of epoch `epoch`, each handed to `loss`; draw randomness from the trainer's
+        generators only."""
+
+    def loss(self, batch: Any) -> StepResult:
+        """The loss of one batch (the trainer then steps its optimizer)."""
