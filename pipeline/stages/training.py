@@ -123,8 +123,25 @@ def setup(p: Params, dataset: Path = DATASET):
     return trainer, meta
 
 
+def _shared_resume_root() -> Path:
+    from ..tracking import project_root
+
+    return project_root() / RESUME_DIR
+
+
+def _resume_dir(fingerprint: str) -> Path:
+    """Where a stage keeps its resume checkpoint: `.longtail/resume/` of the workspace; in a DVC
+    temp copy (`dvc exp run --temp`, queue workers), which is deleted when the run ends or dies, a
+    folder per fingerprint under the project root's, so a re-queued killed experiment resumes."""
+    from ..tracking import project_root
+
+    if project_root() != Path.cwd().resolve():
+        return _shared_resume_root() / fingerprint[:16]
+    return RESUME_DIR
+
+
 def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path = PRETRAIN,
-        final: Path = FINAL, resume_dir: Path = RESUME_DIR) -> dict:
+        final: Path = FINAL, resume_dir: Path | None = None) -> dict:
     if stage not in ("pretrain", "finetune"):
         raise ValueError(stage)
     trainer, meta = setup(p, dataset)
@@ -135,7 +152,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
     out = pretrain if stage == "pretrain" else final
     fingerprint = _fingerprint(stage, p, dataset)
-    resume = resume_dir / f"{stage}.pt"
+    resume = (resume_dir or _resume_dir(fingerprint)) / f"{stage}.pt"
 
     if stage == "finetune":
         state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT_KEYS)
@@ -205,6 +222,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
         if resume.exists():
             os.unlink(resume)
+        if resume.parent.parent == _shared_resume_root() and not any(resume.parent.iterdir()):
+            resume.parent.rmdir()
     ran = [r for r in trainer.history if r["epoch"] >= (0 if stage == "pretrain" else p.finetune.start_epoch)]
     summary = {"epochs_run": len(ran),
                "images_per_s": sum(r["images_per_s"] for r in ran) / len(ran) if ran else 0.0,

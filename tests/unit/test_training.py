@@ -329,3 +329,35 @@ def test_one_stage_1_serves_every_fine_tune_strategy(prepared, tmp_path):
     assert training._fingerprint("pretrain", crt, ds) == training._fingerprint("pretrain", tau, ds)
     assert training._fingerprint("finetune", crt, ds) != training._fingerprint("finetune", tau, ds)
     assert training._fingerprint("pretrain", p, ds) != training._fingerprint("pretrain", crt, ds)
+
+
+def test_a_run_killed_in_a_dvc_temp_copy_resumes_in_the_next_copy(prepared, tmp_path, monkeypatch, capsys):
+    """dvc exp run --temp / queue workers train in a temporary copy that is deleted with the run: the
+    resume checkpoint lives under the project root instead, so a re-queued experiment resumes."""
+    import shutil
+
+    from pipeline.engine.trainer import NonFiniteLoss
+
+    p, ds = prepared
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.setenv("LONGTAIL_ROOT", str(root))
+    steps_per_epoch = -(-sum(training.load_dataset(ds).class_counts) // p.train.batch_size)
+    build = training.build_loss
+
+    def attempt(name):
+        copy_dir = tmp_path / name
+        copy_dir.mkdir()
+        monkeypatch.chdir(copy_dir)
+        return training.run("pretrain", p, dataset=ds, pretrain=copy_dir / "pre.pt", final=copy_dir / "final.pt")
+
+    with monkeypatch.context() as m:  # the first attempt dies in its second epoch
+        m.setattr(training, "build_loss", lambda p, counts: _NaNAfter(build(p, counts), steps_per_epoch + 1))
+        with pytest.raises(NonFiniteLoss):
+            attempt("tmp-1")
+    shutil.rmtree(tmp_path / "tmp-1")  # DVC removes the temp copy
+    capsys.readouterr()
+    attempt("tmp-2")
+    assert "resuming from" in capsys.readouterr().out
+    assert (tmp_path / "tmp-2" / "pre.pt").exists()
+    assert not any((root / ".longtail" / "resume").iterdir())  # cleaned up after success
