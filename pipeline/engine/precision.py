@@ -7,9 +7,9 @@
 - ``auto``: bf16 on CUDA, and on a CPU only where the processor has native bf16 arithmetic
   (AVX-512 BF16 or AMX); fp32 everywhere else, because emulated bf16 is slower than fp32.
 
-The memory layout follows the same rule of measurement: channels_last on CUDA and for bf16 on a
-CPU; plain NCHW for fp32 on a CPU (see `longtail bench`, which prints every mode on the machine
-at hand)."""
+The memory layout is channels_last in every mode: it measured faster than NCHW on CUDA and on both
+CPUs we measured (fp32 ResNet-32 training steps: +19% on an AVX-512 EPYC, +10-20% on an AVX2 EPYC;
+`longtail bench` prints every mode on the machine at hand)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def resolve(setting: str, device_type: str, cpuinfo: str | None = None) -> Preci
         name = "bf16" if native else "fp32"
         why = ("the CPU has native bf16 (avx512_bf16/amx_bf16)" if native
                else "the CPU has no native bf16 (no avx512_bf16/amx_bf16 flag), so bf16 would be emulated and slow")
-        return Precision(name, name == "bf16", f"{name} (auto: {why})")
+        return Precision(name, True, f"{name} (auto: {why})")
     if setting == "bf16" and not native:
         return Precision("bf16", True, "bf16 as set, although this CPU has no native bf16: expect it to be slower "
                                        "than fp32")
-    return Precision(setting, setting == "bf16", f"{setting} as set")
+    return Precision(setting, True, f"{setting} as set")

@@ -45,10 +45,14 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     # evaluate in the precision the model was trained and selected in (train.precision, resolved)
     precision = meta.get("precision", "fp32")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    channels_last = bool(meta.get("channels_last", False))  # and in its memory layout
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     def logits_of(m):
         bs = eval_batch_size(p.train.eval_batch_size, device)
-        return batched(lambda x: m(x).float().cpu(), data.x_test, data.mean, data.std, bs, autocast).numpy()
+        return batched(lambda x: m(x).float().cpu(), data.x_test, data.mean, data.std, bs, autocast,
+                       channels_last=channels_last).numpy()
 
     y = ds.y_test
     final_logits = logits_of(model)

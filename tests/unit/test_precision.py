@@ -17,10 +17,10 @@ def test_native_bf16_comes_from_the_cpu_flags(cpuinfo, native):
 
 
 @pytest.mark.parametrize("setting, device, cpuinfo, name, channels_last", [
-    ("auto", "cpu", ZEN3, "fp32", False),  # emulated bf16 would be slower: never chosen
+    ("auto", "cpu", ZEN3, "fp32", True),  # emulated bf16 would be slower: never chosen
     ("auto", "cpu", ZEN4, "bf16", True),
     ("auto", "cuda", ZEN3, "bf16", True),
-    ("fp32", "cpu", ZEN4, "fp32", False),
+    ("fp32", "cpu", ZEN4, "fp32", True),
     ("fp32", "cuda", ZEN3, "fp32", True),
     ("bf16", "cpu", ZEN4, "bf16", True),
 ])
