@@ -1,4 +1,4 @@
-"""The reference-style input pipeline of the LDAM-DRW scripts: a map-style dataset of PIL images,
+"""The reference-style input pipeline of the authors' scripts (Cao et al. 2019): a map-style dataset of PIL images,
 torchvision transforms (RandomCrop with padding, RandomHorizontalFlip, ToTensor, Normalize) and a
 DataLoader. Used to check that the device-resident fast path gives the same results, and by
 `longtail bench` as the baseline it is measured against."""

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the LDAM-DRW protocol (Cao et al., NeurIPS 2019, CIFAR setting):
+"""Learning-rate schedule of the CIFAR-LT protocol (Cao et al., NeurIPS 2019):
 linear warm-up lr * (e+1)/W for 0-based epochs e < W, then lr * factor of the last milestone
 reached (defaults: x0.01 from epoch 160, x0.0001 from epoch 180). Set once per epoch."""
 

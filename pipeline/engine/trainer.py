@@ -282,7 +282,7 @@ class Trainer:
 
 
 class PolicySteps:
-    """Plain training (the `Steps` of pretraining and of `continue`): the LDAM-DRW lr schedule, the
+    """Plain training (the `Steps` of pretraining and of `continue`): the protocol lr schedule, the
     epoch's re-balancing policy (class weights and sampler), the trainer's forward and loss. A
     sampler may hand per-sample crop-padding multipliers for its last order (`last_pad_scale`)."""
 

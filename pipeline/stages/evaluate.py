@@ -1,5 +1,5 @@
 """Stage 4: per-class evaluation of the final-epoch and the best-epoch weights on the balanced test
-set. Papers in the LDAM-DRW line report the best test accuracy over all (evaluated) epochs, which
+set. Papers in this line (Cao et al. 2019 onwards) report the best test accuracy over all (evaluated) epochs, which
 is optimistic; both are written, and the metrics say which is which."""
 
 from __future__ import annotations
