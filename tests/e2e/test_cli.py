@@ -87,9 +87,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     _params(tmp_path, dataset="digits", loss="nope")
     _fails([LONGTAIL, "check"], tmp_path, "loss: unknown losses plugin 'nope'", "valid:", "ce", "mm")
     _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "loss: unknown losses plugin 'nope'")
-    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=5)
+    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=5,
+            train__milestones=[1], train__milestone_factors=[0.1])
     _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "finetune.start_epoch (5) is beyond the last epoch")
     _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=1)
+    _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "train.milestones [160, 180] must all be below "
+                                                           "train.epochs (2)", "schedule=short")
+    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=1,
+            train__milestones=[1], train__milestone_factors=[0.1])
     _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "data/prepared/dataset.npz", "build")
     (tmp_path / "data/prepared").mkdir(parents=True)
     (tmp_path / "data/prepared/dataset.npz").write_bytes(b"PK\x03\x04 truncated")
@@ -98,7 +103,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     _fails([LONGTAIL, "finetune", "--no-track"], tmp_path, "pretrain checkpoint models/pretrain.pt not found",
            "dvc repro pretrain")
     _fails([LONGTAIL, "evaluate", "--no-track"], tmp_path, "final checkpoint models/final.pt not found")
-    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=1, losses__ce={"gamma": 2})
+    _params(tmp_path, dataset="digits", train__epochs=2, train__warmup_epochs=1, finetune__start_epoch=1,
+            train__milestones=[1], train__milestone_factors=[0.1], losses__ce={"gamma": 2})
     _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path, "unknown key losses.ce.gamma in params.yaml")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
     assert not list((tmp_path / "data/prepared").glob(".*.tmp"))
