@@ -44,7 +44,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     ha, hb = a["history"], b["history"]
     assert [r["epoch"] for r in ha] == [r["epoch"] for r in hb] == [0, 1, 2]
     assert hb[0]["train_loss"] == pytest.approx(ha[0]["train_loss"], rel=0.05)
-    assert abs(hb[-1]["test_acc"] - ha[-1]["test_acc"]) < 0.15
+    # (test accuracy after 3 epochs swings by 0.2 with float rounding alone, e.g. NCHW vs channels_last
+    # in one process, so the runs are compared by their training losses and weights)
+    assert [r["train_loss"] for r in hb] == pytest.approx([r["train_loss"] for r in ha], rel=0.15)
     wa = torch.cat([v.flatten().float() for v in a["model"].values()])
     wb = torch.cat([v.flatten().float() for v in b["model"].values()])
     assert torch.nn.functional.cosine_similarity(wa, wb, dim=0) > 0.95
