@@ -37,10 +37,10 @@ def test_two_parallel_queued_experiments_lose_nothing(repo):
             "build-dataset", "pretrain", "finetune", "evaluate"}, (name, runs)
         steps = [s for (s,) in db.execute("select step from metrics where run_uuid = ? and key = 'train_loss' "
                                            "order by step", (runs["pretrain"],))]
-        assert steps == list(range(6)), (name, steps)
+        assert steps == list(range(1, 7)), (name, steps)  # MLflow steps are epochs counted from 1
         steps = [s for (s,) in db.execute("select step from metrics where run_uuid = ? and key = 'test_acc' "
                                            "order by step", (runs["finetune"],))]
-        assert steps == [6, 7], (name, steps)
+        assert steps == [7, 8], (name, steps)
         n_class = db.execute("select count(*) from metrics where run_uuid = ? and key like 'class_acc_final/%'",
                              (runs["evaluate"],)).fetchone()[0]
         assert n_class == 10
