@@ -104,16 +104,16 @@ def test_classifier_stages_add_epochs_after_stage_one(ran):
     repo, results, _ = ran
     for name in ("crt", "lws", "meta_sampler"):
         res = results[name]
-        assert res["eval"]["final"]["epoch"] == EPOCHS + STAGE2 - 1, name
+        assert res["eval"]["final"]["epoch"] == EPOCHS + STAGE2, name  # epochs counted from 1
         assert res["history"] == list(range(EPOCHS + STAGE2)), name
         # best-epoch tracking restarted with the new classifier
-        assert EPOCHS <= res["eval"]["best"]["epoch"] < EPOCHS + STAGE2, name
+        assert EPOCHS < res["eval"]["best"]["epoch"] <= EPOCHS + STAGE2, name
         runs = _runs(repo, name)
         steps = [h.step for h in runs["client"].get_metric_history(runs["finetune"].info.run_id, "test_acc")]
-        assert steps == [EPOCHS, EPOCHS + 1], name
+        assert steps == [EPOCHS + 1, EPOCHS + 2], name
     for name in ("tau_norm", "ncm"):  # no training: the final model is the best one, at the stage-1 end
         res = results[name]
-        assert res["eval"]["final"]["epoch"] == res["eval"]["best"]["epoch"] == EPOCHS - 1
+        assert res["eval"]["final"]["epoch"] == res["eval"]["best"]["epoch"] == EPOCHS
         assert res["eval"]["best"]["top1"] == res["eval"]["final"]["top1"]
 
 
@@ -130,7 +130,7 @@ def test_method_specific_metrics(ran):
     runs = _runs(repo, "tau_norm")
     client, run_id = runs["client"], runs["finetune"].info.run_id
     sweep = client.get_metric_history(run_id, "tau_sweep/balanced_acc")
-    assert sorted(h.step for h in sweep) == [10 * i for i in range(11)]
+    assert sorted(h.step for h in sweep) == [10 * i for i in range(21)]  # tau in [0, 2], step 0.1
     chosen = results["tau_norm"]["meta"]["tau_norm"]
     assert runs["finetune"].data.metrics["tau"] == pytest.approx(chosen["tau"])
     assert chosen["tau"] == max(r["tau"] for r in chosen["sweep"]
@@ -148,9 +148,9 @@ def test_method_specific_metrics(ran):
     runs = _runs(repo, "bbn")
     alpha = runs["client"].get_metric_history(runs["finetune"].info.run_id, "bbn_alpha")
     assert [(h.step, h.value) for h in sorted(alpha, key=lambda h: h.step)] == \
-        [(e, pytest.approx(1 - (e / EPOCHS) ** 2)) for e in range(EPOCHS)]
+        [(e + 1, pytest.approx(1 - (e / EPOCHS) ** 2)) for e in range(EPOCHS)]
     acc = runs["client"].get_metric_history(runs["finetune"].info.run_id, "test_acc")
-    assert sorted(h.step for h in acc) == list(range(EPOCHS))
+    assert sorted(h.step for h in acc) == list(range(1, EPOCHS + 1))
     assert results["bbn"]["history"] == list(range(EPOCHS))
 
 
