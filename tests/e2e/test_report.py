@@ -128,8 +128,9 @@ def test_figures_are_valid_pngs(swept):
     assert "(figures/per_class_error_ERM_vs_ERM-DRW_digits_exp_100.png)" in md and "(runs/rep-0/curves.png)" in md
 
 
-def test_evaluate_logs_the_margins(swept):
+def test_evaluate_logs_the_margins(swept, monkeypatch):
     repo, _, _ = swept
+    monkeypatch.chdir(repo)  # artifact locations are relative to the project root, where `mlflow ui` runs
     client, runs = _evaluate_runs(repo)
     run = runs[0].info.run_id
     arts = {a.path for a in client.list_artifacts(run, "evaluation")}
