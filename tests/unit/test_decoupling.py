@@ -73,7 +73,7 @@ def test_tau_norm_drops_the_bias_and_evaluate_rebuilds_the_model(ctx):
     assert_same(before, backbone_state(ctx.trainer.model))
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
-        assert torch.equal(rebuilt(ctx)(x), ctx.trainer.model.eval()(x))
+        assert torch.allclose(rebuilt(ctx)(x), ctx.trainer.model.eval()(x), rtol=1e-5, atol=1e-4)  # layouts differ in rounding
     # nothing trained: best = the final model at the stage-1 end
     assert ctx.trainer.best == {"epoch": ctx.trainer.epoch - 1, "test_acc": -1.0, "model": None}
     assert ctx.meta["tau_norm"]["tau"] == 0.5

@@ -34,7 +34,10 @@ def test_plugins_new_checks_the_exact_path(tmp_path):
 
 def test_plugins_add_writes_the_build_defaults(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text().replace("  focal: {gamma: 1.0}", "  # focal"))
+    text = (ROOT / "params.yaml").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("  focal: "))
+    params.write_text(text.replace(line, "  # focal"))
     key, values = add_plugin("focal", params)
-    assert key == "losses.focal" and yaml_load(params.read_text())["losses"]["focal"] == values == {"gamma": 1.0}
+    assert key == "losses.focal" and yaml_load(params.read_text())["losses"]["focal"] == values
+    assert values == {"gamma": 1.0, "weighting": "reference"}  # build_focal's own defaults
     assert "# Cao et al. 2019" in params.read_text()  # the file's comments are kept
