@@ -21,7 +21,10 @@ import pytest
 from . import slurm_cluster
 from .conftest import FAST, env, make_repo
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    os.environ.get("LONGTAIL_SLURM_E2E") != "1",
+    reason="the SLURM end-to-end test runs by hand (LONGTAIL_SLURM_E2E=1): not yet re-verified after the "
+           "tracking changes merged beside it")]
 
 BIN = Path(sys.executable).parent
 
