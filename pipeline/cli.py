@@ -143,6 +143,10 @@ def demo(ctx: typer.Context,
 def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output folder"),
            published: bool = typer.Option(False, "--published",
                                           help="add the published figures (pipeline/published.yaml) and the difference"),
+           published_as: List[str] = typer.Option([], "--published-as",
+                                                  help="OURS=PUBLISHED: compare runs of dataset OURS with the published "
+                                                       "figures of PUBLISHED, e.g. imagefolder=cifar10 for the CIFAR-10 "
+                                                       "images as a folder"),
            compare: Optional[str] = typer.Option(None, "--compare",
                                                  help="per-class error figure of these rows, e.g. CB-RW,HMM-DRW"),
            runs: str = typer.Option("first", "--runs", help="per-run figures: first (lowest seed of each cell), all, none"),
@@ -165,8 +169,9 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
         from .params import experiment_name
 
         experiment = experiment_name(yaml_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {})
+    aliases = rep.parse_published_as(published_as)
     found = finished_runs("evaluate", experiment)
-    res = rep.generate(found, out, fetch=fetch_artifact, published=published,
+    res = rep.generate(found, out, fetch=fetch_artifact, published=published or bool(aliases), published_as=aliases,
                        compare=[c.strip() for c in compare.split(",") if c.strip()] if compare else None,
                        per_run=runs, where=rep.parse_where(where), ignore=ignore,
                        source=f"{tracking_uri()} (experiment {experiment!r})")

@@ -22,11 +22,11 @@ from .. import io
 from ..errors import LongtailError
 from ..method_names import MethodNames, norm
 from .figures import Artifacts, compare_figures, margin_figures, run_figures, slug
-from .published import Published, compare_published, published_markdown
-from .render import _md_table, csv_rows, error_table, shots_table
+from .published import Published, compare_published, parse_published_as, published_markdown
+from .render import _md_table, csv_rows, error_table, settings_table, shots_table
 from .table import Table, build_table, column_label, parse_where
 
-__all__ = ["MethodNames", "Published", "Table", "build_table", "column_label", "compare_published", "csv_rows",
+__all__ = ["MethodNames", "Published", "Table", "parse_published_as", "build_table", "column_label", "compare_published", "csv_rows",
            "error_table", "generate", "norm", "parse_where", "shots_table"]
 
 
@@ -39,7 +39,7 @@ def _plain(v) -> str:
 
 
 def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False, compare: list[str] | None = None,
-             per_run: str = "first", where=(), ignore=(), source: str = "") -> dict:
+             per_run: str = "first", where=(), ignore=(), source: str = "", published_as: dict | None = None) -> dict:
     """Write table.md, table.csv (and published.csv, figures/, runs/) under `out`; return a summary."""
     if per_run not in ("first", "all", "none"):
         raise LongtailError(f"--runs must be one of first, all, none, got {per_run!r}")
@@ -63,15 +63,17 @@ def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False
           "The best test accuracy over the evaluated epochs: what the LDAM-DRW line of papers reports (optimistic).",
           ""] + error_table(t, "best") + ["", "## Top-1 error (%), final epoch", ""] + error_table(t, "final") + [
           "", "## Many / medium / few-shot accuracy (%), final epoch", "",
-          "Classes with > 100 / 20..100 / < 20 training images; mean over seeds.", ""] + shots_table(t) + [""]
+          "Classes with > 100 / 20..100 / < 20 training images; mean over seeds.", ""] + shots_table(t) + [
+          "", "## Hyper-parameters of each row", "",
+          "The parameters of the plugins each row selected (as logged with its runs).", ""] + settings_table(t) + [""]
     header, rows = csv_rows(t)
     io.write_csv(out / "table.csv", header, rows)
     written = [out / "table.csv"]
     if published:
         pub = Published.load()
-        prow = compare_published(t, pub)
-        md += published_markdown(t, pub, prow)
-        cols = ["method", "label", "setting", "n", "ours_best", "ours_best_std", "ours_final", "ours_final_std",
+        prow = compare_published(t, pub, published_as)
+        md += published_markdown(t, pub, prow, published_as)
+        cols = ["method", "label", "setting", "ours_setting", "n", "ours_best", "ours_best_std", "ours_final", "ours_final_std",
                 "published", "diff_best", "diff_final", "source"]
         io.write_csv(out / "published.csv", cols,
                   [[("" if r[c] is None else round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in cols]

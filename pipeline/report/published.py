@@ -50,19 +50,40 @@ class Published:
         return list(dict.fromkeys(f["method"] for f in self.figures))
 
 
-def compare_published(t: Table, pub: Published) -> list[dict]:
-    """One row per (our row, setting) that has a published figure: ours (best and final epoch) and the difference."""
+def parse_published_as(pairs) -> dict:
+    """`--published-as imagefolder=cifar10` -> {"imagefolder": "cifar10"}: runs of the dataset on the left
+    are compared with the published figures of the one on the right (e.g. the CIFAR-10 images as a folder)."""
+    out = {}
+    for pair in pairs or ():
+        ours, sep, theirs = pair.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise LongtailError(f"--published-as wants OURS=PUBLISHED dataset names, e.g. imagefolder=cifar10, "
+                                f"got {pair!r}")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
+def published_setting(col: tuple, published_as: dict | None = None) -> str:
+    """The published setting a table column is compared with ("<dataset> <profile> <ratio>")."""
+    ds, prof, ratio = col
+    return column_label(((published_as or {}).get(ds, ds), prof, ratio))
+
+
+def compare_published(t: Table, pub: Published, published_as: dict | None = None) -> list[dict]:
+    """One row per (our row, setting) that has a published figure: ours (best and final epoch) and the difference.
+    `published_as` maps our dataset names to published ones (parse_published_as)."""
     look = pub.lookup()
     out = []
     for label in t.rows:
         for col in t.columns:
             cell = t.cells.get((label, col))
-            fig = look.get((cell.method, column_label(col))) if cell else None
+            fig = look.get((cell.method, published_setting(col, published_as))) if cell else None
             if fig is None:
                 continue
             best, best_std, n = cell.stat("best_error")
             final, final_std, _ = cell.stat("final_error")
-            out.append({"method": cell.method, "label": label, "setting": column_label(col), "n": n,
+            out.append({"method": cell.method, "label": label, "setting": published_setting(col, published_as),
+                        "ours_setting": column_label(col), "n": n,
                         "ours_best": best, "ours_best_std": best_std, "ours_final": final,
                         "ours_final_std": final_std, "published": fig["error"],
                         "diff_best": None if best is None else best - fig["error"],
@@ -71,8 +92,11 @@ def compare_published(t: Table, pub: Published) -> list[dict]:
     return out
 
 
-def published_markdown(t: Table, pub: Published, rows: list[dict]) -> list[str]:
+def published_markdown(t: Table, pub: Published, rows: list[dict], published_as: dict | None = None) -> list[str]:
     lines = ["## Against the published figures", ""]
+    if published_as:
+        lines += ["Compared as: " + ", ".join(f"our {a} runs with the published {b} figures"
+                                              for a, b in published_as.items()) + " (`--published-as`).", ""]
     if rows:
         settings = [s for s in pub.settings if any(r["setting"] == s for r in rows)]
         labels = [lbl for lbl in t.rows if any(r["label"] == lbl for r in rows)]

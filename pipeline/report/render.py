@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .table import METRICS, SHOTS, Table, column_label
+from .table import METRICS, PLUGIN_SECTIONS, SHOTS, Table, column_label
 
 
 def fmt_stat(mean, std, n, digits: int = 2, with_n: bool = True) -> str:
@@ -45,6 +45,31 @@ def shots_table(t: Table, which: str = "final") -> list[str]:
             row.append(" / ".join(p if p != "—" else "n/a" for p in parts) + f" (n={len(cell.runs)})")
         rows.append(row)
     return _md_table(["method"] + [column_label(c) for c in t.columns], rows)
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def settings_table(t: Table) -> list[str]:
+    """Per row, the parameters of the plugins it selected (loss, re-weighting, sampler, fine-tune
+    strategy), e.g. `losses.mm: s=19, max_m=1.29, gamma=1.528`: the hyper-parameters behind each row."""
+    rows = []
+    for label in t.rows:
+        cell = next((t.cells[(label, c)] for c in t.columns if (label, c) in t.cells), None)
+        sig = cell.runs[0]["sig"] if cell and cell.runs else {}
+        groups: dict = {}
+        for k, v in sorted(sig.items()):
+            sec, _, rest = k.partition(".")
+            name, _, key = rest.partition(".")
+            if sec in PLUGIN_SECTIONS and key:
+                groups.setdefault(f"{sec}.{name}", []).append(f"{key}={_value(v)}")
+        rows.append([label, "; ".join(f"{g}: {', '.join(kv)}" for g, kv in groups.items()) or "(none)"])
+    return _md_table(["method", "plugin parameters"], rows)
 
 
 def csv_rows(t: Table) -> tuple[list[str], list[list]]:

@@ -228,6 +228,18 @@ def test_every_row_states_where_it_differs_from_the_common_settings(default_para
     assert "common settings: train.epochs=12." in (tmp_path / "table.md").read_text()
 
 
+def test_each_row_states_the_hyper_parameters_of_its_plugins(stored_runs, tmp_path):
+    """Issue 10: the table says which loss hyper-parameters a row ran with (e.g. MM's s, max_m, gamma),
+    and only those of the plugins the row selected."""
+    report.generate(stored_runs, tmp_path)
+    section = (tmp_path / "table.md").read_text().split("## Hyper-parameters of each row")[1]
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    ldam = lines["LDAM-DRW"]
+    assert "losses.ldam: max_m=0.5, s=30" in ldam and "reweightings.cb: beta=0.9999" in ldam
+    assert "losses.focal" not in ldam and "losses.mm" not in ldam and "finetunes." not in ldam
+    assert "losses.ldam" not in lines["ERM-DRW"] and "reweightings.cb: beta=0.9999" in lines["ERM-DRW"]
+
+
 def test_no_runs_is_a_one_line_error(tmp_path):
     with pytest.raises(LongtailError, match="no finished evaluate runs"):
         report.generate([], tmp_path)
@@ -263,6 +275,28 @@ def test_published_difference(stored_runs, tmp_path):
     assert "Table 2" in md and "development logs" in md
     with open(tmp_path / "published.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 4
+
+
+def test_published_as_compares_an_image_folder_with_the_cifar_figures(stored_runs, tmp_path):
+    """The CIFAR-10 images as an image folder (dataset=imagefolder) are compared with the published CIFAR-10
+    figures only when asked (--published-as imagefolder=cifar10); without it, nothing matches."""
+    folder = [{**r, "params": {**r["params"], "dataset": "imagefolder"}} for r in stored_runs
+              if r["params"]["dataset"] == "cifar10"]
+    t = report.build_table(folder)
+    assert report.compare_published(t, report.Published.load()) == []
+    rows = {(r["label"], r["setting"]): r
+            for r in report.compare_published(t, report.Published.load(), {"imagefolder": "cifar10"})}
+    r = rows[("LDAM-DRW", "cifar10 exp 100")]
+    assert (r["ours_setting"], r["published"]) == ("imagefolder exp 100", 22.97)
+    assert r["ours_best"] == pytest.approx(statistics.fmean([22.97, 23.50]))
+    assert len(rows) == 3
+    report.generate(folder, tmp_path, published=True, published_as={"imagefolder": "cifar10"})
+    md = (tmp_path / "table.md").read_text()
+    assert "our imagefolder runs with the published cifar10 figures" in md
+    assert "| LDAM-DRW | " in md.split("## Against the published figures")[1]
+    assert report.parse_published_as(["imagefolder=cifar10"]) == {"imagefolder": "cifar10"}
+    with pytest.raises(LongtailError, match="OURS=PUBLISHED"):
+        report.parse_published_as(["cifar10"])
 
 
 # ------------------------------------------------------------------------------------ figures
