@@ -14,13 +14,17 @@ CE(z + log n, y), on batches drawn from a learnable class distribution pi = soft
    training set; its gradient w.r.t. phi (through theta') updates phi (Adam, meta_lr);
 4. a real SGD step of the classifier with Balanced Softmax on a batch drawn from the updated pi.
 
-Simplifications (kept small on purpose): features are computed once by the frozen backbone
-(eval mode, no augmentation) and reused; the meta set is part of the training set (its tail
-classes have too few images to hold any out) and is scored without augmentation; the classifier
-starts from the stage-1 one (`reinit: true` re-initialises it); phi starts at the instance-balanced
-rates log(n_j / N) (`init: class_balanced` starts uniform); one virtual step per real step, with
-the real step's learning rate. Stage 2 always uses Balanced Softmax (the paper's loss), whatever
-`loss` trained stage 1.
+As in the authors' classifier stage, the backbone's weights are frozen but it runs in train mode
+(`bn: train`: BatchNorm uses batch statistics and its running statistics follow the re-sampled
+data) on augmented images (`augment: true`), so every batch's features are computed afresh (no
+gradient reaches the backbone), and the classifier is re-initialised (`reinit: true`; the authors do
+not load the stage-1 classifier). `augment: false` with `bn: eval` computes the features once and
+reuses them (faster, and a different recipe).
+Simplifications: the meta set is part of the training set (its tail classes have too few images
+to hold any out) and its features are computed like the training batch's at each meta step; phi
+starts at the instance-balanced rates log(n_j / N) (`init: class_balanced` starts uniform); one
+virtual step per real step, with the real step's learning rate. Stage 2 always uses Balanced
+Softmax (the paper's loss), whatever `loss` trained stage 1.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from typing import Callable
+
 from ..errors import LongtailError
 from ..engine.contract import StepResult
-from .classifier_stage import (balanced_subset, cosine_lr, epoch_logger, extract_features, reinit_classifier,
-                               require_full_stage_one)
+from .classifier_stage import (BN_MODES, balanced_subset, cosine_lr, epoch_logger, extract_features,
+                               reinit_classifier, require_full_stage_one)
 
 
 class ClassSampler:
@@ -66,21 +72,24 @@ class ClassSampler:
 
 
 class MetaSamplerTraining:
-    """Stage-2 training on precomputed features, as engine.contract.Steps: an epoch is ceil(N / B)
-    steps; each step a meta step of the sampling logits, then the classifier's Balanced Softmax loss
-    on a batch from the updated pi (the trainer steps `opt`, which it holds as its optimizer).
-    Stage-2 epoch e has cosine lr at e - first. phi and its Adam state go in the checkpoint."""
+    """Stage-2 training of the classifier on backbone features, as engine.contract.Steps: an epoch is
+    ceil(N / B) steps; each step a meta step of the sampling logits, then the classifier's Balanced
+    Softmax loss on a batch from the updated pi (the trainer steps `opt`, which it holds as its
+    optimizer). `features(idx)` gives the features of training samples idx (fresh per batch, or
+    rows of a precomputed bank); `meta_features()` those of the meta set, whose labels are
+    `meta_labels`. Stage-2 epoch e has cosine lr at e - first. phi and its Adam state go in the
+    checkpoint."""
 
-    def __init__(self, classifier: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
-                 meta_feats: torch.Tensor, meta_labels: torch.Tensor, class_counts, generator: torch.Generator, *,
-                 epochs: int, lr: float, batch_size: int, momentum: float, weight_decay: float, meta_lr: float,
-                 temperature: float, init: str, first: int = 0):
-        self.classifier, self.feats, self.labels = classifier, feats, labels
-        self.meta_feats, self.meta_labels = meta_feats, meta_labels
+    def __init__(self, classifier: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                 meta_features: Callable[[], torch.Tensor], meta_labels: torch.Tensor, class_counts,
+                 generator: torch.Generator, *, epochs: int, lr: float, batch_size: int, momentum: float,
+                 weight_decay: float, meta_lr: float, temperature: float, init: str, first: int = 0):
+        self.classifier, self.features, self.labels = classifier, features, labels
+        self.meta_features, self.meta_labels = meta_features, meta_labels
         self.generator, self.epochs, self.lr_base, self.batch_size = generator, epochs, lr, batch_size
         self.first, self.current_lr, self.meta_losses = first, lr, []
         self.temperature = temperature
-        device = feats.device
+        device = labels.device
         counts = torch.tensor(class_counts, dtype=torch.long)
         self.counts = counts.to(device)
         self.log_prior = counts.float().log().to(device)
@@ -104,11 +113,12 @@ class MetaSamplerTraining:
         cls, weight = self.sampler.sample_straight_through(self.batch_size, self.generator, self.temperature)
         idx = self._instances(cls)
         params = {k: v for k, v in self.classifier.named_parameters() if v.requires_grad}
-        logits = functional_call(self.classifier, params, (self.feats[idx],))
+        logits = functional_call(self.classifier, params, (self.features(idx),))
         virtual = (weight * self._bs(logits, cls, "none")).mean()
         grads = torch.autograd.grad(virtual, list(params.values()), create_graph=True)
         updated = {k: v - lr * g for (k, v), g in zip(params.items(), grads)}
-        meta_loss = F.cross_entropy(functional_call(self.classifier, updated, (self.meta_feats,)), self.meta_labels)
+        meta_loss = F.cross_entropy(functional_call(self.classifier, updated, (self.meta_features(),)),
+                                    self.meta_labels)
         (grad_phi,) = torch.autograd.grad(meta_loss, [self.sampler.phi])
         self.meta_opt.zero_grad(set_to_none=True)
         self.sampler.phi.grad = grad_phi
@@ -128,7 +138,7 @@ class MetaSamplerTraining:
         self.meta_losses.append(self.meta_step(self.current_lr))
         cls = self.sampler.sample(self.batch_size, self.generator)
         idx = self._instances(cls)
-        logits = self.classifier(self.feats[idx])
+        logits = self.classifier(self.features(idx))
         return StepResult(self._bs(logits, cls), logits, (logits.detach().argmax(1) == cls).sum(), len(cls))
 
     def state_dict(self) -> dict:
@@ -154,12 +164,26 @@ class MetaSampler:
         if kw.pop("reinit"):
             reinit_classifier(clf, init_seed)
         meta_idx = balanced_subset(t.data.y_train_cpu, kw.pop("meta_per_class"), kw.pop("meta_seed"))
-        feats = extract_features(t)  # backbone frozen: eval mode, no augmentation, computed once
-        meta_feats = feats[meta_idx.to(feats.device)]
-        meta_labels = t.data.y_train[meta_idx.to(t.data.y_train.device)]
+        meta_idx = meta_idx.to(t.data.y_train.device)
+        augment, train_bn = kw.pop("augment"), kw.pop("bn") == "train"
+        if augment or train_bn:  # the authors' way: frozen weights, fresh features every batch
+            def features(idx):
+                return extract_features(t, idx, augment, train_bn)
+
+            def meta_features():
+                return extract_features(t, meta_idx, augment, train_bn)
+        else:  # eval-mode BatchNorm, no augmentation: the features never change, compute them once
+            bank = extract_features(t)
+            meta_bank = bank[meta_idx.to(bank.device)]
+
+            def features(idx):
+                return bank[idx]
+
+            def meta_features():
+                return meta_bank
         first, epochs = t.epoch, kw["epochs"]
-        training = MetaSamplerTraining(clf, feats, t.data.y_train, meta_feats, meta_labels, counts, t.sample_gen,
-                                       first=first, **kw)
+        training = MetaSamplerTraining(clf, features, t.data.y_train, meta_features, t.data.y_train[meta_idx], counts,
+                                       t.sample_gen, first=first, **kw)
         t.optimizer = training.opt
         t.reset_best()  # the stage-1 snapshot holds another classifier
         on_epoch, on_batch = epoch_logger(ctx, "meta_sampler", first, first + epochs)
@@ -182,9 +206,11 @@ class MetaSampler:
 def build_meta_sampler(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
                        weight_decay: float = 5e-4, meta_lr: float = 0.01, temperature: float = 1.0,
                        meta_per_class: int = 10, meta_seed: int = 0, init: str = "instance",
-                       reinit: bool = False, init_seed: int = 0) -> MetaSampler:
-    """Classifier schedule as cRT (10 epochs, SGD momentum 0.9, wd 5e-4, cosine lr from 0.05);
-    Adam on the sampling logits; meta set = meta_per_class training images per class (capped at n_j)."""
+                       reinit: bool = True, init_seed: int = 0, augment: bool = True,
+                       bn: str = "train") -> MetaSampler:
+    """Classifier schedule as cRT (10 epochs, SGD momentum 0.9, wd 5e-4, cosine lr from 0.05), a fresh
+    classifier, augmented batches through the frozen backbone in train mode; Adam on the sampling
+    logits; meta set = meta_per_class training images per class (capped at n_j)."""
     for key, v in (("epochs", epochs), ("batch_size", batch_size), ("meta_per_class", meta_per_class)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise LongtailError(f"finetunes.meta_sampler.{key} must be a positive integer, got {v!r}")
@@ -196,9 +222,12 @@ def build_meta_sampler(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 
             raise LongtailError(f"finetunes.meta_sampler.{key} must be a number >= 0, got {v!r}")
     if init not in ("instance", "class_balanced"):
         raise LongtailError(f"finetunes.meta_sampler.init must be one of instance, class_balanced, got {init!r}")
-    if not isinstance(reinit, bool):
-        raise LongtailError(f"finetunes.meta_sampler.reinit must be true or false, got {reinit!r}")
+    for key, v in (("reinit", reinit), ("augment", augment)):
+        if not isinstance(v, bool):
+            raise LongtailError(f"finetunes.meta_sampler.{key} must be true or false, got {v!r}")
+    if bn not in BN_MODES:
+        raise LongtailError(f"finetunes.meta_sampler.bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
     return MetaSampler(epochs=epochs, lr=float(lr), batch_size=batch_size, momentum=float(momentum),
                        weight_decay=float(weight_decay), meta_lr=float(meta_lr), temperature=float(temperature),
                        meta_per_class=meta_per_class, meta_seed=meta_seed, init=init, reinit=reinit,
-                       init_seed=init_seed)
+                       init_seed=init_seed, augment=augment, bn=bn)

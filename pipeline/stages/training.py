@@ -130,12 +130,14 @@ def _shared_resume_root() -> Path:
 
 
 def _resume_dir(fingerprint: str) -> Path:
-    """Where a stage keeps its resume checkpoint: `.longtail/resume/` of the workspace; in a DVC
-    temp copy (`dvc exp run --temp`, queue workers), which is deleted when the run ends or dies, a
-    folder per fingerprint under the project root's, so a re-queued killed experiment resumes."""
+    """Where a stage keeps its resume checkpoint: `.longtail/resume/` of the workspace it runs in
+    (the project, or a SLURM job's workspace, which outlives a killed job); in a DVC temp copy
+    (`dvc exp run --temp`, queue workers: `<project>/.dvc/tmp/exps/...`), which is deleted when
+    the run ends or dies, a folder per fingerprint under the project root's, so a re-queued killed
+    experiment resumes."""
     from ..tracking import project_root
 
-    if project_root() != Path.cwd().resolve():
+    if Path.cwd().resolve().is_relative_to(project_root() / ".dvc" / "tmp"):
         return _shared_resume_root() / fingerprint[:16]
     return RESUME_DIR
 

@@ -44,8 +44,8 @@ def _toy(seed):
 def meta_training(x, y, clf, meta_idx, seed=0, **kw):
     args = dict(epochs=10, lr=0.05, batch_size=64, momentum=0.9, weight_decay=5e-4, meta_lr=0.03,
                 temperature=1.0, init="instance") | kw
-    return MetaSamplerTraining(clf, x, y, x[meta_idx], y[meta_idx], COUNTS, torch.Generator().manual_seed(seed),
-                               **args)
+    return MetaSamplerTraining(clf, lambda idx: x[idx], y, lambda: x[meta_idx], y[meta_idx], COUNTS,
+                               torch.Generator().manual_seed(seed), **args)
 
 
 def run_epoch(tr, i):
@@ -97,20 +97,57 @@ def test_straight_through_gumbel_samples_pi_and_carries_gradient():
     assert s.phi.grad is not None and s.phi.grad.abs().sum() > 0
 
 
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if not k.startswith("classifier.")}
+
+
 def test_the_strategy_keeps_the_backbone_and_records_the_rates(tmp_path):
+    """The authors' classifier stage: frozen backbone weights, but train-mode BatchNorm on augmented
+    batches (running statistics follow the re-sampled data), and a fresh classifier."""
     raw = tiny_raw(project_params(), loss="balanced_softmax")
     p, ds = prepare(tmp_path, raw)
     ctx = pretrained_context(p, ds, RecordingLog())
-    before = backbone_state(ctx.trainer.model)
-    w0 = ctx.trainer.model.classifier.weight.detach().clone()
+    model = ctx.trainer.model
+    weights, before = _weights(model), backbone_state(model)
+    w0 = model.classifier.weight.detach().clone()
+    calls = []
     strategy = build_meta_sampler(epochs=2)
-    strategy.run(ctx)
-    assert_same(before, backbone_state(ctx.trainer.model))
-    assert not torch.equal(ctx.trainer.model.classifier.weight.detach(), w0)
+    import pipeline.methods.meta_sampler as ms
+
+    real = ms.extract_features
+
+    def counting(t, idx=None, augmented=False, train_mode=False):
+        calls.append((idx is None, augmented, train_mode))
+        return real(t, idx, augmented, train_mode)
+
+    ms.extract_features = counting
+    try:
+        strategy.run(ctx)
+    finally:
+        ms.extract_features = real
+    assert_same(weights, _weights(model))
+    bn = [k for k in before if k.endswith("running_mean")]
+    assert bn and any(not torch.equal(before[k], model.state_dict()[k]) for k in bn)  # train-mode BatchNorm
+    # fresh augmented train-mode features for every batch and meta set, never a precomputed bank
+    assert calls and all(c == (False, True, True) for c in calls)
+    assert len(calls) >= 2 * 2 * 2  # 2 epochs x >= 2 batches x (virtual + meta + real)
+    # the classifier was re-initialised (far from the stage-1 one) and then trained
+    assert not torch.equal(model.classifier.weight.detach(), w0)
+    assert torch.nn.functional.cosine_similarity(model.classifier.weight.detach().flatten(), w0.flatten(), 0) < 0.9
     rates = ctx.meta["meta_sampler_rates"]
     assert len(rates) == 10 and sum(rates) == pytest.approx(1.0)
     assert [r["epoch"] for r in ctx.trainer.history[-2:]] == [2, 3] and ctx.trainer.epoch == 4
     assert {"sampler_rate/009", "meta_loss", "test_acc"} <= ctx.log.keys()
+
+
+def test_fixed_features_recipe_keeps_the_whole_backbone(tmp_path):
+    """augment: false, bn: eval computes the features once, and nothing in the backbone changes."""
+    raw = tiny_raw(project_params(), loss="balanced_softmax")
+    p, ds = prepare(tmp_path, raw)
+    ctx = pretrained_context(p, ds, RecordingLog())
+    before = backbone_state(ctx.trainer.model)
+    build_meta_sampler(epochs=2, augment=False, bn="eval", reinit=False).run(ctx)
+    assert_same(before, backbone_state(ctx.trainer.model))
 
 
 def test_bad_parameters_are_one_line_errors():
@@ -118,6 +155,10 @@ def test_bad_parameters_are_one_line_errors():
         build_meta_sampler(meta_lr=0)
     with pytest.raises(LongtailError, match="finetunes.meta_sampler.init"):
         build_meta_sampler(init="uniform")
+    with pytest.raises(LongtailError, match="finetunes.meta_sampler.bn must be one of train, eval"):
+        build_meta_sampler(bn="frozen")
+    with pytest.raises(LongtailError, match="finetunes.meta_sampler.augment"):
+        build_meta_sampler(augment="yes")
 
 
 def test_the_named_method_balms_trains_stage_one_with_plain_softmax():

@@ -346,8 +346,8 @@ def test_a_run_killed_in_a_dvc_temp_copy_resumes_in_the_next_copy(prepared, tmp_
     build = training.build_loss
 
     def attempt(name):
-        copy_dir = tmp_path / name
-        copy_dir.mkdir()
+        copy_dir = root / ".dvc" / "tmp" / "exps" / name  # where DVC makes its temp copies
+        copy_dir.mkdir(parents=True)
         monkeypatch.chdir(copy_dir)
         return training.run("pretrain", p, dataset=ds, pretrain=copy_dir / "pre.pt", final=copy_dir / "final.pt")
 
@@ -355,9 +355,27 @@ def test_a_run_killed_in_a_dvc_temp_copy_resumes_in_the_next_copy(prepared, tmp_
         m.setattr(training, "build_loss", lambda p, counts: _NaNAfter(build(p, counts), steps_per_epoch + 1))
         with pytest.raises(NonFiniteLoss):
             attempt("tmp-1")
-    shutil.rmtree(tmp_path / "tmp-1")  # DVC removes the temp copy
+    shutil.rmtree(root / ".dvc" / "tmp" / "exps" / "tmp-1")  # DVC removes the temp copy
     capsys.readouterr()
     attempt("tmp-2")
     assert "resuming from" in capsys.readouterr().out
-    assert (tmp_path / "tmp-2" / "pre.pt").exists()
+    assert (root / ".dvc" / "tmp" / "exps" / "tmp-2" / "pre.pt").exists()
     assert not any((root / ".longtail" / "resume").iterdir())  # cleaned up after success
+
+
+def test_a_slurm_workspace_keeps_its_resume_checkpoint_in_itself(tmp_path, monkeypatch):
+    """Issue 13: a SLURM job runs in its own workspace under the project (LONGTAIL_ROOT = the project, for
+    its store). That workspace outlives a killed job, so its checkpoint stays in it; only DVC temp copies
+    (under <project>/.dvc/tmp) use the project's shared resume folder."""
+    root = tmp_path / "project"
+    ws = root / ".longtail" / "slurm" / "s" / "ws" / "s-0"
+    temp = root / ".dvc" / "tmp" / "exps" / "tmpabc"
+    for d in (ws, temp):
+        d.mkdir(parents=True)
+    monkeypatch.setenv("LONGTAIL_ROOT", str(root))
+    monkeypatch.chdir(ws)
+    assert training._resume_dir("0123456789abcdef0123") == training.RESUME_DIR
+    monkeypatch.chdir(temp)
+    assert training._resume_dir("0123456789abcdef0123") == root.resolve() / ".longtail" / "resume" / "0123456789abcdef"
+    monkeypatch.chdir(root)
+    assert training._resume_dir("0123456789abcdef0123") == training.RESUME_DIR
