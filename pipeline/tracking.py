@@ -236,13 +236,15 @@ def _run_tags(raw_params: dict, group: str, commit: str) -> dict:
     except Exception:  # an unreadable method_names.yaml must not stop training
         method = str(raw_params.get("loss"))
     plugins = plugin_versions(raw_params)
-    return {GROUP_TAG: group, "longtail.commit": commit, "mlflow.source.git.commit": commit,
+    tags = {GROUP_TAG: group, "longtail.commit": commit, "mlflow.source.git.commit": commit,
             "longtail.dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "method": method,
             "dataset": raw_params.get("dataset"), "imbalance": raw_params.get("imbalance"),
             "ratio": raw_params.get("ratio"), "seed": raw_params.get("seed"),
             "longtail.dataset": raw_params.get("dataset"), "longtail.loss": raw_params.get("loss"),
             "longtail.plugins": ", ".join(f"{d} {v}" for d, v in plugins.items()) or "built-in only",
             **{f"longtail.plugin.{d}": v for d, v in plugins.items()}}
+    # tag values are strings: a file or sqlite store converts them, a tracking server (REST) refuses others
+    return {k: "" if v is None else str(v) for k, v in tags.items()}
 
 
 def _wall_seconds(client, exp_id: str, group: str, now_ms: int) -> float:

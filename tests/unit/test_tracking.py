@@ -81,3 +81,17 @@ def test_plugin_versions_name_the_third_party_distributions_a_run_selects(defaul
     raw = yaml.safe_load(yaml.safe_dump(default_params))
     raw["loss"] = "mm"
     assert plugin_versions(raw) == {"longtail-mm": "0.1.0"}
+
+
+def test_run_tags_are_strings_a_tracking_server_accepts(default_params):
+    """Issue 13: against `mlflow server` (the REST store) every SLURM job failed in build_dataset: the
+    ratio and seed tags were numbers, and RunTag.to_proto refuses a non-string value ("bad argument
+    type"); the sqlite store had converted them silently."""
+    from mlflow.entities import RunTag
+
+    from pipeline.tracking import _run_tags
+
+    tags = _run_tags({**default_params, "ratio": 100.0, "seed": 3}, "g", "abc")
+    assert tags["ratio"] == "100.0" and tags["seed"] == "3"
+    for k, v in tags.items():
+        RunTag(k, v).to_proto()  # what the REST store does with each tag
