@@ -1,10 +1,10 @@
 import os
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from testkit import ROOT
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
+from testkit import ROOT
+
 from pipeline.params import override
 
-from .conftest import ROOT, env, sh
+from .conftest import env, sh
 
 pytestmark = pytest.mark.slow
 LONGTAIL = shutil.which("longtail")

@@ -9,7 +9,9 @@ import pytest
 import torch
 import yaml
 
-from .conftest import ROOT, sh
+from testkit import ROOT
+
+from .conftest import sh
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from testkit import ROOT
+
 from pipeline.data import sources
 from pipeline.data.export import export_images
 from pipeline.errors import LongtailError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small_cifar10(path: Path, per_class=(6, 2)) -> Path:

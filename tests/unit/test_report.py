@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import yaml
 
+from testkit import ROOT
+
 from pipeline import figures, report, sweep
 from pipeline.engine.metrics import sample_margins
 from pipeline.errors import LongtailError
 from pipeline.params import override
 from pipeline.tracking import _flatten
 
-ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testkit import ROOT
+
 from pipeline import slurm
 from pipeline.errors import LongtailError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_params_yaml_slurm_section_gives_the_defaults():
