@@ -1,9 +1,8 @@
 import os
 
 import pytest
-import yaml
 
-from testkit import ROOT
+from testkit import project_params
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -11,4 +10,4 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 @pytest.fixture
 def default_params() -> dict:
     """The project's params.yaml as a dict (tests change a copy)."""
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return project_params()

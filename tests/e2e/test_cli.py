@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit import ROOT
+from testkit import project_params
 
 from pipeline.params import override
 
@@ -24,8 +24,7 @@ LONGTAIL = shutil.which("longtail")
 
 
 def _params(path: Path, **top) -> Path:
-    raw = override(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                   {key.replace("__", "."): value for key, value in top.items()})
+    raw = override(project_params(), {key.replace("__", "."): value for key, value in top.items()})
     (path / "params.yaml").write_text(yaml.safe_dump(raw))
     return path
 

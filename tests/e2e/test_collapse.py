@@ -13,9 +13,8 @@ import os
 
 import pytest
 import torch
-import yaml
 
-from testkit import ROOT
+from testkit import project_params
 
 from pipeline import io, registry
 from pipeline.build import device_data
@@ -38,7 +37,7 @@ MIN_CLASSES = 3
 
 @pytest.fixture(scope="module")
 def raw_params():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return project_params()
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 puts tests/ on pytest's pythonpath): one home for each fact the tests rely on.
 
 - paths: ROOT, the repository root
+- params: the project's params.yaml, a named method's settings, the tiny digits settings of the training tests
 """
 
+from .params import named_method_params, project_params, tiny_pretrain_finetune, tiny_two_stage
 from .paths import ROOT
 
-__all__ = ["ROOT"]
+__all__ = ["ROOT", "named_method_params", "project_params", "tiny_pretrain_finetune", "tiny_two_stage"]

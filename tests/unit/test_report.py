@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit import ROOT
+from testkit import ROOT, project_params
 
 from pipeline import figures, report, sweep
 from pipeline.engine.metrics import sample_margins
@@ -119,7 +119,7 @@ def store(tmp_path_factory):
 
     from pipeline.tracking import StageRun
 
-    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    default = project_params()
     path = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
