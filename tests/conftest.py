@@ -1,14 +1,13 @@
 import os
-from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from testkit import project_params
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture
 def default_params() -> dict:
     """The project's params.yaml as a dict (tests change a copy)."""
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return project_params()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from testkit import ROOT
+
 # a short schedule with the structure of the real one: warm-up, two lr milestones, DRW start
 FAST = ["dataset=digits", "train.epochs=8", "finetune.start_epoch=6", "train.warmup_epochs=1",
         "train.milestones=[6,7]", "train.batch_size=64"]

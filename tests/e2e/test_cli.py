@@ -1,57 +1,30 @@
 """The CLI on real inputs: CIFAR-shaped archives give the published long-tailed sizes; bad input
 gives one clear line, a non-zero exit and no half-written outputs."""
 
-import io
 import json
 import os
-import pickle
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from testkit import project_params
+from testkit.cifar import balanced_labels, write_cifar
+
 from pipeline.params import override
 
-from .conftest import ROOT, env, sh
+from .conftest import env, sh
 
 pytestmark = pytest.mark.slow
 LONGTAIL = shutil.which("longtail")
 
 
 def _params(path: Path, **top) -> Path:
-    raw = override(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                   {key.replace("__", "."): value for key, value in top.items()})
+    raw = override(project_params(), {key.replace("__", "."): value for key, value in top.items()})
     (path / "params.yaml").write_text(yaml.safe_dump(raw))
     return path
-
-
-def _cifar_archive(root: Path, classes: int) -> None:
-    """The original archive layout with the real sizes (blank images, labels in a shuffled order)."""
-    rng = np.random.default_rng(0)
-    per_train, per_test = 50000 // classes, 10000 // classes
-    y = rng.permutation(np.repeat(np.arange(classes), per_train)).tolist()
-    yt = rng.permutation(np.repeat(np.arange(classes), per_test)).tolist()
-    if classes == 10:
-        folder, key, names = "cifar-10-batches-py", "labels", {"label_names": [f"c{i}" for i in range(10)]}
-        members = {f"data_batch_{i + 1}": y[i * 10000:(i + 1) * 10000] for i in range(5)}
-        members["test_batch"], meta = yt, "batches.meta"
-    else:
-        folder, key, names = "cifar-100-python", "fine_labels", {"fine_label_names": [f"c{i}" for i in range(100)]}
-        members, meta = {"train": y, "test": yt}, "meta"
-    tar_name = "cifar-10-python.tar.gz" if classes == 10 else "cifar-100-python.tar.gz"
-    with tarfile.open(root / tar_name, "w:gz", compresslevel=1) as tar:
-        def add(name, obj):
-            blob = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-
-        for name, labels in members.items():
-            add(name, {key: labels, "data": np.zeros((len(labels), 3072), np.uint8)})
-        add(meta, names)
 
 
 @pytest.mark.parametrize("dataset, classes, imbalance, ratio, expected", [
@@ -60,7 +33,10 @@ def _cifar_archive(root: Path, classes: int) -> None:
     ("cifar10", 10, "step", 10, 27500),
 ])
 def test_build_dataset_gives_the_published_sizes(tmp_path, dataset, classes, imbalance, ratio, expected):
-    _cifar_archive(tmp_path, classes)
+    # the original archive layout with the real sizes (blank images, labels in a shuffled order)
+    rng = np.random.default_rng(0)
+    write_cifar(tmp_path, dataset, balanced_labels(classes, 50000 // classes, rng),
+                balanced_labels(classes, 10000 // classes, rng), images="blank", tarball=True)
     _params(tmp_path, dataset=dataset, imbalance=imbalance, ratio=ratio, data__root=str(tmp_path))
     sh([LONGTAIL, "build-dataset", "--no-track"], tmp_path)
     counts = json.loads((tmp_path / "data/prepared/class_counts.json").read_text())

@@ -11,11 +11,10 @@ or collapsed before (GUARDED); LONGTAIL_COLLAPSE_ALL=1 runs every named method (
 import math
 import os
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
+
+from testkit import project_params
 
 from pipeline import io, registry
 from pipeline.build import device_data
@@ -34,12 +33,11 @@ NAMES = MethodNames.load()
 GUARDED = ["L-Softmax", "LS-SVM", "BALMS"]
 METHODS = NAMES.names if os.environ.get("LONGTAIL_COLLAPSE_ALL") else GUARDED
 MIN_CLASSES = 3
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def raw_params():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return project_params()
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,16 @@ import pytest
 import torch
 import yaml
 
-from .conftest import ROOT, sh
+from testkit import project_params
+
+from .conftest import sh
 
 pytestmark = pytest.mark.slow
 
 
 def _workdir(path: Path) -> Path:
     path.mkdir()
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = project_params()
     raw.update(dataset="digits", ratio=10)  # a gentle, stable schedule so that two runs can be compared
     raw["train"].update(epochs=3, lr=0.02, warmup_epochs=0, milestones=[2], milestone_factors=[0.1],
                         batch_size=64, device="cpu")

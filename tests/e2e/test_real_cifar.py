@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, make_repo, set_params, sh
+from testkit import ROOT
+
+from .conftest import make_repo, set_params, sh
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FAST, ROOT, env, make_repo, set_params, sh
+from testkit import ROOT
+
+from .conftest import FAST, env, make_repo, set_params, sh
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -2,11 +2,11 @@
 (methods reach the trainer only as objects, through the registry and build.py)."""
 
 import re
-from pathlib import Path
+
+from testkit import ROOT
 
 from pipeline import registry
 
-ROOT = Path(__file__).resolve().parents[2]
 GROUPS = ("losses", "reweighting", "samplers", "models", "finetune")
 # names that are also plain words of the core's vocabulary
 GENERIC = {"none", "instance", "continue", "inverse", "reversed", "progressive", "ce", "cb", "am", "hinge", "sqrt"}

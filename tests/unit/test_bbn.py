@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from twostage_util import prepare, project_params, tiny_raw
+from twostage_util import prepare
+
+from testkit import named_method_params, project_params, tiny_two_stage
 
 from pipeline import io
 from pipeline.errors import LongtailError
@@ -48,11 +50,7 @@ def test_the_training_mix_is_twice_the_weighted_concatenation():
 
 def test_the_named_method_uses_the_authors_lr_schedule():
     """The authors' CIFAR config: lr x0.01 from epoch 120, x0.0001 from epoch 160."""
-    import yaml
-    from pathlib import Path
-
-    names = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipeline/method_names.yaml").read_text())
-    bbn = next(m for m in names["methods"] if m["name"] == "BBN")["params"]
+    bbn = named_method_params("BBN")
     assert bbn["train.milestones"] == [120, 160]
     assert bbn["train.milestone_factors"] == [0.01, 0.0001]
 
@@ -110,7 +108,7 @@ def test_the_two_samplers_class_frequencies():
 def test_bbn_runs_through_the_stages_and_evaluates(tmp_path):
     from pipeline.stages import evaluate, training
 
-    raw = tiny_raw(project_params(), epochs=3)
+    raw = tiny_two_stage(project_params(), epochs=3)
     raw["model"] = {"arch": "bbn_resnet32"}
     raw["finetune"].update(strategy="bbn", start_epoch=0)
     p, ds = prepare(tmp_path, raw)
@@ -143,7 +141,7 @@ def test_bbn_runs_through_the_stages_and_evaluates(tmp_path):
 def test_bbn_refuses_a_plain_model_or_a_pretrain_phase(tmp_path):
     from pipeline.stages import training
 
-    raw = tiny_raw(project_params(), epochs=2)
+    raw = tiny_two_stage(project_params(), epochs=2)
     raw["finetune"].update(strategy="bbn", start_epoch=0)
     p, ds = prepare(tmp_path, raw)
     trainer, meta = training.setup(p, ds)

@@ -3,15 +3,14 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import yaml
 
+from testkit import ROOT
+
 from pipeline import build, demo
 from pipeline.params import override
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_version_is_fast_and_torch_free():

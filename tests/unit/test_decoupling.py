@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from twostage_util import (RecordingLog, assert_same, backbone_state, prepare, pretrained_context, project_params,
-                           tiny_raw)
+from twostage_util import RecordingLog, assert_same, backbone_state, prepare, pretrained_context
+
+from testkit import project_params, tiny_two_stage
 
 from pipeline import registry
 from pipeline.errors import LongtailError
@@ -19,7 +20,7 @@ ROW_KEYS = {"epoch", "lr", "train_loss", "train_acc", "images_per_s", "epoch_sec
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return prepare(tmp_path_factory.mktemp("decoupling"), tiny_raw(project_params()))
+    return prepare(tmp_path_factory.mktemp("decoupling"), tiny_two_stage(project_params()))
 
 
 @pytest.fixture
@@ -222,11 +223,8 @@ def test_a_class_balanced_stage_two_epoch_has_n_max_times_c_samples(prepared):
 
 
 def test_tau_is_searched_over_zero_to_two():
-    import yaml
-    from pathlib import Path
-
     assert min(dc.build_tau_norm().grid) == 0 and max(dc.build_tau_norm().grid) == 2.0
-    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    raw = project_params()
     grid = raw["finetunes"]["tau_norm"]["grid"]
     assert min(grid) == 0 and max(grid) == 2.0 and len(grid) == 21
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import tracking
+from testkit import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+from pipeline import tracking
 
 
 def _instructions() -> list[tuple[str, str]]:

@@ -1,45 +1,27 @@
 """Issue 16: users get from the official CIFAR archive to an image folder, and no user-facing text names
 this project's build machines (../shared)."""
 
-import io
-import pickle
 import re
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from testkit import ROOT
+from testkit.cifar import balanced_labels, write_cifar
 
 from pipeline.data import sources
 from pipeline.data.export import export_images
 from pipeline.errors import LongtailError
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _small_cifar10(path: Path, per_class=(6, 2)) -> Path:
-    """A CIFAR-10-shaped archive (the official layout and pickles), 6 train / 2 test images per class."""
-    rng = np.random.default_rng(0)
-    tr, te = per_class
-    y = rng.permutation(np.repeat(np.arange(10), tr)).tolist()
-    yt = rng.permutation(np.repeat(np.arange(10), te)).tolist()
-    members = {f"data_batch_{i + 1}": y[i * 12:(i + 1) * 12] for i in range(5)}
-    members["test_batch"] = yt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name, obj):
-            blob = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-        for name, labels in members.items():
-            add(name, {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"labels": labels})
-        add("batches.meta", {b"label_names": [f"class {i}" for i in range(10)]})
-    return path
-
 
 def test_cifar_archive_anywhere_exports_to_an_identical_image_folder(tmp_path):
-    archive = _small_cifar10(tmp_path / "downloads" / "elsewhere" / "cifar-10-python.tar.gz")
+    # a CIFAR-10-shaped archive (the official layout, bytes keys as in the Python 2 originals), 6 train / 2 test
+    # images per class, outside any data.root
+    rng = np.random.default_rng(0)
+    archive = write_cifar(tmp_path / "downloads" / "elsewhere", "cifar10", balanced_labels(10, 6, rng),
+                          balanced_labels(10, 2, rng), label_names=[f"class {i}" for i in range(10)], bytes_keys=True,
+                          tarball=True).path
+    assert archive == tmp_path / "downloads" / "elsewhere" / "cifar-10-python.tar.gz"
     raw = sources.load_source("cifar10", str(archive))  # data.root may name the archive itself
     assert raw.x_train.shape == (60, 32, 32, 3) and raw.x_test.shape == (20, 32, 32, 3)
     n = export_images("cifar10", str(archive), tmp_path / "images")

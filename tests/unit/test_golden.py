@@ -9,16 +9,17 @@ and say why in the commit. A pure refactor must leave this file unchanged."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
+
+from testkit import ROOT
 
 from pipeline import io
 from pipeline.params import override, parse
 from pipeline.stages import build_dataset, evaluate, training
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "digits_erm_drw_short.json"
+GOLDEN = ROOT / "tests" / "golden" / "digits_erm_drw_short.json"
 SETTINGS = {"dataset": "digits", "schedule": "short", "loss": "ce", "seed": 0, "finetune.reweighting": "cb",
             "train.device": "cpu", "train.precision": "fp32", "train.checkpoint_every": 100}
 

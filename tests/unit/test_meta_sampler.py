@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from twostage_util import (RecordingLog, assert_same, backbone_state, prepare, pretrained_context, project_params,
-                           tiny_raw)
+from twostage_util import RecordingLog, assert_same, backbone_state, prepare, pretrained_context
+
+from testkit import named_method_params, project_params, tiny_two_stage
 
 from pipeline.errors import LongtailError
 from pipeline.methods.decoupling import balanced_subset
@@ -104,7 +105,7 @@ def _weights(model) -> dict:
 def test_the_strategy_keeps_the_backbone_and_records_the_rates(tmp_path):
     """The authors' classifier stage: frozen backbone weights, but train-mode BatchNorm on augmented
     batches (running statistics follow the re-sampled data), and a fresh classifier."""
-    raw = tiny_raw(project_params(), loss="balanced_softmax")
+    raw = tiny_two_stage(project_params(), loss="balanced_softmax")
     p, ds = prepare(tmp_path, raw)
     ctx = pretrained_context(p, ds, RecordingLog())
     model = ctx.trainer.model
@@ -142,7 +143,7 @@ def test_the_strategy_keeps_the_backbone_and_records_the_rates(tmp_path):
 
 def test_fixed_features_recipe_keeps_the_whole_backbone(tmp_path):
     """augment: false, bn: eval computes the features once, and nothing in the backbone changes."""
-    raw = tiny_raw(project_params(), loss="balanced_softmax")
+    raw = tiny_two_stage(project_params(), loss="balanced_softmax")
     p, ds = prepare(tmp_path, raw)
     ctx = pretrained_context(p, ds, RecordingLog())
     before = backbone_state(ctx.trainer.model)
@@ -163,10 +164,6 @@ def test_bad_parameters_are_one_line_errors():
 
 def test_the_named_method_balms_trains_stage_one_with_plain_softmax():
     """The authors' recipe: stage 1 is softmax CE; Balanced Softmax acts only in the classifier stage."""
-    import yaml
-    from pathlib import Path
-
-    names = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipeline/method_names.yaml").read_text())
-    balms = next(m for m in names["methods"] if m["name"] == "BALMS")["params"]
+    balms = named_method_params("BALMS")
     assert balms["loss"] == "ce"
     assert balms["finetune.strategy"] == "meta_sampler" and balms["finetune.start_epoch"] == 200

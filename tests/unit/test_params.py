@@ -1,7 +1,8 @@
 import copy
-from pathlib import Path
 
 import pytest
+
+from testkit import ROOT
 
 from pipeline.errors import LongtailError
 from pipeline.params import load, parse
@@ -113,7 +114,7 @@ def test_scientific_notation_is_a_number(tmp_path):
                                                                        "d": "1e-3", "e": 10}
     assert yaml_value("1e-3") == 0.001 and yaml_value("[1, 2]") == [1, 2] and yaml_value("a: [") == "a: ["
     path = tmp_path / "params.yaml"
-    path.write_text((Path(__file__).parents[2] / "params.yaml").read_text().replace("lr: 0.1", "lr: 1e-1"))
+    path.write_text((ROOT / "params.yaml").read_text().replace("lr: 0.1", "lr: 1e-1"))
     assert load(path).train.lr == 0.1
 
 

@@ -6,12 +6,11 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from testkit import ROOT
 
 
 def test_dvc_confusion_plot_has_the_pngs_orientation():

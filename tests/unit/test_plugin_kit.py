@@ -6,10 +6,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from testkit import ROOT
+
 from pipeline import plugin_kit
 from pipeline.scaffold import new_loss
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def pipeline_imports(path: Path) -> set[str]:

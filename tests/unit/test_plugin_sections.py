@@ -1,14 +1,13 @@
 """Issues 14.10/14.11 and 12.10: a plugin is selectable without its params section; sections are
 found by their exact path."""
 
-from pathlib import Path
 
 import yaml
 
+from testkit import ROOT
+
 from pipeline.checks import yaml_load
 from pipeline.scaffold import add_plugin, new_loss
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dvc_yaml_tracks_only_keys_every_selection_has():

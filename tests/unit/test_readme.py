@@ -1,11 +1,10 @@
 """The README states what the code does: its method table is the one method_names.yaml defines."""
 
 import re
-from pathlib import Path
+
+from testkit import ROOT
 
 from pipeline.method_names import MethodNames
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_method_table_matches_method_names():

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import yaml
 
+from testkit import ROOT, project_params
+
 from pipeline import figures, report, sweep
 from pipeline.engine.metrics import sample_margins
 from pipeline.errors import LongtailError
 from pipeline.params import override
 from pipeline.tracking import _flatten
 
-ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,7 +119,7 @@ def store(tmp_path_factory):
 
     from pipeline.tracking import StageRun
 
-    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    default = project_params()
     path = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -7,16 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from testkit import ROOT, project_params
 
 from pipeline import slurm
 from pipeline.errors import LongtailError
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_params_yaml_slurm_section_gives_the_defaults():
-    section = yaml.safe_load((ROOT / "params.yaml").read_text())["slurm"]
+    section = project_params()["slurm"]
     o = slurm.options(section, {})
     assert (o.partition, o.time, o.gpus, o.cpus, o.mem, o.parallel, o.options) == (None, 240, 0, 2, None, 0, {})
 

@@ -1,10 +1,10 @@
 import os
-import pickle
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from testkit.cifar import LAYOUT, write_cifar
 
 from pipeline.data import sources
 from pipeline.data.sources import load_source, source_n_max
@@ -104,62 +104,32 @@ def test_imagefolder_layout_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------- CIFAR
 
-def _cifar_files(name, per_batch=20, seed=0):
-    """Synthetic archives with the original layout: {member: pickled dict}, plus the expected arrays."""
+def _cifar(root, name, archive, per_batch=20, seed=0):
+    """Random images and labels in the original layout, per_batch of each in every member."""
     rng = np.random.default_rng(seed)
-    c = 10 if name == "cifar10" else 100
-    key = "labels" if name == "cifar10" else "fine_labels"
-    train = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
-    files, xs, ys = {}, {}, {}
-    for member in train + (["test_batch"] if name == "cifar10" else ["test"]):
-        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        y = rng.integers(0, c, per_batch).tolist()
-        d = {"batch_label": member, key: y, "data": x, "filenames": [f"{i}.png" for i in range(per_batch)]}
-        if name == "cifar100":
-            d["coarse_labels"] = [v // 5 for v in y]
-        files[member], xs[member], ys[member] = pickle.dumps(d, protocol=2), x, y
-    names = [f"class{i}" for i in range(c)]
-    meta = {"label_names": names} if name == "cifar10" else {"fine_label_names": names, "coarse_label_names": []}
-    files["batches.meta" if name == "cifar10" else "meta"] = pickle.dumps(meta, protocol=2)
-    hwc = lambda m: xs[m].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    test = "test_batch" if name == "cifar10" else "test"
-    x_train, y_train = np.concatenate([hwc(m) for m in train]), np.concatenate([ys[m] for m in train])
-    return files, (x_train, y_train, hwc(test), ys[test], names)
-
-
-def _write(root, name, files, archive):
-    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
-    os.makedirs(root / folder)
-    for m, blob in files.items():
-        (root / folder / m).write_bytes(blob)
-    if archive:
-        tar_name = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
-        with tarfile.open(root / tar_name, "w:gz") as tar:
-            tar.add(root / folder, arcname=folder)
-        for m in files:
-            os.remove(root / folder / m)
-        os.rmdir(root / folder)
+    layout = LAYOUT[name]
+    return write_cifar(root, name, rng.integers(0, layout.classes, per_batch * len(layout.train)),
+                       rng.integers(0, layout.classes, per_batch), images="random", seed=seed, tarball=archive)
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("archive", [False, True])
 def test_cifar_archives(tmp_path, name, archive):
-    files, (x_train, y_train, x_test, y_test, names) = _cifar_files(name)
-    _write(tmp_path, name, files, archive)
+    data = _cifar(tmp_path, name, archive)
+    assert data.path == tmp_path / (LAYOUT[name].tarball if archive else LAYOUT[name].folder)
     raw = load_source(name, str(tmp_path))
     n_train = 100 if name == "cifar10" else 20
     assert raw.x_train.shape == (n_train, 32, 32, 3) and raw.x_test.shape == (20, 32, 32, 3)
     assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
-    assert np.array_equal(raw.x_train, x_train) and raw.y_train.tolist() == y_train.tolist()
-    assert np.array_equal(raw.x_test, x_test) and raw.y_test.tolist() == y_test
-    assert raw.classes == names and raw.hflip is True
+    assert np.array_equal(raw.x_train, data.x_train) and raw.y_train.tolist() == data.y_train.tolist()
+    assert np.array_equal(raw.x_test, data.x_test) and raw.y_test.tolist() == data.y_test
+    assert raw.classes == data.classes and raw.hflip is True
     assert raw.mean == (0.4914, 0.4822, 0.4465) and raw.std == (0.2023, 0.1994, 0.2010)
 
 
 def test_cifar_missing_member(tmp_path):
-    files, _ = _cifar_files("cifar10")
-    del files["data_batch_3"]
-    _write(tmp_path, "cifar10", files, archive=False)
+    data = _cifar(tmp_path, "cifar10", archive=False)
+    (data.path / "data_batch_3").unlink()
     with pytest.raises(LongtailError, match="data_batch_3 is missing"):
         load_source("cifar10", str(tmp_path))
 

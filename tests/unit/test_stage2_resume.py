@@ -5,7 +5,9 @@ import copy
 
 import pytest
 import torch
-from twostage_util import prepare, pretrained_context, project_params, tiny_raw
+from twostage_util import prepare, pretrained_context
+
+from testkit import project_params, tiny_two_stage
 
 from pipeline.methods import decoupling as dc
 from pipeline.methods.bbn import build_bbn
@@ -19,12 +21,12 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return prepare(tmp_path_factory.mktemp("resume"), tiny_raw(project_params()))
+    return prepare(tmp_path_factory.mktemp("resume"), tiny_two_stage(project_params()))
 
 
 @pytest.fixture(scope="module")
 def prepared_bbn(tmp_path_factory):
-    raw = tiny_raw(project_params(), epochs=3)
+    raw = tiny_two_stage(project_params(), epochs=3)
     raw["model"] = {"arch": "bbn_resnet32"}
     raw["finetune"].update(strategy="bbn", start_epoch=0)
     return prepare(tmp_path_factory.mktemp("resume_bbn"), raw)

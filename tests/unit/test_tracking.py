@@ -5,6 +5,8 @@ import shutil
 import pytest
 import yaml
 
+from testkit import ROOT
+
 from pipeline import io, tracking
 from pipeline.registry import plugin_versions
 
@@ -47,7 +49,7 @@ def test_store_is_portable_and_parent_runs_end_with_what_users_compare(tmp_path,
     # the README's link to the runs table names this experiment of a fresh store
     from pipeline.demo import ui_link
 
-    assert ui_link(exp.experiment_id) in (tracking.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert ui_link(exp.experiment_id) in (ROOT / "README.md").read_text()
     assert tracking.parent_summary("exp1")["method"] == "ERM-DRW"
     assert len(list((a / "mlartifacts").rglob("x.txt"))) == 1 and len(list(a.rglob("per_class_table.json"))) == 1
     assert not (temp / "mlruns").exists() and not (temp / "mlartifacts").exists()

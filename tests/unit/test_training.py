@@ -5,24 +5,16 @@ import copy
 import pytest
 import torch
 
+from testkit import tiny_pretrain_finetune
+
 from pipeline import io
 from pipeline.params import parse
 from pipeline.stages import build_dataset, training
 
 
-def tiny(raw: dict, **train) -> dict:
-    raw = copy.deepcopy(raw)
-    raw.update(dataset="digits", ratio=10)
-    raw["train"].update(epochs=4, batch_size=64, warmup_epochs=1, milestones=[3], milestone_factors=[0.1],
-                        device="cpu", checkpoint_every=1, **train)
-    raw["finetune"]["start_epoch"] = 2
-    raw["data"]["n_max"] = 40
-    return raw
-
-
 @pytest.fixture
 def prepared(tmp_path, default_params):
-    p = parse(tiny(default_params))
+    p = parse(tiny_pretrain_finetune(default_params))
     build_dataset.run(p, out_dir=tmp_path / "prepared")
     return p, tmp_path / "prepared" / "dataset.npz"
 
@@ -128,8 +120,8 @@ def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
 
 def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
     p, ds = prepared
-    other = parse(tiny(default_params) | {"finetunes": {**default_params["finetunes"],
-                                                        "bbn": {"rebalancing_sampler": "instance"}}})
+    other = parse(tiny_pretrain_finetune(default_params) | {"finetunes": {**default_params["finetunes"],
+                                                                          "bbn": {"rebalancing_sampler": "instance"}}})
     assert training._fingerprint("finetune", p, ds) != training._fingerprint("finetune", other, ds)
     assert training._fingerprint("pretrain", p, ds) == training._fingerprint("pretrain", other, ds)
 
@@ -139,7 +131,7 @@ def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, 
 
     p, ds = prepared
     files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
-    seven = parse(tiny(default_params) | {"seed": 7})
+    seven = parse(tiny_pretrain_finetune(default_params) | {"seed": 7})
     training.run("pretrain", seven, **files)
     with pytest.raises(LongtailError, match=r"was made with other params .*\(seed: 7 -> 0\).*dvc repro pretrain"):
         training.run("finetune", p, **files)
@@ -225,7 +217,7 @@ def test_a_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(pr
 def test_gradient_clipping_bounds_the_update(prepared):
     """train.clip_grad_norm: the global gradient norm seen by the optimizer is at most the limit."""
     p, ds = prepared
-    p = parse(tiny(p.raw, clip_grad_norm=0.01))
+    p = parse(tiny_pretrain_finetune(p.raw, clip_grad_norm=0.01))
     trainer, _ = training.setup(p, ds)
     norms = []
     step = trainer.optimizer.step
@@ -242,7 +234,7 @@ def test_gradient_clipping_bounds_the_update(prepared):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_split_run_is_exact_in_each_precision(tmp_path, default_params, precision):
     """pretrain + finetune equals one uninterrupted run bit for bit, in fp32 and in bf16 autocast."""
-    p = parse(tiny(default_params, precision=precision))
+    p = parse(tiny_pretrain_finetune(default_params, precision=precision))
     build_dataset.run(p, out_dir=tmp_path / "prepared")
     ds = tmp_path / "prepared" / "dataset.npz"
     files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")

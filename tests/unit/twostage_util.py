@@ -4,17 +4,11 @@ r = 10) and a trainer pretrained on it for a couple of epochs, wrapped in a Fine
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline.params import parse
 from pipeline.stages import build_dataset, training
-
-
-def project_params() -> dict:
-    return yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
 
 
 class RecordingLog:
@@ -36,16 +30,6 @@ class RecordingLog:
 
     def keys(self) -> set:
         return {k for m, _ in self.metrics for k in m}
-
-
-def tiny_raw(default_params: dict, epochs: int = 2, **top) -> dict:
-    raw = copy.deepcopy(default_params)
-    raw.update(dataset="digits", ratio=10, **top)
-    raw["train"].update(epochs=epochs, batch_size=32, warmup_epochs=1, milestones=[], milestone_factors=[],
-                        device="cpu", checkpoint_every=1, eval_batch_size=256)
-    raw["finetune"].update(start_epoch=epochs, reweighting="none")
-    raw["data"]["n_max"] = 40
-    return raw
 
 
 def prepare(tmp_path, raw: dict):

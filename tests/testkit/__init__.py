@@ -1,0 +1,12 @@
+"""Test support shared by tests/unit, tests/e2e and plugins/*/tests, importable as `testkit` (pyproject.toml
+puts tests/ on pytest's pythonpath): one home for each fact the tests rely on.
+
+- paths: ROOT, the repository root
+- params: the project's params.yaml, a named method's settings, the tiny digits settings of the training tests
+- cifar (import it by name): synthetic CIFAR-10 / CIFAR-100 in the official layout, as a folder or a tarball
+"""
+
+from .params import named_method_params, project_params, tiny_pretrain_finetune, tiny_two_stage
+from .paths import ROOT
+
+__all__ = ["ROOT", "named_method_params", "project_params", "tiny_pretrain_finetune", "tiny_two_stage"]
