@@ -8,6 +8,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +441,28 @@ def test_wait_for_the_queue(monkeypatch):
     final = sweep.run_and_wait(["a", "b"], poll=0, echo=seen.append, status=lambda: next(states))
     assert final == {"a": "Success", "b": "Failed"}
     assert "  b: Failed" in seen and sum("a:" in s for s in seen) == 3
+
+
+def test_waiting_costs_at_most_a_twentieth_of_a_core(monkeypatch):
+    """A status check of a long queue costs CPU (about 1.5 s per call with a dozen experiments, 30% of a
+    core at a 5 s poll, taken from the training it waits for): the wait between polls grows with it."""
+    states = iter([{"a": "Running"}, {"a": "Running"}, {"a": "Success"}])
+
+    def costly_status():
+        t = time.process_time()
+        while time.process_time() - t < 0.05:  # burn 50 ms of CPU
+            pass
+        return next(states)
+
+    monkeypatch.setattr(sweep, "start_queue", lambda jobs: None)
+    slept = []
+    assert sweep.run_and_wait(["a"], poll=0.2, echo=lambda s: None, status=costly_status,
+                              sleep=slept.append) == {"a": "Success"}
+    assert len(slept) == 2 and all(s >= 20 * 0.05 for s in slept)
+    states = iter([{"a": "Running"}, {"a": "Success"}])
+    slept.clear()
+    sweep.run_and_wait(["a"], poll=3.0, echo=lambda s: None, status=lambda: next(states), sleep=slept.append)
+    assert slept == [3.0]  # a cheap check waits the plain poll interval
 
 
 def test_sweep_cli_error_is_one_line():
