@@ -29,13 +29,12 @@ Softmax (the paper's loss), whatever `loss` trained stage 1.
 
 from __future__ import annotations
 
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-
-from typing import Callable
 
 from ..errors import LongtailError
 from ..engine.contract import StepResult

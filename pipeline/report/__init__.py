@@ -23,19 +23,11 @@ from ..errors import LongtailError
 from ..method_names import MethodNames, norm
 from .figures import Artifacts, compare_figures, margin_figures, run_figures, slug
 from .published import Published, compare_published, parse_published_as, published_markdown
-from .render import _md_table, csv_rows, error_table, settings_table, shots_table
+from .render import _md_table, csv_rows, error_table, plain_value, settings_table, shots_table
 from .table import Table, build_table, column_label, parse_where
 
-__all__ = ["MethodNames", "Published", "Table", "parse_published_as", "build_table", "column_label", "compare_published", "csv_rows",
-           "error_table", "generate", "norm", "parse_where", "shots_table"]
-
-
-def _plain(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_plain(x) for x in v) + "]"
-    return str(v)
+__all__ = ["MethodNames", "Published", "Table", "build_table", "column_label", "compare_published", "csv_rows",
+           "error_table", "generate", "norm", "parse_published_as", "parse_where", "shots_table"]
 
 
 def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False, compare: list[str] | None = None,
@@ -57,7 +49,7 @@ def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False
           "Cells: mean ± sample standard deviation over seeds, n = number of seeds (one seed: the value alone)."
           + (f" {replaced} older re-run(s) of a seed were left out (the newest counts)." if replaced else ""),
           "Rows are named by pipeline/method_names.yaml; a [bracket] states every param in which a row differs "
-          "from the table's common settings" + (": " + ", ".join(f"{k}={_plain(v)}" for k, v in t.common.items())
+          "from the table's common settings" + (": " + ", ".join(f"{k}={plain_value(v)}" for k, v in t.common.items())
                                                  if t.common else " (no row differs)") + ".", "",
           "## Top-1 error (%), best epoch", "",
           "The best test accuracy over the evaluated epochs: what the LDAM-DRW line of papers reports (optimistic).",

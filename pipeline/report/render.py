@@ -47,11 +47,12 @@ def shots_table(t: Table, which: str = "final") -> list[str]:
     return _md_table(["method"] + [column_label(c) for c in t.columns], rows)
 
 
-def _value(v) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
+def plain_value(v) -> str:
+    """A param value as a user writes it: 30.0 -> 30, (120.0, 160.0) -> [120, 160]."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
     if isinstance(v, tuple):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
+        return "[" + ", ".join(plain_value(x) for x in v) + "]"
     return str(v)
 
 
@@ -67,7 +68,7 @@ def settings_table(t: Table) -> list[str]:
             sec, _, rest = k.partition(".")
             name, _, key = rest.partition(".")
             if sec in PLUGIN_SECTIONS and key:
-                groups.setdefault(f"{sec}.{name}", []).append(f"{key}={_value(v)}")
+                groups.setdefault(f"{sec}.{name}", []).append(f"{key}={plain_value(v)}")
         rows.append([label, "; ".join(f"{g}: {', '.join(kv)}" for g, kv in groups.items()) or "(none)"])
     return _md_table(["method", "plugin parameters"], rows)
 
