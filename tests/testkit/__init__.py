@@ -3,6 +3,8 @@ puts tests/ on pytest's pythonpath): one home for each fact the tests rely on.
 
 - paths: ROOT, the repository root
 - params: the project's params.yaml, a named method's settings, the tiny digits settings of the training tests
+- twostage (import it by name: torch and the training stages): a prepared tiny dataset, a pretrained trainer for
+  the two-stage method tests, a recording MLflow stand-in, a bit-exact state dict comparison
 - cifar (import it by name): synthetic CIFAR-10 / CIFAR-100 in the official layout, as a folder or a tarball
 """
 
