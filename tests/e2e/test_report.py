@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from testkit import ROOT
+from testkit import ROOT, clean_env
 
-from .conftest import FAST, env, make_repo, set_params, sh
+from .conftest import FAST, make_repo, set_params, sh
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ def swept(tmp_path_factory):
     cmd = ["longtail", "sweep", "--method", "ERM,ERM-DRW", "--seeds", "2", "--name", "rep", *set_params(FAST),
            "--run", "-j", "2"]
     # two queue workers on two cores: one thread each
-    sweep = subprocess.run(cmd, cwd=repo, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    sweep = subprocess.run(cmd, cwd=repo, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                            timeout=900)
     if sweep.returncode != 0:
         logs = sh(["dvc", "queue", "logs", "rep-0"], repo, check=False).stdout[-3000:]
