@@ -40,6 +40,13 @@ def make_repo(path: Path) -> Path:
     return path
 
 
+def mlflow_client(repo: Path):
+    """An MLflow client of the repo's store (the project's default: sqlite, mlflow.db at its root)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     return make_repo(tmp_path / "repo")

@@ -15,7 +15,7 @@ import pytest
 
 from testkit import ROOT, clean_env
 
-from .conftest import FAST, make_repo, set_params, sh
+from .conftest import FAST, make_repo, mlflow_client, set_params, sh
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -43,9 +43,7 @@ def swept(tmp_path_factory):
 
 
 def _evaluate_runs(repo: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow_client(repo)
     exp = client.get_experiment_by_name("longtail")
     return client, client.search_runs([exp.experiment_id], "tags.`longtail.stage` = 'evaluate'")
 
