@@ -1,29 +1,21 @@
 """End-to-end fixtures: a temporary git + DVC repo holding this project's pipeline files, driven
 through the real `longtail` CLI, real DVC and a real MLflow sqlite store."""
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from testkit import ROOT
+from testkit import ROOT, clean_env
 
 # a short schedule with the structure of the real one: warm-up, two lr milestones, DRW start
 FAST = ["dataset=digits", "train.epochs=8", "finetune.start_epoch=6", "train.warmup_epochs=1",
         "train.milestones=[6,7]", "train.batch_size=64"]
 
 
-def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
-    e.update(MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t",
-             GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
-    return e
-
-
 def sh(cmd, cwd, check=True, timeout=900):
-    out = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout,
+    out = subprocess.run(cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout,
                          shell=isinstance(cmd, str))
     if check and out.returncode != 0:
         raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -46,6 +38,13 @@ def make_repo(path: Path) -> Path:
     sh(["git", "add", "-A"], path)
     sh(["git", "commit", "-qm", "pipeline"], path)
     return path
+
+
+def mlflow_client(repo: Path):
+    """An MLflow client of the repo's store (the project's default: sqlite, mlflow.db at its root)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
 @pytest.fixture

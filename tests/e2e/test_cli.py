@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit import project_params
+from testkit import clean_env, project_params
 from testkit.cifar import balanced_labels, write_cifar
 
 from pipeline.params import override
 
-from .conftest import env, sh
+from .conftest import sh
 
 pytestmark = pytest.mark.slow
 LONGTAIL = shutil.which("longtail")
@@ -48,9 +48,7 @@ def test_build_dataset_gives_the_published_sizes(tmp_path, dataset, classes, imb
 def _fails(cmd, cwd, *fragments, extra_env=None):
     import subprocess
 
-    e = env()
-    e.update(extra_env or {})
-    out = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=cwd, env=clean_env(**(extra_env or {})), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
     last = out.stderr.strip().splitlines()
     assert len(last) == 1 and last[0].startswith("error: "), out.stderr
@@ -97,9 +95,7 @@ def test_a_broken_plugin_package_is_reported(tmp_path):
     _params(tmp_path, dataset="digits", loss="broken")
     import subprocess
 
-    e = env()
-    e.update(extra)
-    listed = subprocess.run([LONGTAIL, "plugins", "check"], cwd=tmp_path, env=e, capture_output=True, text=True)
+    listed = subprocess.run([LONGTAIL, "plugins", "check"], cwd=tmp_path, env=clean_env(**extra), capture_output=True, text=True)
     assert listed.returncode == 1 and "broken" in listed.stdout and "BROKEN" in listed.stdout
     _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path,
            "losses plugin 'broken' (brokenloss, brokenloss_mod:build) failed to import: ModuleNotFoundError",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import FAST, make_repo, set_params, sh
+from .conftest import FAST, make_repo, mlflow_client, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +17,6 @@ def ran(tmp_path_factory):
     repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
     out = sh(["dvc", "exp", "run", "-n", "first", *set_params(FAST)], repo)
     return repo, out
-
-
-def _client(repo: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
 def test_outputs_metrics_and_plots(ran):
@@ -53,7 +47,7 @@ def test_outputs_metrics_and_plots(ran):
 def test_mlflow_has_every_stage_with_curves_and_per_class_results(ran, monkeypatch):
     repo, _ = ran
     monkeypatch.chdir(repo)  # artifact locations are relative to the project root, where `mlflow ui` runs
-    client = _client(repo)
+    client = mlflow_client(repo)
     exp = client.get_experiment_by_name("longtail")
     runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'first'")
     by_stage = {r.data.tags.get("longtail.stage", "parent"): r for r in runs}
@@ -156,7 +150,7 @@ def test_changing_the_finetune_reweighting_reruns_only_finetune_and_evaluate(ran
     assert "Stage 'build_dataset' didn't change, skipping" in text
     assert "Stage 'pretrain' didn't change, skipping" in text
     assert "Running stage 'finetune'" in text and "Running stage 'evaluate'" in text
-    client = _client(repo)
+    client = mlflow_client(repo)
     exp = client.get_experiment_by_name("longtail")
     runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'second'")
     assert {r.data.tags.get("longtail.stage", "parent") for r in runs} == {"parent", "finetune", "evaluate"}
@@ -166,7 +160,7 @@ def test_temp_experiment_logs_into_the_project_store(ran, monkeypatch):
     repo, _ = ran
     monkeypatch.chdir(repo)
     sh(["dvc", "exp", "run", "--temp", "-n", "tempexp", *set_params(FAST), "-S", "seed=1"], repo)
-    client = _client(repo)
+    client = mlflow_client(repo)
     exp = client.get_experiment_by_name("longtail")
     runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'tempexp'")
     # the dataset is unchanged (DVC restores it and class_counts.json from its cache): only training ran

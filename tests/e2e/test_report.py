@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from testkit import ROOT
+from testkit import ROOT, clean_env
 
-from .conftest import FAST, env, make_repo, set_params, sh
+from .conftest import FAST, make_repo, mlflow_client, set_params, sh
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ def swept(tmp_path_factory):
     cmd = ["longtail", "sweep", "--method", "ERM,ERM-DRW", "--seeds", "2", "--name", "rep", *set_params(FAST),
            "--run", "-j", "2"]
     # two queue workers on two cores: one thread each
-    sweep = subprocess.run(cmd, cwd=repo, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    sweep = subprocess.run(cmd, cwd=repo, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                            timeout=900)
     if sweep.returncode != 0:
         logs = sh(["dvc", "queue", "logs", "rep-0"], repo, check=False).stdout[-3000:]
@@ -43,9 +43,7 @@ def swept(tmp_path_factory):
 
 
 def _evaluate_runs(repo: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow_client(repo)
     exp = client.get_experiment_by_name("longtail")
     return client, client.search_runs([exp.experiment_id], "tags.`longtail.stage` = 'evaluate'")
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from testkit import clean_env
+
 from . import slurm_cluster
-from .conftest import FAST, env, make_repo
+from .conftest import FAST, make_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.environ.get("LONGTAIL_SLURM_E2E") != "1",
@@ -52,7 +54,7 @@ def mlflow_server(tmp_path):
                              "--backend-store-uri", f"sqlite:///{srv / 'mlflow.db'}",
                              "--artifacts-destination", str(srv / "artifacts")],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runners
+                            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # no GenAI job runners
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -77,7 +79,7 @@ def mlflow_server(tmp_path):
 
 
 def run(cmd, cwd, extra, check=True, timeout=900):
-    out = subprocess.run(cmd, cwd=cwd, env={**env(), **extra}, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, cwd=cwd, env=clean_env(**extra), capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-3000:]}")
     return out

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.params import override
 
-from .conftest import FAST, make_repo, set_params, sh
+from .conftest import FAST, make_repo, mlflow_client, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +20,6 @@ EPOCHS = 4  # FAST's schedule, halved; decoupling's stage 1 covers all of it
 STAGE2 = 2  # classifier-only epochs of crt / lws / meta_sampler
 SHORT = [kv for kv in FAST if not kv.startswith(("train.epochs=", "finetune.start_epoch=", "train.milestones="))] + [
     f"train.epochs={EPOCHS}", f"finetune.start_epoch={EPOCHS}", "train.milestones=[2,3]"]
-
-
-def _client(repo: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
 def _edit(repo: Path, changes: dict) -> None:
@@ -74,7 +68,7 @@ def ran(tmp_path_factory):
 
 def _runs(repo: Path, strategy: str) -> dict:
     """The finetune and evaluate MLflow runs of the pipeline execution that used `strategy`."""
-    client = _client(repo)
+    client = mlflow_client(repo)
     exp = client.get_experiment_by_name("longtail")
     fin = [r for r in client.search_runs([exp.experiment_id], "tags.`longtail.stage` = 'finetune'")
            if r.data.params.get("finetune.strategy") == strategy]

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from twostage_util import prepare
 
 from testkit import named_method_params, project_params, tiny_two_stage
+from testkit.twostage import assert_same, prepare
 
 from pipeline import io
 from pipeline.errors import LongtailError
@@ -134,8 +134,7 @@ def test_bbn_runs_through_the_stages_and_evaluates(tmp_path):
                                                    "fingerprint": training._fingerprint("finetune", p, ds)})
     training.run("finetune", p, **files)
     resumed = io.load_checkpoint(tmp_path / "final.pt")
-    for k, v in state["model"].items():
-        assert torch.equal(v, resumed["model"][k]), k
+    assert_same(state["model"], resumed["model"])
 
 
 def test_bbn_refuses_a_plain_model_or_a_pretrain_phase(tmp_path):

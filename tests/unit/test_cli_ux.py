@@ -1,13 +1,12 @@
 """Small CLI things a user sees: --version, the demo's own summary and params, device lines, noise."""
 
-import os
 import subprocess
 import sys
 
 import torch
 import yaml
 
-from testkit import ROOT
+from testkit import ROOT, clean_env
 
 from pipeline import build, demo
 from pipeline.params import override
@@ -44,7 +43,7 @@ def test_demo_summary_is_compact_and_names_the_method():
 def test_demo_duration_is_the_same_in_help_and_readme():
     assert demo.DURATION in (ROOT / "README.md").read_text().replace("\n", " ")
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+                         cwd=ROOT, env=clean_env(COLUMNS="200"))
     assert demo.DURATION in out.stdout
 
 
@@ -64,8 +63,7 @@ def test_device_line_names_the_device_and_warns_about_an_unusable_gpu(monkeypatc
 
 def test_store_creation_prints_no_mlflow_info_lines(tmp_path):
     code = "from pipeline import tracking; tracking.ensure_experiment()"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={**env, "LONGTAIL_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)}, check=True)
+                         env=clean_env(LONGTAIL_ROOT=str(tmp_path), PYTHONPATH=str(ROOT)), check=True)
     assert (tmp_path / "mlflow.db").exists()
     assert "Creating initial MLflow database tables" not in out.stderr and "INFO" not in out.stderr, out.stderr

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from twostage_util import RecordingLog, assert_same, backbone_state, prepare, pretrained_context
 
 from testkit import project_params, tiny_two_stage
+from testkit.twostage import RecordingLog, assert_same, backbone_state, prepare, pretrained_context
 
 from pipeline import registry
 from pipeline.errors import LongtailError

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from twostage_util import RecordingLog, assert_same, backbone_state, prepare, pretrained_context
 
 from testkit import named_method_params, project_params, tiny_two_stage
+from testkit.twostage import RecordingLog, assert_same, backbone_state, prepare, pretrained_context
 
 from pipeline.errors import LongtailError
 from pipeline.methods.decoupling import balanced_subset

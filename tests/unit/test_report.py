@@ -3,7 +3,6 @@ throwaway MLflow store, method naming, the published-figure comparison, the tabl
 figures, the sweep grid and its validation, and the offline `dvc plots show` page."""
 
 import csv
-import os
 import shutil
 import statistics
 import subprocess
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit import ROOT, project_params
+from testkit import ROOT, clean_env, project_params
 
 from pipeline import figures, report, sweep
 from pipeline.engine.metrics import sample_margins
@@ -467,7 +466,7 @@ def test_waiting_costs_at_most_a_twentieth_of_a_core(monkeypatch):
 
 def test_sweep_cli_error_is_one_line():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--loss", "ce,nope", "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         cwd=ROOT, capture_output=True, text=True, env=clean_env(PYTHONPATH=str(ROOT)))
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("error: unknown loss 'nope' (valid: ") and out.stderr.count("\n") == 1
 
@@ -480,11 +479,8 @@ def test_dvc_plots_show_loads_nothing_from_the_web(tmp_path):
         pytest.skip("needs dvc and git")
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
-    env["DVC_NO_ANALYTICS"] = "1"
-
     def sh(*cmd):
-        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, text=True)
+        subprocess.run(cmd, cwd=repo, env=clean_env(), check=True, capture_output=True, text=True)
 
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")

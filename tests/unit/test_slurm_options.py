@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import ROOT, project_params
+from testkit import ROOT, clean_env, project_params
 
 from pipeline import slurm
 from pipeline.errors import LongtailError
@@ -54,9 +54,7 @@ def test_bad_options_fail_with_one_line(section, flags, extra, msg):
 
 
 def _longtail(args, cwd, path=None):
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    if path is not None:
-        env["PATH"] = path
+    env = clean_env() if path is None else clean_env(PATH=path)
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 

@@ -4,10 +4,9 @@ hand the trainer their steps (engine.contract.Steps), so the trainer's checkpoin
 import copy
 
 import pytest
-import torch
-from twostage_util import prepare, pretrained_context
 
 from testkit import project_params, tiny_two_stage
+from testkit.twostage import assert_same, prepare, pretrained_context
 
 from pipeline.methods import decoupling as dc
 from pipeline.methods.bbn import build_bbn
@@ -63,10 +62,7 @@ def check_resumes_exactly(make_ctx, build):
     assert a.epoch == b.epoch
     assert [r.get("test_acc") for r in a.history] == [r.get("test_acc") for r in b.history]
     assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    assert_same(a.model.state_dict(), b.model.state_dict())
     assert a.best["epoch"] == b.best["epoch"]
 
 

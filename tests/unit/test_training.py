@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from testkit import tiny_pretrain_finetune
+from testkit.twostage import RecordingLog, assert_same, prepare
 
 from pipeline import io
 from pipeline.params import parse
@@ -14,15 +15,7 @@ from pipeline.stages import build_dataset, training
 
 @pytest.fixture
 def prepared(tmp_path, default_params):
-    p = parse(tiny_pretrain_finetune(default_params))
-    build_dataset.run(p, out_dir=tmp_path / "prepared")
-    return p, tmp_path / "prepared" / "dataset.npz"
-
-
-def _same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    return prepare(tmp_path, tiny_pretrain_finetune(default_params))
 
 
 def test_pretrain_plus_finetune_equals_one_uninterrupted_run(prepared, tmp_path):
@@ -35,7 +28,7 @@ def test_pretrain_plus_finetune_equals_one_uninterrupted_run(prepared, tmp_path)
     trainer, _ = training.setup(p, ds)
     trainer.fit(p.train.epochs)
     whole = trainer.state_dict()
-    _same(split["model"], whole["model"])
+    assert_same(split["model"], whole["model"])
     assert split["epoch"] == whole["epoch"] == 4
     for a, b in zip(split["optimizer"]["state"].values(), whole["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
@@ -58,7 +51,7 @@ def test_a_killed_stage_resumes_from_its_last_checkpoint(prepared, tmp_path):
 
     trainer, _ = training.setup(p, ds)
     trainer.fit(2)
-    _same(resumed["model"], trainer.state_dict()["model"])
+    assert_same(resumed["model"], trainer.state_dict()["model"])
 
 
 def test_a_stale_resume_file_is_ignored(prepared, tmp_path, capsys):
@@ -83,24 +76,6 @@ def test_finetune_needs_a_matching_pretrain_checkpoint(prepared, tmp_path):
 
 # -- issue 14.5/6/7/13: resume and fine-tune never mix settings; corrupt resume files are set aside
 
-class _Log:
-    def __init__(self):
-        self.steps = []
-
-    def log_metrics(self, metrics, step=None):
-        if "test_acc" in metrics:
-            self.steps.append(step)
-
-    def log_epoch(self, row, **extra):  # as tracking.StageRun: step = epoch number from 1
-        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"] + 1)
-
-    def set_tags(self, tags):
-        pass
-
-    def log_params(self, params):
-        pass
-
-
 def _killed_after_one_epoch(p, ds, resume_dir):
     trainer, meta = training.setup(p, ds)
     trainer.fit(1)
@@ -113,9 +88,9 @@ def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
     p, ds = prepared
     files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
     _killed_after_one_epoch(p, ds, tmp_path / "r")
-    log = _Log()
+    log = RecordingLog()
     training.run("pretrain", p, log=log, **files)
-    assert log.steps == [1, 2]  # one complete curve in the new run, epochs numbered from 1
+    assert log.steps("test_acc") == [1, 2]  # one complete curve in the new run, epochs numbered from 1
 
 
 def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
@@ -244,7 +219,7 @@ def test_split_run_is_exact_in_each_precision(tmp_path, default_params, precisio
     assert split["meta"]["precision"] == precision
     trainer, _ = training.setup(p, ds)
     trainer.fit(p.train.epochs)
-    _same(split["model"], trainer.state_dict()["model"])
+    assert_same(split["model"], trainer.state_dict()["model"])
 
 
 def test_lsoftmax_schedule_split_equals_one_run(prepared, tmp_path):
@@ -266,7 +241,7 @@ def test_lsoftmax_schedule_split_equals_one_run(prepared, tmp_path):
     whole = trainer.state_dict()
     steps = sum(-(-n // p.train.batch_size) for n in [len(trainer.data.y_train)] * p.train.epochs)
     assert int(whole["criterion"]["iteration"]) == int(split["criterion"]["iteration"]) == steps
-    _same(split["model"], whole["model"])
+    assert_same(split["model"], whole["model"])
     assert [r["train_loss"] for r in split["history"]] == [r["train_loss"] for r in whole["history"]]
 
 

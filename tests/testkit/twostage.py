@@ -1,5 +1,5 @@
-"""Shared by the two-stage method tests: a tiny real dataset (digits, 40 images in the largest class,
-r = 10) and a trainer pretrained on it for a couple of epochs, wrapped in a FinetuneContext."""
+"""The training tests' helpers: a tiny prepared dataset, a trainer pretrained on it for the two-stage
+method tests (wrapped in a FinetuneContext), a recording MLflow stand-in, and state comparisons."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pipeline.stages import build_dataset, training
 
 
 class RecordingLog:
-    """Stands in for the MLflow handle: keeps what a strategy logs."""
+    """Stands in for the MLflow handle (tracking.StageRun): keeps what a stage or a strategy logs."""
 
     def __init__(self):
-        self.metrics, self.artifacts = [], []
+        self.metrics, self.artifacts, self.tags, self.params = [], [], {}, {}
 
     parent = None
 
@@ -28,11 +28,22 @@ class RecordingLog:
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append((str(path), artifact_path))
 
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_params(self, params):
+        self.params.update(params)
+
     def keys(self) -> set:
         return {k for m, _ in self.metrics for k in m}
 
+    def steps(self, key: str) -> list:
+        """The steps at which `key` was logged, in order."""
+        return [step for m, step in self.metrics if key in m]
+
 
 def prepare(tmp_path, raw: dict):
+    """(params, dataset.npz) built from raw under tmp_path/prepared."""
     p = parse(raw)
     build_dataset.run(p, out_dir=tmp_path / "prepared")
     return p, tmp_path / "prepared" / "dataset.npz"
@@ -60,6 +71,7 @@ def backbone_state(model) -> dict:
 
 
 def assert_same(a: dict, b: dict):
+    """Two state dicts hold the same keys and bit-identical tensors."""
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} changed"
+        assert torch.equal(a[k], b[k]), f"{k} differs"
