@@ -136,8 +136,8 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
     for key, values in (("dataset", datasets), ("imbalance", imbalances), ("ratio", ratio_values)):
         if values:
             axes.append([(f"{key}={v}", [(key, v)]) for v in values])
-    axes.append([(f"seed={s}", [("seed", str(s))]) for s in range(seeds)])
-    grid_keys = {k for axis in axes for _, choice in axis for k, _ in choice}
+    seed_axis = [(f"seed={s}", [("seed", str(s))]) for s in range(seeds)]
+    grid_keys = {k for axis in (*axes, seed_axis) for _, choice in axis for k, _ in choice}
     extra = list(extra)
     clash = sorted({k.lstrip("+") for k, _ in extra} & {k.lstrip("+") for k in grid_keys})
     if clash:
@@ -145,7 +145,10 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
                             f"--ratio/--seeds): leave it to the grid")
 
     combos, checked = [], set()
-    for choice in itertools.product(*axes):
+    # Seed-major: every combination's seed 0 is queued before any seed 1, so a queue that is stopped
+    # early (a time limit, a GPU lease) has finished one whole table first, not all seeds of a few rows.
+    for seed_choice, *rest in itertools.product(seed_axis, *axes):
+        choice = (*rest, seed_choice)
         sets = [kv for _, part in choice for kv in part] + extra
         label = " ".join(lbl for lbl, _ in choice)
         raw = copy.deepcopy(base)

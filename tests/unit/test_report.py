@@ -368,6 +368,8 @@ def test_sweep_grid(default_params):
     assert combos[0].args() == ["-S", "loss=ce", "-S", "ratio=100", "-S", "seed=0", "-S", "dataset=digits",
                                 "-S", "train.milestones=[6,7]"]
     assert {c.label for c in combos} >= {"loss=mm ratio=10 seed=2", "loss=ce ratio=100 seed=0"}
+    assert [c.label.split()[-1] for c in combos] == ["seed=0"] * 6 + ["seed=1"] * 6 + ["seed=2"] * 6  # seed-major
+    assert [c.label for c in combos[:2]] == ["loss=ce ratio=100 seed=0", "loss=ce ratio=10 seed=0"]
     by_method = sweep.build_grid(default_params, methods=["CB-RS", "HMM-DRW"], seeds=1)
     sets = dict(by_method[0].sets)
     assert sets["train.sampler"] == sets["finetune.sampler"] == "class_balanced" and sets["finetune.reweighting"] == "none"
