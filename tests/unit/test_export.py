@@ -57,3 +57,19 @@ def test_no_user_facing_text_names_the_build_machines():
     assert "../shared" not in _user_sections((ROOT / "README.md").read_text())
     for path in sorted((ROOT / "pipeline").rglob("*.py")) + [ROOT / "params.yaml", ROOT / "Dockerfile"]:
         assert "../shared" not in path.read_text() and "/shared/data" not in path.read_text(), path
+
+
+def test_data_root_naming_a_missing_archive_is_one_line_and_downloads_nothing(tmp_path, monkeypatch):
+    # a mistyped archive path: torchvision's download would make a *directory* named cifar-10-python.tar.gz there
+    calls = []
+    monkeypatch.setattr(sources, "_download_cifar", lambda name, root: calls.append(root))
+    missing = tmp_path / "downloads" / "cifar-10-python.tar.gz"
+    with pytest.raises(LongtailError) as err:
+        sources.load_source("cifar10", str(missing))
+    msg = str(err.value)
+    assert f"{missing} does not exist" in msg and "data.root" in msg and "cifar-10-python.tar.gz" in msg, msg
+    assert calls == [] and not missing.exists()
+    # the wrong official archive for the dataset is named as such
+    other = write_cifar(tmp_path / "c100", "cifar100", list(range(100)), list(range(100)), tarball=True).path
+    with pytest.raises(LongtailError, match="expected the official cifar-10-python.tar.gz"):
+        sources.load_source("cifar10", str(other))
