@@ -73,3 +73,18 @@ def test_data_root_naming_a_missing_archive_is_one_line_and_downloads_nothing(tm
     other = write_cifar(tmp_path / "c100", "cifar100", list(range(100)), list(range(100)), tarball=True).path
     with pytest.raises(LongtailError, match="expected the official cifar-10-python.tar.gz"):
         sources.load_source("cifar10", str(other))
+
+
+def test_export_images_without_the_archive_names_its_own_option(tmp_path, monkeypatch):
+    """export-images takes --root: its message must not send the user to data.root or dataset=imagefolder."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setattr(sources, "_download_cifar", lambda name, root: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(LongtailError) as err:
+        export_images("cifar10", str(tmp_path / "nothing"), tmp_path / "images")
+    msg = str(err.value)
+    assert "cifar-10-python.tar.gz" in msg and "--root" in msg and "no network" in msg, msg
+    assert "data.root" not in msg and "dataset=imagefolder" not in msg and "\n" not in msg, msg
+    assert not (tmp_path / "images").exists()
