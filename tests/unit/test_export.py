@@ -59,6 +59,12 @@ def test_no_user_facing_text_names_the_build_machines():
         assert "../shared" not in path.read_text() and "/shared/data" not in path.read_text(), path
 
 
+def _archive(where, rng_seed=0):
+    rng = np.random.default_rng(rng_seed)
+    return write_cifar(where, "cifar10", balanced_labels(10, 6, rng), balanced_labels(10, 2, rng),
+                       label_names=[f"class {i}" for i in range(10)], tarball=True).path
+
+
 def test_data_root_naming_a_missing_archive_is_one_line_and_downloads_nothing(tmp_path, monkeypatch):
     # a mistyped archive path: torchvision's download would make a *directory* named cifar-10-python.tar.gz there
     calls = []
@@ -73,6 +79,34 @@ def test_data_root_naming_a_missing_archive_is_one_line_and_downloads_nothing(tm
     other = write_cifar(tmp_path / "c100", "cifar100", list(range(100)), list(range(100)), tarball=True).path
     with pytest.raises(LongtailError, match="expected the official cifar-10-python.tar.gz"):
         sources.load_source("cifar10", str(other))
+
+
+def test_export_images_and_build_dataset_from_an_archive_anywhere(tmp_path, default_params, monkeypatch):
+    """The user's two ways from the official archive (here a generated one, outside data/raw): the
+    `longtail export-images` command, and dataset=cifar10 with data.root=<the archive>; both build the
+    same long-tailed training set."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.data.store import load_dataset
+    from pipeline.params import parse
+    from pipeline.stages import build_dataset
+
+    monkeypatch.setattr(sources, "_download_cifar", lambda name, root: pytest.fail("tried to download"))
+    archive = _archive(tmp_path / "somewhere")
+    out = tmp_path / "images"
+    r = CliRunner().invoke(app, ["export-images", str(out), "--dataset", "cifar10", "--root", str(archive)])
+    assert r.exit_code == 0, r.output
+    assert "wrote 60 train and 20 test images of 10 classes" in r.output and "dataset=imagefolder" in r.output
+    built = {}
+    for dataset, root in (("cifar10", archive), ("imagefolder", out)):
+        p = parse({**default_params, "dataset": dataset, "ratio": 2, "data": {**default_params["data"], "root": str(root)}})
+        build_dataset.run(p, out_dir=tmp_path / dataset)
+        built[dataset] = load_dataset(tmp_path / dataset / "dataset.npz")
+    a, b = built["cifar10"], built["imagefolder"]
+    assert a.class_counts == b.class_counts and a.class_counts[0] == 6 and a.class_counts[-1] == 3
+    assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_train, b.y_train)
+    assert np.array_equal(np.sort(a.y_test), np.sort(b.y_test))
 
 
 def test_export_images_without_the_archive_names_its_own_option(tmp_path, monkeypatch):
