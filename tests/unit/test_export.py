@@ -48,15 +48,55 @@ def test_missing_cifar_error_names_only_what_a_user_has(tmp_path, monkeypatch):
     assert "shared" not in msg and "\n" not in msg
 
 
+BUILD_MACHINES = re.compile(r"\.\./shared|shared/data|cifar10-jpeg\.tar")  # ../shared/data/cifar10-jpeg.tar.xz
+PATH_PART = re.compile(r"""['"]shared['"]""")  # os.path.join("..", "shared", ...) in code
+TEXT = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".ini", ".json", ".sh"}
+
+
 def _user_sections(readme: str) -> str:
-    """The README without its developer section (the one place that may describe our build machines)."""
-    return re.split(r"^## Development", readme, flags=re.M)[0]
+    """The README without its developer section (the one place that may describe our build machines),
+    wherever that section stands."""
+    return re.sub(r"^## Development\n.*?(?=^## |\Z)", "", readme, flags=re.M | re.S)
+
+
+def _user_facing_files(root):
+    """Every file whose text a user reads or sees printed: the code (LongtailError messages, typer help
+    texts, log lines), the plugin packages, params.yaml, dvc.yaml, the Dockerfile, docs/ and the results
+    pages. Tests (and built egg-info copies) are for developers."""
+    for top in ("pipeline", "plugins", "docs", "results"):
+        for path in sorted((root / top).rglob("*")):
+            parts = path.relative_to(root).parts
+            if path.is_file() and path.suffix in TEXT and "tests" not in parts \
+                    and not any(p.endswith(".egg-info") or p == "__pycache__" for p in parts):
+                yield path
+    yield from (root / name for name in ("params.yaml", "dvc.yaml", "Dockerfile", "pyproject.toml"))
 
 
 def test_no_user_facing_text_names_the_build_machines():
-    assert "../shared" not in _user_sections((ROOT / "README.md").read_text())
-    for path in sorted((ROOT / "pipeline").rglob("*.py")) + [ROOT / "params.yaml", ROOT / "Dockerfile"]:
-        assert "../shared" not in path.read_text() and "/shared/data" not in path.read_text(), path
+    readme = _user_sections((ROOT / "README.md").read_text())
+    assert "## Development" not in readme and not BUILD_MACHINES.search(readme)
+    files = list(_user_facing_files(ROOT))
+    tops = {p.relative_to(ROOT).parts[0] for p in files}
+    assert {"pipeline", "plugins", "docs", "results", "params.yaml", "Dockerfile"} <= tops, tops
+    for path in files:
+        text = path.read_text()
+        assert not BUILD_MACHINES.search(text), path
+        assert path.suffix != ".py" or not PATH_PART.search(text), path
+
+
+def test_the_scan_sees_a_build_machine_path_anywhere_a_user_looks(tmp_path):
+    """The scan above finds ../shared in each place a user looks, one place at a time."""
+    readme = (ROOT / "README.md").read_text()
+    assert "../shared" in readme  # in the developer section, which may name it
+    assert BUILD_MACHINES.search(_user_sections(readme + "\n## Later\n\nsee ../shared/data\n"))
+    for rel in ("pipeline/errors.py", "plugins/longtail-mm/src/longtail_mm/loss.py", "docs/reliability.md",
+                "results/cifar10-lt-r100-short/README.md", "dvc.yaml"):
+        copy = tmp_path / rel.replace("/", "_")
+        (copy / rel).parent.mkdir(parents=True)
+        (copy / rel).write_text("raise LongtailError('unpack ../shared/data/cifar10-jpeg.tar.xz')\n")
+        hits = [p for p in _user_facing_files(copy) if p.exists() and BUILD_MACHINES.search(p.read_text())]
+        assert hits == [copy / rel], rel
+    assert PATH_PART.search('os.path.join(ROOT, "..", "shared", "data")')
 
 
 def _archive(where, rng_seed=0):
