@@ -84,6 +84,17 @@ def test_no_user_facing_text_names_the_build_machines():
         assert path.suffix != ".py" or not PATH_PART.search(text), path
 
 
+def test_results_pages_commands_start_from_what_a_user_has():
+    """A results page may say how we made its rows, but its commands run on the official archive."""
+    pages = sorted((ROOT / "results").rglob("README.md"))
+    assert pages
+    for page in pages:
+        commands = "\n".join(line for line in page.read_text().splitlines() if line.startswith("    "))
+        assert "jpeg" not in commands.lower(), page
+        if "dataset=imagefolder" in commands:
+            assert "longtail export-images" in commands and "cifar-10-python.tar.gz" in commands, page
+
+
 def test_the_scan_sees_a_build_machine_path_anywhere_a_user_looks(tmp_path):
     """The scan above finds ../shared in each place a user looks, one place at a time."""
     readme = (ROOT / "README.md").read_text()
