@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LongtailError
-from .sources import SOURCES, load_source
+from .sources import SOURCES, CifarNotFound, load_source
 
 
 def _safe(name: str) -> str:
@@ -28,7 +28,10 @@ def export_images(dataset: str, root: str, out: Path) -> dict:
         raise LongtailError(f"{out} exists and is not empty: choose a new folder for export-images")
     from PIL import Image
 
-    raw = load_source(dataset, root)
+    try:
+        raw = load_source(dataset, root)
+    except CifarNotFound as e:
+        raise LongtailError(e.text("--root")) from None
     width = len(str(len(raw.classes) - 1))
     folders = [f"{i:0{width}d}_{_safe(c)}" for i, c in enumerate(raw.classes)]  # sorted = class order
     counts = {}

@@ -89,7 +89,7 @@ def _read_cifar_members(name: str, root: str):
                     f = tar.extractfile(f"{folder}/{m}")
                     out[m] = f.read()
         except (tarfile.TarError, KeyError, OSError, EOFError, AttributeError) as e:
-            raise LongtailError(f"cannot read {path} ({e}); expected the original {archive} "
+            raise LongtailError(f"cannot read {path} ({e}); expected the official {CIFAR[name][1]} "
                                 f"holding {folder}/{{{','.join(members)}}}") from None
         return out, path
     return None, None
@@ -102,20 +102,45 @@ def _download_cifar(name: str, root: str) -> None:
     cls(root, train=True, download=True)
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+class CifarNotFound(LongtailError):
+    """Neither the archive nor its folder under root, and no download (why: the download's error; None when
+    root names an archive that does not exist). `option` is the setting that named root: data.root for the
+    stages; export-images re-raises with its own (--root)."""
+
+    def __init__(self, name: str, root: str, why: str | None, option: str = "data.root"):
+        self.name, self.root, self.why = name, root, why
+        super().__init__(self.text(option))
+
+    def text(self, option: str) -> str:
+        folder, archive = CIFAR[self.name][:2]
+        if option == "data.root":
+            elsewhere = (f"or set data.root to the archive wherever it is (-S data.root=/path/to/{archive}), or use "
+                         f"dataset=imagefolder with data.root=<your dir holding train/<class>/ and test/<class>/>")
+        else:
+            elsewhere = f"or give the archive wherever it is ({option} /path/to/{archive})"
+        if self.why is None:
+            return (f"{self.root} does not exist: {option} names the {self.name} archive; put the official "
+                    f"{archive} there, {elsewhere}")
+        return (f"{self.name} not found under {os.path.abspath(self.root)} and torchvision's download failed "
+                f"({self.why}); put the official {archive} (or its extracted {folder}/) there, {elsewhere}")
+
+
 def load_cifar(name: str, root: str) -> RawData:
-    """CIFAR-10/100 from the original python archives (Krizhevsky 2009), extracted or .tar.gz, under root."""
+    """CIFAR-10/100 from the original python archives (Krizhevsky 2009), extracted or .tar.gz, under root
+    (a folder) or at root (the archive itself)."""
     folder, archive, train, test, label_key, meta, names_key = CIFAR[name]
     blobs, where = _read_cifar_members(name, root)
     if blobs is None:
+        if root.endswith(ARCHIVE_SUFFIXES) and not os.path.exists(root):
+            # a path to an archive that is not there: torchvision would make a folder of that name
+            raise CifarNotFound(name, root, None)
         try:
             _download_cifar(name, root)
         except Exception as e:
-            raise LongtailError(
-                f"{name} not found under {os.path.abspath(root)} and torchvision's download failed "
-                f"({type(e).__name__}: {e}); put the official {archive} (or its extracted {folder}/) there, "
-                f"or set data.root to the archive wherever it is (-S data.root=/path/to/{archive}), "
-                f"or use dataset=imagefolder with data.root=<your dir holding train/<class>/ and test/<class>/>"
-            ) from None
+            raise CifarNotFound(name, root, f"{type(e).__name__}: {e}") from None
         blobs, where = _read_cifar_members(name, root)
         if blobs is None:
             raise LongtailError(f"{name}: the download finished but {os.path.join(root, folder)} is missing")

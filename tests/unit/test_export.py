@@ -48,12 +48,128 @@ def test_missing_cifar_error_names_only_what_a_user_has(tmp_path, monkeypatch):
     assert "shared" not in msg and "\n" not in msg
 
 
+BUILD_MACHINES = re.compile(r"\.\./shared|shared/data|cifar10-jpeg\.tar")  # ../shared/data/cifar10-jpeg.tar.xz
+PATH_PART = re.compile(r"""['"]shared['"]""")  # os.path.join("..", "shared", ...) in code
+TEXT = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".ini", ".json", ".sh"}
+
+
 def _user_sections(readme: str) -> str:
-    """The README without its developer section (the one place that may describe our build machines)."""
-    return re.split(r"^## Development", readme, flags=re.M)[0]
+    """The README without its developer section (the one place that may describe our build machines),
+    wherever that section stands."""
+    return re.sub(r"^## Development\n.*?(?=^## |\Z)", "", readme, flags=re.M | re.S)
+
+
+def _user_facing_files(root):
+    """Every file whose text a user reads or sees printed: the code (LongtailError messages, typer help
+    texts, log lines), the plugin packages, params.yaml, dvc.yaml, the Dockerfile, docs/ and the results
+    pages. Tests (and built egg-info copies) are for developers."""
+    for top in ("pipeline", "plugins", "docs", "results"):
+        for path in sorted((root / top).rglob("*")):
+            parts = path.relative_to(root).parts
+            if path.is_file() and path.suffix in TEXT and "tests" not in parts \
+                    and not any(p.endswith(".egg-info") or p == "__pycache__" for p in parts):
+                yield path
+    yield from (root / name for name in ("params.yaml", "dvc.yaml", "Dockerfile", "pyproject.toml"))
 
 
 def test_no_user_facing_text_names_the_build_machines():
-    assert "../shared" not in _user_sections((ROOT / "README.md").read_text())
-    for path in sorted((ROOT / "pipeline").rglob("*.py")) + [ROOT / "params.yaml", ROOT / "Dockerfile"]:
-        assert "../shared" not in path.read_text() and "/shared/data" not in path.read_text(), path
+    readme = _user_sections((ROOT / "README.md").read_text())
+    assert "## Development" not in readme and not BUILD_MACHINES.search(readme)
+    files = list(_user_facing_files(ROOT))
+    tops = {p.relative_to(ROOT).parts[0] for p in files}
+    assert {"pipeline", "plugins", "docs", "results", "params.yaml", "Dockerfile"} <= tops, tops
+    for path in files:
+        text = path.read_text()
+        assert not BUILD_MACHINES.search(text), path
+        assert path.suffix != ".py" or not PATH_PART.search(text), path
+
+
+def test_results_pages_commands_start_from_what_a_user_has():
+    """A results page may say how we made its rows, but its commands run on the official archive."""
+    pages = sorted((ROOT / "results").rglob("README.md"))
+    assert pages
+    for page in pages:
+        commands = "\n".join(line for line in page.read_text().splitlines() if line.startswith("    "))
+        assert "jpeg" not in commands.lower(), page
+        if "dataset=imagefolder" in commands:
+            assert "longtail export-images" in commands and "cifar-10-python.tar.gz" in commands, page
+
+
+def test_the_scan_sees_a_build_machine_path_anywhere_a_user_looks(tmp_path):
+    """The scan above finds ../shared in each place a user looks, one place at a time."""
+    readme = (ROOT / "README.md").read_text()
+    assert "../shared" in readme  # in the developer section, which may name it
+    assert BUILD_MACHINES.search(_user_sections(readme + "\n## Later\n\nsee ../shared/data\n"))
+    for rel in ("pipeline/errors.py", "plugins/longtail-mm/src/longtail_mm/loss.py", "docs/reliability.md",
+                "results/cifar10-lt-r100-short/README.md", "dvc.yaml"):
+        copy = tmp_path / rel.replace("/", "_")
+        (copy / rel).parent.mkdir(parents=True)
+        (copy / rel).write_text("raise LongtailError('unpack ../shared/data/cifar10-jpeg.tar.xz')\n")
+        hits = [p for p in _user_facing_files(copy) if p.exists() and BUILD_MACHINES.search(p.read_text())]
+        assert hits == [copy / rel], rel
+    assert PATH_PART.search('os.path.join(ROOT, "..", "shared", "data")')
+
+
+def _archive(where, rng_seed=0):
+    rng = np.random.default_rng(rng_seed)
+    return write_cifar(where, "cifar10", balanced_labels(10, 6, rng), balanced_labels(10, 2, rng),
+                       label_names=[f"class {i}" for i in range(10)], tarball=True).path
+
+
+def test_data_root_naming_a_missing_archive_is_one_line_and_downloads_nothing(tmp_path, monkeypatch):
+    # a mistyped archive path: torchvision's download would make a *directory* named cifar-10-python.tar.gz there
+    calls = []
+    monkeypatch.setattr(sources, "_download_cifar", lambda name, root: calls.append(root))
+    missing = tmp_path / "downloads" / "cifar-10-python.tar.gz"
+    with pytest.raises(LongtailError) as err:
+        sources.load_source("cifar10", str(missing))
+    msg = str(err.value)
+    assert f"{missing} does not exist" in msg and "data.root" in msg and "cifar-10-python.tar.gz" in msg, msg
+    assert calls == [] and not missing.exists()
+    # the wrong official archive for the dataset is named as such
+    other = write_cifar(tmp_path / "c100", "cifar100", list(range(100)), list(range(100)), tarball=True).path
+    with pytest.raises(LongtailError, match="expected the official cifar-10-python.tar.gz"):
+        sources.load_source("cifar10", str(other))
+
+
+def test_export_images_and_build_dataset_from_an_archive_anywhere(tmp_path, default_params, monkeypatch):
+    """The user's two ways from the official archive (here a generated one, outside data/raw): the
+    `longtail export-images` command, and dataset=cifar10 with data.root=<the archive>; both build the
+    same long-tailed training set."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.data.store import load_dataset
+    from pipeline.params import parse
+    from pipeline.stages import build_dataset
+
+    monkeypatch.setattr(sources, "_download_cifar", lambda name, root: pytest.fail("tried to download"))
+    archive = _archive(tmp_path / "somewhere")
+    out = tmp_path / "images"
+    r = CliRunner().invoke(app, ["export-images", str(out), "--dataset", "cifar10", "--root", str(archive)])
+    assert r.exit_code == 0, r.output
+    assert "wrote 60 train and 20 test images of 10 classes" in r.output and "dataset=imagefolder" in r.output
+    built = {}
+    for dataset, root in (("cifar10", archive), ("imagefolder", out)):
+        p = parse({**default_params, "dataset": dataset, "ratio": 2, "data": {**default_params["data"], "root": str(root)}})
+        build_dataset.run(p, out_dir=tmp_path / dataset)
+        built[dataset] = load_dataset(tmp_path / dataset / "dataset.npz")
+    a, b = built["cifar10"], built["imagefolder"]
+    assert a.class_counts == b.class_counts and a.class_counts[0] == 6 and a.class_counts[-1] == 3
+    assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_train, b.y_train)
+    assert np.array_equal(np.sort(a.y_test), np.sort(b.y_test))
+
+
+def test_export_images_without_the_archive_names_its_own_option(tmp_path, monkeypatch):
+    """export-images takes --root: its message must not send the user to data.root or dataset=imagefolder."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setattr(sources, "_download_cifar", lambda name, root: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(LongtailError) as err:
+        export_images("cifar10", str(tmp_path / "nothing"), tmp_path / "images")
+    msg = str(err.value)
+    assert "cifar-10-python.tar.gz" in msg and "--root" in msg and "no network" in msg, msg
+    assert "data.root" not in msg and "dataset=imagefolder" not in msg and "\n" not in msg, msg
+    assert not (tmp_path / "images").exists()
