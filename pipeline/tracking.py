@@ -263,7 +263,7 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
     """Open an MLflow run for one stage, nested under its pipeline-execution parent run. The parent
     carries what a user compares (method, dataset, imbalance, ratio, seed as tags; final / best top-1,
     many / medium / few, wall time as metrics); it ends FINISHED after the evaluate stage, FAILED when a
-    stage fails, and is RUNNING in between."""
+    stage fails, KILLED when one is interrupted (Ctrl-C, SIGTERM), and is RUNNING in between."""
     client, exp_id = client_and_experiment(experiment)
     group, commit = _group(raw_params)
     tags = _run_tags(raw_params, group, commit)
@@ -296,10 +296,13 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
     try:
         yield handle
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.main turns it into one): stopped, not failed
+        status = "KILLED"
+        raise
     finally:
         _retry(client.set_terminated, run.info.run_id, status)
-        if status == "FAILED":
-            _retry(client.set_terminated, parent_id, "FAILED")
+        if status != "FINISHED":
+            _retry(client.set_terminated, parent_id, status)
         elif stage == "evaluate":
             metrics = _retry(client.get_run, run.info.run_id).data.metrics
             now = int(time.time() * 1000)

@@ -100,3 +100,36 @@ def test_a_broken_plugin_package_is_reported(tmp_path):
     _fails([LONGTAIL, "pretrain", "--no-track"], tmp_path,
            "losses plugin 'broken' (brokenloss, brokenloss_mod:build) failed to import: ModuleNotFoundError",
            extra_env=extra)
+
+
+def test_sigterm_stops_a_stage_cleanly_and_keeps_its_checkpoint(tmp_path):
+    """kill / docker stop / scancel send SIGTERM: the stage exits 143 with one line, its MLflow runs end
+    KILLED (not RUNNING for ever), its resume checkpoint stays, and the workspace lock is free."""
+    import signal
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    _params(tmp_path, dataset="digits", train__epochs=60, train__warmup_epochs=1, finetune__start_epoch=50,
+            train__milestones=[55], train__milestone_factors=[0.1], train__checkpoint_every=1)
+    sh([LONGTAIL, "build-dataset", "--no-track"], tmp_path)
+    proc = subprocess.Popen([LONGTAIL, "pretrain"], cwd=tmp_path, env=clean_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # progress goes to stderr; wait for two epochs: a resume checkpoint exists
+        if "pretrain epoch 2/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert "pretrain epoch 60/" not in err, err  # stopped, not run to the end
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)", err
+    assert not (tmp_path / "models/pretrain.pt").exists()  # no half-written output
+    assert list((tmp_path / ".longtail/resume").rglob("*.pt"))  # the next run with these params resumes it
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("longtail").experiment_id])
+    assert sorted((r.data.tags.get("longtail.stage", "parent"), r.info.status) for r in runs) == \
+        [("parent", "KILLED"), ("pretrain", "KILLED")]
+    _params(tmp_path, dataset="digits", train__epochs=6, train__warmup_epochs=1, finetune__start_epoch=4,
+            train__milestones=[5], train__milestone_factors=[0.1], train__checkpoint_every=1)
+    # other epochs: a new fingerprint, so this run starts afresh; the lock the killed one held is free
+    out = sh([LONGTAIL, "pretrain", "--no-track"], tmp_path)
+    assert (tmp_path / "models/pretrain.pt").exists(), out.stdout

@@ -57,3 +57,22 @@ def test_a_run_left_running_by_a_kill_is_marked_killed_on_resume(tmp_path, monke
                               filter_string="tags.`longtail.stage` = 'pretrain'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
     assert {r.info.run_id for r in runs if r.info.status == "FINISHED"} == {run.run_id}
+
+
+def test_an_interrupted_stage_ends_killed_with_its_parent(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (which cli.main raises as a KeyboardInterrupt) is a stop, not a failure:
+    the stage run and its parent end KILLED, not FAILED, and never stay RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import Terminated
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-stopped")
+    with pytest.raises(Terminated):
+        with tracking.stage_run("pretrain", {"dataset": "digits", "loss": "ce"}):
+            raise Terminated()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("longtail").experiment_id])
+    assert sorted((r.data.tags.get("longtail.parent", "stage"), r.info.status) for r in runs) == \
+        [("stage", "KILLED"), ("true", "KILLED")]
