@@ -14,12 +14,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
+# USER: a host uid the image's /etc/passwd lacks (`docker run --user "$(id -u):$(id -g)"`) has no user
+# name otherwise, and DVC asks for one (its site cache; the git identity of an experiment's commit).
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
     DVC_NO_ANALYTICS=1 \
-    HOME=/home/longtail
+    HOME=/home/longtail \
+    USER=longtail
 
 WORKDIR /opt/longtail
 COPY pyproject.toml README.md ./

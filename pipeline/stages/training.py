@@ -148,7 +148,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         raise ValueError(stage)
     trainer, meta = setup(p, dataset)
     trainer.stage = stage
-    warning = describe_device(trainer.device).partition("\n")[2]  # a GPU torch cannot use
+    device_line, _, warning = describe_device(trainer.device).partition("\n")  # warning: a GPU torch cannot use
     if warning and distributed.is_main():
         print(f"{stage}: {warning}", file=sys.stderr, flush=True)
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
@@ -205,7 +205,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
 
     progress = Progress(stage, trainer.epoch, until, p.train.epochs)  # (finetune: from the stage-1 end)
     if main:
-        print(f"{stage}: device {meta['device']} ({meta['device_name']}), precision {trainer.precision.reason}, "
+        print(f"{stage}: {device_line}, precision {trainer.precision.reason}, "
               f"{'channels_last' if trainer.channels_last else 'NCHW'}")
     if log is not None:
         log.set_tags({"longtail.device": meta["device_name"]})

@@ -6,10 +6,12 @@ import sys
 import torch
 import yaml
 
-from testkit import ROOT, clean_env
+from testkit import ROOT, clean_env, tiny_pretrain_finetune
+from testkit.twostage import prepare
 
 from pipeline import build, demo
 from pipeline.params import override
+from pipeline.stages import training
 
 
 def test_version_is_fast_and_torch_free():
@@ -59,6 +61,20 @@ def test_device_line_names_the_device_and_warns_about_an_unusable_gpu(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = build.describe_device(torch.device("cpu"))
     assert line.startswith("device cpu\nwarning: a GPU is present (/dev/nvidia0) but torch")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx: f"NVIDIA H200 #{idx}")
+    assert build.describe_device(torch.device("cuda")) == "device cuda:0 (NVIDIA H200 #0)"
+
+
+def test_a_training_stage_names_its_device_as_evaluate_does(tmp_path, default_params, capsys):
+    """One device line for every stage ("device cuda:0 (NAME)" / "device cpu"); the training stages
+    printed "device cuda (NAME)" and "device cpu (cpu)"."""
+    p, ds = prepare(tmp_path, tiny_pretrain_finetune(default_params))
+    training.run("pretrain", p, dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt",
+                 resume_dir=tmp_path / "r")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("pretrain: device"))
+    expected = build.describe_device(training.setup(p, ds)[0].device).partition("\n")[0]
+    assert line.startswith(f"pretrain: {expected}, precision "), line
 
 
 def test_store_creation_prints_no_mlflow_info_lines(tmp_path):

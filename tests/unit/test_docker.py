@@ -1,8 +1,11 @@
 """The image (checked as a layout: no Docker daemon needed): one documented `docker run` keeps the whole
 workspace on the host, works for the paper run and the demo, as a non-root user, with a C compiler."""
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -51,6 +54,28 @@ def test_image_runs_as_non_root_with_git_and_a_c_compiler():
     apt = " ".join(v for op, v in ins if op == "RUN" and "apt-get install" in v)
     assert re.search(r"\bgit\b", apt) and re.search(r"\bgcc\b", apt)  # DVC experiments; torch.compile's Triton
     assert "no_scm" not in (ROOT / "Dockerfile").read_text()
+
+
+def _image_env() -> dict:
+    """The image's ENV instructions as a dict (KEY=VALUE pairs, as this Dockerfile writes them)."""
+    return dict(kv.split("=", 1) for op, v in _instructions() if op == "ENV" for kv in shlex.split(v))
+
+
+def test_any_host_uid_has_a_user_name_for_dvc_and_git():
+    """`docker run --user "$(id -u):$(id -g)"` with a uid the image's /etc/passwd lacks (every host user
+    but uid 1000): DVC names its site cache after getpass.getuser(), and a DVC experiment commits with a
+    git identity; both fall back to the passwd entry, so `dvc repro` and `longtail demo` failed there."""
+    code = ("import getpass, pwd\n"
+            "def lacks(uid): raise KeyError(uid)\n"
+            "pwd.getpwuid = lacks  # the uid has no passwd entry\n"
+            "from dulwich.config import StackedConfig\n"
+            "from dulwich.repo import get_user_identity\n"
+            "print(getpass.getuser()); print(get_user_identity(StackedConfig([]), 'COMMITTER').decode())")
+    env = {"PATH": os.environ["PATH"], **_image_env()}  # nothing of this machine's user
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    user, identity = out.stdout.split("\n")[:2]
+    assert user and re.fullmatch(r"[^<>]+ <[^<>]+@[^<>]+>", identity), out.stdout
 
 
 def test_dockerignore_keeps_the_context_to_what_the_image_copies():

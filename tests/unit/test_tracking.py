@@ -1,6 +1,7 @@
 """MLflow store: portable artifact locations, parent runs that end and carry the headline numbers."""
 
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -65,6 +66,22 @@ def test_store_is_portable_and_parent_runs_end_with_what_users_compare(tmp_path,
     assert len(list((b / "mlartifacts").rglob("x.txt"))) == 2 and not a.exists()
     old = [r for r in tracking.finished_runs() if r["group"] == "exp1"][0]
     assert tracking.fetch_artifact(old["run_id"], "evaluation/x.txt", tmp_path / "dl").read_text() == "x"
+
+
+def test_the_store_leaves_nothing_for_git_status_to_show(tmp_path, monkeypatch, default_params):
+    """A user's clone after a run: the store's files at the project root (mlflow.db, the init lock next to
+    it, mlartifacts/) are git-ignored; the init lock showed up as untracked."""
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    _use(monkeypatch, tmp_path, tmp_path)
+    (tmp_path / "x.txt").write_text("x")
+    with tracking.stage_run("evaluate", default_params) as log:
+        log.log_artifact(tmp_path / "x.txt", "evaluation")
+    (tmp_path / "x.txt").unlink()
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path,
+                            capture_output=True, text=True, check=True).stdout
+    assert status.splitlines() == ["?? .gitignore"]
 
 
 def test_outputs_are_written_with_the_umask_mode_not_0600(tmp_path):
