@@ -128,3 +128,28 @@ def test_discovery_runs_once_per_process(default_params, monkeypatch):
     check_plugins(parse(default_params), class_counts=[50, 5])
     check_plugins(parse(default_params), class_counts=[50, 5])
     assert len(calls) <= len(registry.GROUPS)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"finetunes.crt.sampler": "class_balancd"},
+     "error: finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
+    ({"finetunes.crt.epochs": -1}, "error: finetunes.crt.epochs must be"),
+])
+def test_longtail_check_rejects_a_bad_crt_value_in_one_line_before_any_work(default_params, overrides, message,
+                                                                             tmp_path, monkeypatch, capsys):
+    """Issue 11.2 (done when): `longtail check` fails on either value with one line, exit 2, writing nothing;
+    the fine-tune strategy (crt) is not even selected, so nothing later would have caught it first."""
+    import sys
+
+    import yaml
+
+    from pipeline import cli
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(override(default_params, overrides)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["longtail", "check"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no dataset, model, store or lock
