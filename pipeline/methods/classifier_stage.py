@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import registry
+from ..checks import check_number
 from ..data.augment import augment
 from ..engine.contract import StepResult
 from ..engine.inference import batched
@@ -138,20 +139,6 @@ def final_is_best(trainer) -> None:
     trainer.best = {"epoch": trainer.epoch - 1, "test_acc": -1.0, "model": None}
 
 
-def _check_positive(name: str, key: str, value, integer=False):
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:
-        raise LongtailError(f"finetunes.{name}.{key} must be a positive {'integer' if integer else 'number'}, "
-                            f"got {value!r}")
-    return value
-
-
-def _check_nonneg(name: str, key: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise LongtailError(f"finetunes.{name}.{key} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
 class ClassifierTraining:
     """Train `head` (and nothing else) on backbone features for `epochs` stage-2 epochs: the trainer
     runs its `ClassifierSteps` (evaluation, history, best tracking and checkpoints are the usual ones).
@@ -160,11 +147,12 @@ class ClassifierTraining:
     def __init__(self, name: str, sampler: str, epochs: int, lr: float, batch_size: int, momentum: float,
                  weight_decay: float, augment: bool, epoch_size: str = "balanced", bn: str = "train"):
         self.name, self.sampler_name = name, sampler
-        self.epochs = _check_positive(name, "epochs", epochs, integer=True)
-        self.lr = float(_check_positive(name, "lr", lr))
-        self.batch_size = _check_positive(name, "batch_size", batch_size, integer=True)
-        self.momentum = _check_nonneg(name, "momentum", momentum)
-        self.weight_decay = _check_nonneg(name, "weight_decay", weight_decay)
+        key = f"finetunes.{name}."
+        self.epochs = check_number(key + "epochs", epochs, min=1, integer=True)
+        self.lr = check_number(key + "lr", lr, above=0)
+        self.batch_size = check_number(key + "batch_size", batch_size, min=1, integer=True)
+        self.momentum = check_number(key + "momentum", momentum, min=0)
+        self.weight_decay = check_number(key + "weight_decay", weight_decay, min=0)
         if not isinstance(augment, bool):
             raise LongtailError(f"finetunes.{name}.augment must be true or false, got {augment!r}")
         self.augment = augment

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_number
 from ..errors import LongtailError
 from ..models.heads import make_head
-from .classifier_stage import (ClassifierTraining, _check_nonneg, _check_positive, _common, balanced_accuracy,
+from .classifier_stage import (ClassifierTraining, _common, balanced_accuracy,
                                balanced_subset, extract_features, final_is_best, linear_classifier,
                                reinit_classifier, require_full_stage_one)
 
@@ -154,13 +155,12 @@ def build_tau_norm(*, tau=1.0, grid=DEFAULT_TAU_GRID, holdout_per_class: int = 2
             tau = float(tau)
         except (TypeError, ValueError):
             raise LongtailError(f"finetunes.tau_norm.tau must be a number >= 0 or auto, got {tau!r}") from None
-        _check_nonneg("tau_norm", "tau", tau)
+        check_number("finetunes.tau_norm.tau", tau, min=0)
     if not isinstance(grid, (list, tuple)) or not grid:
         raise LongtailError(f"finetunes.tau_norm.grid must be a non-empty list of numbers >= 0, got {grid!r}")
-    grid = [_check_nonneg("tau_norm", "grid[]", v) for v in grid]
-    _check_positive("tau_norm", "holdout_per_class", holdout_per_class, integer=True)
-    if isinstance(holdout_seed, bool) or not isinstance(holdout_seed, int):
-        raise LongtailError(f"finetunes.tau_norm.holdout_seed must be an integer, got {holdout_seed!r}")
+    grid = [check_number("finetunes.tau_norm.grid[]", v, min=0) for v in grid]
+    check_number("finetunes.tau_norm.holdout_per_class", holdout_per_class, min=1, integer=True)
+    check_number("finetunes.tau_norm.holdout_seed", holdout_seed, integer=True)
     return TauNorm(tau, grid, holdout_per_class, holdout_seed, sweep_file)
 
 
