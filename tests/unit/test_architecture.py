@@ -20,3 +20,22 @@ def test_no_method_is_named_in_the_engine_or_the_stages():
             for folder in ("pipeline/engine", "pipeline/stages") for path in sorted((ROOT / folder).glob("*.py"))
             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, "\n".join(hits)
+
+
+# -- issue 11.4: one home per fact. Each fact below is written in exactly one module of pipeline/.
+
+def _code_lines(pattern: str) -> list[str]:
+    """'path:line: text' of every line of pipeline/**/*.py matching `pattern` (comments included)."""
+    rx = re.compile(pattern)
+    return [f"{path.relative_to(ROOT).as_posix()}:{i}: {line.strip()}"
+            for path in sorted((ROOT / "pipeline").rglob("*.py"))
+            for i, line in enumerate(path.read_text().splitlines(), 1) if rx.search(line)]
+
+
+def _only_in(hits: list[str], home: str) -> list[str]:
+    return [h for h in hits if not h.startswith(home + ":")]
+
+
+def test_the_cifar_normalisation_is_written_once():
+    hits = _code_lines(r"0\.4914|0\.2023")
+    assert hits and not _only_in(hits, "pipeline/data/sources.py"), "\n".join(hits)
