@@ -77,7 +77,8 @@ def run(extra: list[str], temp: bool, echo) -> int:
         workspace = yaml.safe_load(open("params.yaml")) or {}
     except FileNotFoundError:
         raise LongtailError("params.yaml not found: run `longtail demo` at the project root") from None
-    restore = restore_args(committed_params(), workspace)
+    committed = committed_params()
+    restore = restore_args(committed, workspace)
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     sets = [a for kv in restore + OVERRIDES for a in ("-S", kv)]
     cmd = ["dvc", "exp", "run", "-n", name, *sets, *(["--temp"] if temp else []), *extra]
@@ -88,9 +89,10 @@ def run(extra: list[str], temp: bool, echo) -> int:
     rc = _run_filtered(cmd)
     if rc != 0:
         return rc
+    from .params import experiment_name
     from .tracking import parent_summary
 
-    row = parent_summary(name)
+    row = parent_summary(name, experiment_name(committed))  # the demo ran the committed params
     if row is None:
         echo(f"demo: experiment {name} finished (not tracked in MLflow; see `dvc exp show`)", err=True)
         return 0

@@ -39,3 +39,8 @@ def _only_in(hits: list[str], home: str) -> list[str]:
 def test_the_cifar_normalisation_is_written_once():
     hits = _code_lines(r"0\.4914|0\.2023")
     assert hits and not _only_in(hits, "pipeline/data/sources.py"), "\n".join(hits)
+
+
+def test_the_default_experiment_name_is_written_once():
+    hits = _code_lines(r"""(?i)experiment\w*\s*(:\s*\w+\s*)?=\s*["']longtail["']""")
+    assert [h.split(":")[0] for h in hits] == ["pipeline/tracking.py"], "\n".join(hits)

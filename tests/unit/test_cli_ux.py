@@ -67,3 +67,19 @@ def test_store_creation_prints_no_mlflow_info_lines(tmp_path):
                          env=clean_env(LONGTAIL_ROOT=str(tmp_path), PYTHONPATH=str(ROOT)), check=True)
     assert (tmp_path / "mlflow.db").exists()
     assert "Creating initial MLflow database tables" not in out.stderr and "INFO" not in out.stderr, out.stderr
+
+
+def test_demo_reads_its_summary_from_the_experiment_its_params_name(monkeypatch, tmp_path, default_params):
+    """Issue 11.4: the demo looked in the default experiment ("longtail", written a second time) even
+    when the committed params.yaml names another one."""
+    from pipeline import tracking
+
+    committed = override(default_params, {"tracking.experiment": "team-a"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "committed_params", lambda: committed)
+    monkeypatch.setattr(demo, "_run_filtered", lambda cmd: 0)
+    asked = []
+    monkeypatch.setattr(tracking, "parent_summary", lambda group, experiment=None: asked.append(experiment))
+    assert demo.run([], True, lambda *a, **k: None) == 0
+    assert asked == ["team-a"]
