@@ -18,13 +18,13 @@ finetune.reweighting / finetune.sampler are not used: each strategy names its ow
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import io
 from ..checks import check_number
 from ..errors import LongtailError
 from ..models.heads import make_head
@@ -132,10 +132,8 @@ class TauNorm:
                 ctx.log.log_metrics({"tau_sweep/balanced_acc": r["balanced_acc"], "tau_sweep/acc": r["acc"]},
                                     step=step)
             ctx.log.log_metrics({"tau": tau})
-        text = json.dumps(self.result, indent=2)
         if self.sweep_file is not None:
-            self.sweep_file.parent.mkdir(parents=True, exist_ok=True)
-            self.sweep_file.write_text(text + "\n")
+            io.write_json(self.sweep_file, self.result)
             if ctx.log is not None:
                 ctx.log.log_artifact(self.sweep_file, "tau_norm")
         print("finetune[tau_norm]: balanced accuracy on a class-balanced subset of the training set: "

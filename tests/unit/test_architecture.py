@@ -44,3 +44,9 @@ def test_the_cifar_normalisation_is_written_once():
 def test_the_default_experiment_name_is_written_once():
     hits = _code_lines(r"""(?i)experiment\w*\s*(:\s*\w+\s*)?=\s*["']longtail["']""")
     assert [h.split(":")[0] for h in hits] == ["pipeline/tracking.py"], "\n".join(hits)
+
+
+def test_one_atomic_writer_and_one_csv_writer():
+    for pattern in (r"os\.replace\(|os\.rename\(|mkstemp\(", r"csv\.(writer|DictWriter)\("):
+        hits = _code_lines(pattern)
+        assert hits and not _only_in(hits, "pipeline/io.py"), "\n".join(hits)
