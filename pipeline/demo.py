@@ -10,6 +10,7 @@ import time
 
 import yaml
 
+from .checks import yaml_load
 from .errors import LongtailError
 from .method_names import flatten
 
@@ -40,7 +41,7 @@ def committed_params(path: str = "params.yaml") -> dict:
         raise LongtailError("longtail demo runs a DVC experiment, which needs a git repository with params.yaml "
                             "committed: run it in a clone of the project (or `git init && git add -A && "
                             "git commit -m init` first)")
-    return yaml.safe_load(res.stdout) or {}
+    return yaml_load(res.stdout) or {}
 
 
 def _pct(v) -> str:
@@ -74,7 +75,8 @@ def _run_filtered(cmd: list[str]) -> int:
 
 def run(extra: list[str], temp: bool, echo) -> int:
     try:
-        workspace = yaml.safe_load(open("params.yaml")) or {}
+        with open("params.yaml") as fh:
+            workspace = yaml_load(fh.read()) or {}
     except FileNotFoundError:
         raise LongtailError("params.yaml not found: run `longtail demo` at the project root") from None
     committed = committed_params()

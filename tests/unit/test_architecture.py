@@ -50,3 +50,9 @@ def test_one_atomic_writer_and_one_csv_writer():
     for pattern in (r"os\.replace\(|os\.rename\(|mkstemp\(", r"csv\.(writer|DictWriter)\("):
         hits = _code_lines(pattern)
         assert hits and not _only_in(hits, "pipeline/io.py"), "\n".join(hits)
+
+
+def test_one_yaml_reader():
+    """YAML 1.1 (yaml.safe_load) reads 1e-05 as a string, checks.yaml_load as a number: one reader, one rule."""
+    hits = _code_lines(r"yaml\.(safe_load|load|full_load|unsafe_load)\(")
+    assert hits and not _only_in(hits, "pipeline/checks.py"), "\n".join(hits)

@@ -83,3 +83,14 @@ def test_demo_reads_its_summary_from_the_experiment_its_params_name(monkeypatch,
     monkeypatch.setattr(tracking, "parent_summary", lambda group, experiment=None: asked.append(experiment))
     assert demo.run([], True, lambda *a, **k: None) == 0
     assert asked == ["team-a"]
+
+
+def test_demo_reads_the_committed_params_with_the_projects_yaml_rules(monkeypatch):
+    """`weight_decay: 2e-4` is a number for longtail (checks.yaml_load); read as the string '2e-4' the demo
+    would 'restore' it as a quoted string, which the stages then refuse."""
+    committed = "train: {weight_decay: 2e-4, lr: 0.1}\n"
+    monkeypatch.setattr(demo.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=committed, stderr=""))
+    params = demo.committed_params()
+    assert params == {"train": {"weight_decay": 0.0002, "lr": 0.1}}
+    assert demo.restore_args(params, {"train": {"weight_decay": 0.0002, "lr": 0.1}}) == []

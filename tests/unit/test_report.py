@@ -498,3 +498,10 @@ def test_dvc_plots_show_loads_nothing_from_the_web(tmp_path):
 
     assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//", html, re.I)
     assert "cdn.jsdelivr" not in html
+
+
+def test_method_names_read_an_mlflow_param_in_exponent_notation_as_the_number():
+    """MLflow logs str(1e-05) = "1e-05"; the method table must match it with 1e-05 from YAML."""
+    from pipeline.method_names import norm
+
+    assert norm("1e-05") == norm(1e-05) == 1e-05 and norm("[0.01, 1e-05]") == norm([0.01, 1e-05])
