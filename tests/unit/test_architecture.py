@@ -56,3 +56,63 @@ def test_one_yaml_reader():
     """YAML 1.1 (yaml.safe_load) reads 1e-05 as a string, checks.yaml_load as a number: one reader, one rule."""
     hits = _code_lines(r"yaml\.(safe_load|load|full_load|unsafe_load)\(")
     assert hits and not _only_in(hits, "pipeline/checks.py"), "\n".join(hits)
+
+
+# -- issue 11.5: each DVC stage depends on the project code it runs
+
+# what a stage runs: its module, and the built-in plugins it loads through entry points
+STAGE_CODE = {"build_dataset": ["pipeline/stages/build_dataset.py"],
+              "pretrain": ["pipeline/stages/training.py", "pipeline/methods", "pipeline/models"],
+              "finetune": ["pipeline/stages/training.py", "pipeline/methods", "pipeline/models"],
+              "evaluate": ["pipeline/stages/evaluate.py", "pipeline/models"]}
+# imported, but they never change what a stage computes: errors, durable writes, MLflow, plugin lookup,
+# value checks, method naming, console progress, the plugin authors' contract test
+NO_RESULT = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/io.py", "pipeline/tracking.py",
+             "pipeline/registry.py", "pipeline/checks.py", "pipeline/method_names.py", "pipeline/testing.py",
+             "pipeline/engine/progress.py"}
+# the code that makes data/prepared/dataset.npz, a dependency of every later stage
+DATASET_CODE = {"pipeline/data/__init__.py", "pipeline/data/sources.py", "pipeline/data/profiles.py"}
+IMPORTED_FOR_NAMES = {"evaluate": {"pipeline/stages/training.py",  # the dataset and checkpoint paths
+                                   "pipeline/plugin_kit.py"}}  # the loss heads' names (build.py)
+
+
+def _pipeline_imports(path):
+    """The pipeline/ files a module imports (at the top or inside functions)."""
+    import ast
+
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = list(rel.parts[:-1])  # the package a relative import starts from (for __init__: its own)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = (package[:len(package) - node.level + 1] if node.level else [])
+            names = [".".join(base + ([node.module] if node.module else []))]
+            names += [f"{names[0]}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            for candidate in (ROOT / (name.replace(".", "/") + ".py"), ROOT / name.replace(".", "/") / "__init__.py"):
+                if name.split(".")[0] == "pipeline" and candidate.exists():
+                    found.add(candidate)
+    return found
+
+
+def test_each_stage_depends_on_the_code_it_runs():
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage, entry in STAGE_CODE.items():
+        todo = [f for e in entry for f in ([ROOT / e] if e.endswith(".py") else (ROOT / e).glob("*.py"))]
+        seen = set()
+        while todo:
+            f = todo.pop()
+            if f not in seen:
+                seen.add(f)
+                todo += _pipeline_imports(f)
+        deps = [d.rstrip("/") for d in stages[stage]["deps"]]
+        allowed = NO_RESULT | IMPORTED_FOR_NAMES.get(stage, set()) | (DATASET_CODE if stage != "build_dataset" else set())
+        untracked = sorted(rel for rel in (f.relative_to(ROOT).as_posix() for f in seen)
+                           if rel not in allowed and not any(rel == d or rel.startswith(d + "/") for d in deps))
+        assert not untracked, f"dvc.yaml: stage {stage} runs {untracked} but does not depend on it"
