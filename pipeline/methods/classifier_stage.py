@@ -20,9 +20,7 @@ from torch import nn
 
 from .. import registry
 from ..checks import check_number
-from ..data.augment import augment
 from ..engine.contract import StepResult
-from ..engine.inference import batched
 from ..engine.progress import Progress
 from ..errors import LongtailError
 
@@ -52,14 +50,12 @@ def extract_features(trainer, idx: torch.Tensor | None = None, augmented: bool =
     """Backbone features (`model.features`) of training images (all, or those at `idx`), float32.
     The model is put in eval mode (BatchNorm uses its running statistics and does not update them),
     or with `train_mode` in train mode (batch statistics; the running statistics update).
-    Never touches the test set. With `augmented`, the training augmentation (trainer.pad / flip,
-    trainer.aug_gen) is applied first."""
+    Never touches the test set. With `augmented`, the training augmentation (`trainer.augment`) is
+    applied first."""
     d, model = trainer.data, trainer.model
     model.train(train_mode)
     x_all = d.x_train if idx is None else d.x_train[idx.to(d.x_train.device)]
-    transform = (lambda x: augment(x, trainer.pad, trainer.flip, trainer.aug_gen)) if augmented else None
-    out = batched(lambda x: model.features(x).float(), x_all, d.mean, d.std, trainer.cfg.eval_batch_size,
-                  trainer.autocast, trainer.channels_last, transform)
+    out = trainer.infer(lambda x: model.features(x).float(), x_all, trainer.augment if augmented else None)
     return torch.zeros(0, 0, device=trainer.device) if out is None else out
 
 

@@ -116,3 +116,18 @@ def test_each_stage_depends_on_the_code_it_runs():
         untracked = sorted(rel for rel in (f.relative_to(ROOT).as_posix() for f in seen)
                            if rel not in allowed and not any(rel == d or rel.startswith(d + "/") for d in deps))
         assert not untracked, f"dvc.yaml: stage {stage} runs {untracked} but does not depend on it"
+
+
+# -- issue 11.1: the fine-tune contract is written down, and strategies keep to it
+
+def test_strategies_use_only_the_trainer_surface_the_contract_names():
+    from pipeline.engine import contract
+
+    named = set(re.findall(r"`([a-z_]+)[`(/ ]", contract.__doc__))
+    used = {}
+    for path in sorted((ROOT / "pipeline" / "methods").glob("*.py")):
+        for attr in re.findall(r"\b(?:ctx\.trainer|trainer|self\.t|t)\.([a-z_]\w*)", path.read_text()):
+            used.setdefault(attr, path.name)
+    outside = {attr: where for attr, where in used.items() if attr not in named}
+    assert not outside, f"trainer attributes used by strategies but not in engine/contract.py: {outside}"
+
