@@ -1,7 +1,8 @@
 """The classifier-stage toolkit shared by the decoupling strategies (pipeline/methods/decoupling.py)
-and Balanced Meta-Softmax's stage 2 (meta_sampler.py): stage-1 checks, frozen-backbone features,
-class-balanced subsets, the classifier re-initialisation, and `ClassifierTraining`, which trains a
-new or rescaled classifier on the frozen backbone through the trainer's `Steps` contract.
+and Balanced Meta-Softmax's stage 2 (meta_sampler.py; their recipes: docs/methods.md §4): stage-1
+checks, frozen-backbone features, class-balanced subsets, the classifier re-initialisation, and
+`ClassifierTraining`, which trains a new or rescaled classifier on the frozen backbone through the
+trainer's `Steps` contract.
 
 The backbone's weights are frozen (no_grad; only the classifier's parameters reach an optimizer).
 In training it stays in train mode by default, as in the authors' code, so BatchNorm normalises with

@@ -1,4 +1,4 @@
-"""Decoupling representation and classifier (Kang et al., ICLR 2020): fine-tune strategies of group
+"""Decoupling representation and classifier (Kang et al., ICLR 2020; docs/methods.md §4): fine-tune strategies of group
 `longtail.finetune` that re-balance only the classifier of a model trained with plain
 instance-balanced sampling over the whole schedule (stage 1: set finetune.start_epoch = train.epochs).
 

@@ -1,4 +1,5 @@
-"""Balanced Meta-Softmax (Ren et al., NeurIPS 2020), stage 2: the `meta_sampler` fine-tune strategy.
+"""Balanced Meta-Softmax (Ren et al., NeurIPS 2020; docs/methods.md §4), stage 2: the `meta_sampler` fine-tune
+strategy.
 
 Stage 1 is a plain softmax (CE) model over the whole schedule (loss=ce,
 finetune.start_epoch=train.epochs), as in the authors' released recipe: Balanced Softmax and the

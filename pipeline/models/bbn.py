@@ -1,4 +1,4 @@
-"""Bilateral-branch ResNet-32 of BBN (Zhou et al., CVPR 2020): the `bbn_resnet32` entry point of
+"""Bilateral-branch ResNet-32 of BBN (Zhou et al., CVPR 2020; docs/methods.md §4): the `bbn_resnet32` entry point of
 `longtail.models`.
 
 The two branches share the whole ResNet-32 except the last residual block(s): a shared trunk

@@ -131,3 +131,16 @@ def test_strategies_use_only_the_trainer_surface_the_contract_names():
     outside = {attr: where for attr, where in used.items() if attr not in named}
     assert not outside, f"trainer attributes used by strategies but not in engine/contract.py: {outside}"
 
+
+# -- issue 11.4: the project's own docs/methods.md, which the method modules cite by section
+
+def test_method_modules_cite_their_section_of_the_projects_methods_doc():
+    import ast
+
+    sections = set(re.findall(r"^## (§\d+) ", (ROOT / "docs" / "methods.md").read_text(), re.M))
+    modules = sorted((ROOT / "pipeline" / "methods").glob("[!_]*.py")) + [ROOT / "pipeline" / "models" / "bbn.py"]
+    modules += sorted((ROOT / "plugins").glob("*/src/*/loss.py"))
+    for path in modules:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        cited = re.findall(r"docs/methods\.md (§\d+)", doc)
+        assert cited and set(cited) <= sections, f"{path.relative_to(ROOT)} cites {cited or 'no section'}"
