@@ -144,3 +144,9 @@ def test_method_modules_cite_their_section_of_the_projects_methods_doc():
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         cited = re.findall(r"docs/methods\.md (§\d+)", doc)
         assert cited and set(cited) <= sections, f"{path.relative_to(ROOT)} cites {cited or 'no section'}"
+
+
+def test_the_loss_heads_and_extra_inputs_are_listed_once():
+    """The loss contract's lists live in plugin_kit; check_loss_plugin reads them from there."""
+    hits = _code_lines(r'\("linear", "linear_nobias", "cosine"\)|\{"features", "weight"\}|"features" and "weight"')
+    assert hits and not _only_in(hits, "pipeline/plugin_kit.py"), "\n".join(hits)
