@@ -384,6 +384,10 @@ def test_sweep_grid(default_params):
     ({"losses": ["ce"], "extra": [("loss", "ldam")]}, "-S loss clashes with the grid"),
     ({"extra": [("train.epochz", "3")]}, "no key 'train.epochz'"),
     ({"extra": [("train.epochs", "0")]}, "seed=0: train.epochs must be >= 1"),
+    # plugin parameters are bound and built (issue 11.2), also for a strategy nobody selected yet
+    ({"extra": [("finetunes.crt.sampler", "class_balancd")]},
+     "finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
+    ({"extra": [("finetunes.crt.epochs", "-1")]}, "finetunes.crt.epochs must be >= 1, got -1"),
 ])
 def test_sweep_validation(default_params, kwargs, message):
     with pytest.raises(LongtailError) as err:
