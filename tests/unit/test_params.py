@@ -158,7 +158,8 @@ def test_discovery_runs_once_per_process(default_params, monkeypatch):
 def test_longtail_check_rejects_a_bad_crt_value_in_one_line_before_any_work(default_params, overrides, message,
                                                                              tmp_path, monkeypatch, capsys):
     """Issue 11.2 (done when): `longtail check` fails on either value with one line, exit 2, writing nothing;
-    the fine-tune strategy (crt) is not even selected, so nothing later would have caught it first."""
+    the fine-tune strategy (crt) is not even selected, so nothing later would have caught it first. Every
+    stage command checks the same way before it starts (no dataset, model, store or lock is made)."""
     import sys
 
     import yaml
@@ -167,9 +168,11 @@ def test_longtail_check_rejects_a_bad_crt_value_in_one_line_before_any_work(defa
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(override(default_params, overrides)))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["longtail", "check"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no dataset, model, store or lock
+    for command in (["check"], ["build-dataset", "--no-track"], ["pretrain", "--no-track"],
+                    ["finetune", "--no-track"], ["evaluate", "--no-track"]):
+        monkeypatch.setattr(sys, "argv", ["longtail", *command])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), (command, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], command
