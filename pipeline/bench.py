@@ -14,6 +14,7 @@ import torch
 
 from .build import pick_device
 from .data.profiles import lt_counts
+from .data.sources import CIFAR_MEAN, CIFAR_STD
 from .engine.trainer import DeviceData, Rebalance, Trainer
 from .methods.losses import build_ce
 from .methods.samplers import build_instance
@@ -24,7 +25,7 @@ PROTOCOL = Train(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=
                  milestones=(160, 180), milestone_factors=(0.01, 0.0001), eval_every=1, eval_batch_size=None,
                  reweighting="none", sampler="instance", pad=4, flip=True, device="auto", checkpoint_every=10,
                  compile=None, loader="device", loader_workers=2, precision="fp32")
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+MEAN, STD = CIFAR_MEAN, CIFAR_STD  # the protocol's normalisation (one home: data/sources.py)
 
 
 def _sync(device):

@@ -10,6 +10,7 @@ import time
 
 import yaml
 
+from .checks import yaml_load
 from .errors import LongtailError
 from .method_names import flatten
 
@@ -40,7 +41,7 @@ def committed_params(path: str = "params.yaml") -> dict:
         raise LongtailError("longtail demo runs a DVC experiment, which needs a git repository with params.yaml "
                             "committed: run it in a clone of the project (or `git init && git add -A && "
                             "git commit -m init` first)")
-    return yaml.safe_load(res.stdout) or {}
+    return yaml_load(res.stdout) or {}
 
 
 def _pct(v) -> str:
@@ -74,10 +75,12 @@ def _run_filtered(cmd: list[str]) -> int:
 
 def run(extra: list[str], temp: bool, echo) -> int:
     try:
-        workspace = yaml.safe_load(open("params.yaml")) or {}
+        with open("params.yaml") as fh:
+            workspace = yaml_load(fh.read()) or {}
     except FileNotFoundError:
         raise LongtailError("params.yaml not found: run `longtail demo` at the project root") from None
-    restore = restore_args(committed_params(), workspace)
+    committed = committed_params()
+    restore = restore_args(committed, workspace)
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     sets = [a for kv in restore + OVERRIDES for a in ("-S", kv)]
     cmd = ["dvc", "exp", "run", "-n", name, *sets, *(["--temp"] if temp else []), *extra]
@@ -88,9 +91,10 @@ def run(extra: list[str], temp: bool, echo) -> int:
     rc = _run_filtered(cmd)
     if rc != 0:
         return rc
+    from .params import experiment_name
     from .tracking import parent_summary
 
-    row = parent_summary(name)
+    row = parent_summary(name, experiment_name(committed))  # the demo ran the committed params
     if row is None:
         echo(f"demo: experiment {name} finished (not tracked in MLflow; see `dvc exp show`)", err=True)
         return 0

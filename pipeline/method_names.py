@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from .checks import yaml_load, yaml_value
 from .errors import LongtailError
 
 METHODS_FILE = Path(__file__).resolve().parent / "method_names.yaml"
@@ -18,10 +17,7 @@ PHASE_LABELS = {"train.reweighting": "RW", "train.sampler": "RS", "finetune.rewe
 def norm(value):
     """A param value as comparable data: MLflow logs strings ("100", "True", "cb"), YAML gives typed values."""
     if isinstance(value, str):
-        try:
-            loaded = yaml.safe_load(value)
-        except yaml.YAMLError:
-            return value
+        loaded = yaml_value(value)  # unparsable text stays text
         if not isinstance(loaded, (bool, int, float, list)) and loaded is not None:
             return value
         value = loaded
@@ -48,7 +44,7 @@ class MethodNames:
 
     @classmethod
     def load(cls, path: Path = METHODS_FILE) -> "MethodNames":
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml_load(Path(path).read_text())
         return cls(dict(raw.get("plain") or {}), dict(raw.get("defaults") or {}), list(raw.get("methods") or []))
 
     @property

@@ -28,12 +28,13 @@ def check_loss_plugin(build, class_counts=None, params=None):
     except Exception as e:
         raise AssertionError(f"{name}({counts}, **{params}) raised {type(e).__name__}: {e}") from e
     assert isinstance(loss, torch.nn.Module), f"{name} must return a torch.nn.Module, got {type(loss).__name__}"
+    from .plugin_kit import EXTRA_INPUTS, LOSS_HEADS  # the contract's own lists
+
     head = getattr(loss, "head", None)
-    assert head in ("linear", "linear_nobias", "cosine"), (
-        f"{name}: loss.head must be 'linear', 'linear_nobias' or 'cosine', got {head!r}")
+    assert head in LOSS_HEADS, f"{name}: loss.head must be one of {', '.join(map(repr, LOSS_HEADS))}, got {head!r}"
     extra = tuple(getattr(loss, "extra_inputs", ()) or ())
-    assert set(extra) <= {"features", "weight"}, (
-        f"{name}: loss.extra_inputs must name only 'features' and 'weight', got {extra!r}")
+    assert set(extra) <= set(EXTRA_INPUTS), (
+        f"{name}: loss.extra_inputs must name only {', '.join(map(repr, EXTRA_INPUTS))}, got {extra!r}")
     set_epoch = getattr(loss, "set_epoch", None)
     assert set_epoch is None or callable(set_epoch), f"{name}: loss.set_epoch must be a method (epoch, epochs)"
 

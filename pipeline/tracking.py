@@ -343,7 +343,7 @@ def finished_runs(stage: str = "evaluate", experiment: str = DEFAULT_EXPERIMENT)
             return out
 
 
-def parent_summary(group: str, experiment: str = "longtail") -> dict | None:
+def parent_summary(group: str, experiment: str = DEFAULT_EXPERIMENT) -> dict | None:
     """The parent run of one pipeline execution (a DVC experiment name) as a flat dict: its tags
     (method, dataset, imbalance, ratio, seed) and its metrics; None when it is not in the store."""
     from mlflow.tracking import MlflowClient

@@ -11,7 +11,11 @@ the history row, best-epoch tracking and the resume checkpoints. A strategy with
 What a strategy may use of the trainer: `model`, `optimizer` (it may replace it), `data`,
 `device`, `cfg`, `sample_gen` / `aug_gen` (the checkpointed RNGs: draw only from them), `epoch`,
 `loss(logits, y, weight=None, feats=None)` (the configured loss plugin), `prepare(idx)` (augmented,
-normalised training images), `autocast()`, `reset_best()`, `fit(...)`."""
+normalised training images), `augment(x)` (the training augmentation of a uint8 batch),
+`infer(fn, x, transform=None)` (batched inference), `autocast()`, `reset_best()`, `best` (a
+strategy that transforms the model after training, e.g. folds learned per-class scales into the
+classifier, updates the best-epoch weights too), `fit(...)`. tests/unit/test_architecture.py
+checks that strategies use nothing else."""
 
 from __future__ import annotations
 

@@ -172,11 +172,24 @@ class Trainer:
                 return self.model.classifier(feats), feats
         return self.forward(x), None
 
+    def augment(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """The training augmentation (random crop with the stage's padding, flip) of a uint8 batch,
+        drawn from `aug_gen`."""
+        return augment(x_uint8, self.pad, self.flip, self.aug_gen)
+
+    def infer(self, fn: Callable, x_uint8: torch.Tensor, transform: Callable | None = None):
+        """fn(normalised batch) over uint8 images in evaluation-size batches, concatenated (None for
+        no image): the batched inference loop with this trainer's normalisation, precision and memory
+        format; `transform` (e.g. `augment`) runs on each uint8 batch first."""
+        d = self.data
+        return batched(fn, x_uint8, d.mean, d.std, self.cfg.eval_batch_size, self.autocast, self.channels_last,
+                       transform)
+
     def prepare(self, idx: torch.Tensor, pad_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Training images at `idx`, augmented (crop padding x `pad_scale`, per sample, where given)
         and normalised, in the trainer's memory format."""
         d = self.data
-        x = augment(d.x_train[idx], self.pad, self.flip, self.aug_gen)
+        x = self.augment(d.x_train[idx])
         if pad_scale is not None:
             for scale in sorted(set(pad_scale.tolist()) - {1}):
                 other = augment(d.x_train[idx], int(scale * self.pad), self.flip, self.aug_gen)
@@ -247,8 +260,7 @@ class Trainer:
     def predict(self, x_uint8: torch.Tensor, model=None) -> torch.Tensor:
         model = model or self.model
         model.eval()
-        return batched(lambda x: model(x).argmax(1), x_uint8, self.data.mean, self.data.std,
-                       self.cfg.eval_batch_size, self.autocast, self.channels_last)
+        return self.infer(lambda x: model(x).argmax(1), x_uint8)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, until: int, on_epoch: Callable[[dict], None] | None = None,

@@ -1,4 +1,4 @@
-"""BBN's cumulative learning (Zhou et al., CVPR 2020) as the `bbn` fine-tune strategy.
+"""BBN's cumulative learning (Zhou et al., CVPR 2020; docs/methods.md §4) as the `bbn` fine-tune strategy.
 
 It trains the whole schedule itself (finetune.start_epoch = 0, so the pretrain stage runs no
 epoch) on a bilateral-branch model (model.arch = bbn_resnet32). Each step takes one batch from the

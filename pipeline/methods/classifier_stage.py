@@ -1,7 +1,8 @@
 """The classifier-stage toolkit shared by the decoupling strategies (pipeline/methods/decoupling.py)
-and Balanced Meta-Softmax's stage 2 (meta_sampler.py): stage-1 checks, frozen-backbone features,
-class-balanced subsets, the classifier re-initialisation, and `ClassifierTraining`, which trains a
-new or rescaled classifier on the frozen backbone through the trainer's `Steps` contract.
+and Balanced Meta-Softmax's stage 2 (meta_sampler.py; their recipes: docs/methods.md §4): stage-1
+checks, frozen-backbone features, class-balanced subsets, the classifier re-initialisation, and
+`ClassifierTraining`, which trains a new or rescaled classifier on the frozen backbone through the
+trainer's `Steps` contract.
 
 The backbone's weights are frozen (no_grad; only the classifier's parameters reach an optimizer).
 In training it stays in train mode by default, as in the authors' code, so BatchNorm normalises with
@@ -19,9 +20,8 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..data.augment import augment
+from ..checks import check_number
 from ..engine.contract import StepResult
-from ..engine.inference import batched
 from ..engine.progress import Progress
 from ..errors import LongtailError
 
@@ -51,14 +51,12 @@ def extract_features(trainer, idx: torch.Tensor | None = None, augmented: bool =
     """Backbone features (`model.features`) of training images (all, or those at `idx`), float32.
     The model is put in eval mode (BatchNorm uses its running statistics and does not update them),
     or with `train_mode` in train mode (batch statistics; the running statistics update).
-    Never touches the test set. With `augmented`, the training augmentation (trainer.pad / flip,
-    trainer.aug_gen) is applied first."""
+    Never touches the test set. With `augmented`, the training augmentation (`trainer.augment`) is
+    applied first."""
     d, model = trainer.data, trainer.model
     model.train(train_mode)
     x_all = d.x_train if idx is None else d.x_train[idx.to(d.x_train.device)]
-    transform = (lambda x: augment(x, trainer.pad, trainer.flip, trainer.aug_gen)) if augmented else None
-    out = batched(lambda x: model.features(x).float(), x_all, d.mean, d.std, trainer.cfg.eval_batch_size,
-                  trainer.autocast, trainer.channels_last, transform)
+    out = trainer.infer(lambda x: model.features(x).float(), x_all, trainer.augment if augmented else None)
     return torch.zeros(0, 0, device=trainer.device) if out is None else out
 
 
@@ -138,20 +136,6 @@ def final_is_best(trainer) -> None:
     trainer.best = {"epoch": trainer.epoch - 1, "test_acc": -1.0, "model": None}
 
 
-def _check_positive(name: str, key: str, value, integer=False):
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:
-        raise LongtailError(f"finetunes.{name}.{key} must be a positive {'integer' if integer else 'number'}, "
-                            f"got {value!r}")
-    return value
-
-
-def _check_nonneg(name: str, key: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise LongtailError(f"finetunes.{name}.{key} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
 class ClassifierTraining:
     """Train `head` (and nothing else) on backbone features for `epochs` stage-2 epochs: the trainer
     runs its `ClassifierSteps` (evaluation, history, best tracking and checkpoints are the usual ones).
@@ -160,11 +144,12 @@ class ClassifierTraining:
     def __init__(self, name: str, sampler: str, epochs: int, lr: float, batch_size: int, momentum: float,
                  weight_decay: float, augment: bool, epoch_size: str = "balanced", bn: str = "train"):
         self.name, self.sampler_name = name, sampler
-        self.epochs = _check_positive(name, "epochs", epochs, integer=True)
-        self.lr = float(_check_positive(name, "lr", lr))
-        self.batch_size = _check_positive(name, "batch_size", batch_size, integer=True)
-        self.momentum = _check_nonneg(name, "momentum", momentum)
-        self.weight_decay = _check_nonneg(name, "weight_decay", weight_decay)
+        key = f"finetunes.{name}."
+        self.epochs = check_number(key + "epochs", epochs, min=1, integer=True)
+        self.lr = check_number(key + "lr", lr, above=0)
+        self.batch_size = check_number(key + "batch_size", batch_size, min=1, integer=True)
+        self.momentum = check_number(key + "momentum", momentum, min=0)
+        self.weight_decay = check_number(key + "weight_decay", weight_decay, min=0)
         if not isinstance(augment, bool):
             raise LongtailError(f"finetunes.{name}.augment must be true or false, got {augment!r}")
         self.augment = augment

@@ -1,4 +1,4 @@
-"""Decoupling representation and classifier (Kang et al., ICLR 2020): fine-tune strategies of group
+"""Decoupling representation and classifier (Kang et al., ICLR 2020; docs/methods.md §4): fine-tune strategies of group
 `longtail.finetune` that re-balance only the classifier of a model trained with plain
 instance-balanced sampling over the whole schedule (stage 1: set finetune.start_epoch = train.epochs).
 
@@ -18,16 +18,17 @@ finetune.reweighting / finetune.sampler are not used: each strategy names its ow
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import io
+from ..checks import check_number
 from ..errors import LongtailError
 from ..models.heads import make_head
-from .classifier_stage import (ClassifierTraining, _check_nonneg, _check_positive, _common, balanced_accuracy,
+from .classifier_stage import (ClassifierTraining, _common, balanced_accuracy,
                                balanced_subset, extract_features, final_is_best, linear_classifier,
                                reinit_classifier, require_full_stage_one)
 
@@ -131,10 +132,8 @@ class TauNorm:
                 ctx.log.log_metrics({"tau_sweep/balanced_acc": r["balanced_acc"], "tau_sweep/acc": r["acc"]},
                                     step=step)
             ctx.log.log_metrics({"tau": tau})
-        text = json.dumps(self.result, indent=2)
         if self.sweep_file is not None:
-            self.sweep_file.parent.mkdir(parents=True, exist_ok=True)
-            self.sweep_file.write_text(text + "\n")
+            io.write_json(self.sweep_file, self.result)
             if ctx.log is not None:
                 ctx.log.log_artifact(self.sweep_file, "tau_norm")
         print("finetune[tau_norm]: balanced accuracy on a class-balanced subset of the training set: "
@@ -154,13 +153,12 @@ def build_tau_norm(*, tau=1.0, grid=DEFAULT_TAU_GRID, holdout_per_class: int = 2
             tau = float(tau)
         except (TypeError, ValueError):
             raise LongtailError(f"finetunes.tau_norm.tau must be a number >= 0 or auto, got {tau!r}") from None
-        _check_nonneg("tau_norm", "tau", tau)
+        check_number("finetunes.tau_norm.tau", tau, min=0)
     if not isinstance(grid, (list, tuple)) or not grid:
         raise LongtailError(f"finetunes.tau_norm.grid must be a non-empty list of numbers >= 0, got {grid!r}")
-    grid = [_check_nonneg("tau_norm", "grid[]", v) for v in grid]
-    _check_positive("tau_norm", "holdout_per_class", holdout_per_class, integer=True)
-    if isinstance(holdout_seed, bool) or not isinstance(holdout_seed, int):
-        raise LongtailError(f"finetunes.tau_norm.holdout_seed must be an integer, got {holdout_seed!r}")
+    grid = [check_number("finetunes.tau_norm.grid[]", v, min=0) for v in grid]
+    check_number("finetunes.tau_norm.holdout_per_class", holdout_per_class, min=1, integer=True)
+    check_number("finetunes.tau_norm.holdout_seed", holdout_seed, integer=True)
     return TauNorm(tau, grid, holdout_per_class, holdout_seed, sweep_file)
 
 

@@ -1,4 +1,5 @@
-"""Built-in fine-tune strategies (entry-point group `longtail.finetune`).
+"""Built-in fine-tune strategies (entry-point group `longtail.finetune`; deferred re-balancing:
+docs/methods.md §1).
 
 A strategy is `build(**params) -> object` with `run(ctx: FinetuneContext)`; it trains (or
 transforms) `ctx.trainer.model` from `ctx.trainer.epoch` up to `ctx.until`. One that trains sets up

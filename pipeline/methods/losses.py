@@ -1,4 +1,4 @@
-"""Built-in loss plugins (formulas, sources and recipes: docs/methods.md, "Losses").
+"""Built-in loss plugins (formulas, sources and recipes: docs/methods.md §2).
 
 Every loss here honours the loss plugin contract written down in pipeline.plugin_kit (build
 signature, ``head``, ``forward(logits, target, class_weight=None)``, the optional ``set_epoch`` and

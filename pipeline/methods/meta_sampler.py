@@ -1,4 +1,5 @@
-"""Balanced Meta-Softmax (Ren et al., NeurIPS 2020), stage 2: the `meta_sampler` fine-tune strategy.
+"""Balanced Meta-Softmax (Ren et al., NeurIPS 2020; docs/methods.md §4), stage 2: the `meta_sampler` fine-tune
+strategy.
 
 Stage 1 is a plain softmax (CE) model over the whole schedule (loss=ce,
 finetune.start_epoch=train.epochs), as in the authors' released recipe: Balanced Softmax and the
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..checks import check_number
 from ..errors import LongtailError
 from ..engine.contract import StepResult
 from .classifier_stage import (BN_MODES, balanced_subset, cosine_lr, epoch_logger, extract_features,
@@ -211,14 +213,11 @@ def build_meta_sampler(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 
     classifier, augmented batches through the frozen backbone in train mode; Adam on the sampling
     logits; meta set = meta_per_class training images per class (capped at n_j)."""
     for key, v in (("epochs", epochs), ("batch_size", batch_size), ("meta_per_class", meta_per_class)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LongtailError(f"finetunes.meta_sampler.{key} must be a positive integer, got {v!r}")
+        check_number(f"finetunes.meta_sampler.{key}", v, min=1, integer=True)
     for key, v in (("lr", lr), ("meta_lr", meta_lr), ("temperature", temperature)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise LongtailError(f"finetunes.meta_sampler.{key} must be a positive number, got {v!r}")
+        check_number(f"finetunes.meta_sampler.{key}", v, above=0)
     for key, v in (("momentum", momentum), ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise LongtailError(f"finetunes.meta_sampler.{key} must be a number >= 0, got {v!r}")
+        check_number(f"finetunes.meta_sampler.{key}", v, min=0)
     if init not in ("instance", "class_balanced"):
         raise LongtailError(f"finetunes.meta_sampler.init must be one of instance, class_balanced, got {init!r}")
     for key, v in (("reinit", reinit), ("augment", augment)):

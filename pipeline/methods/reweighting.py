@@ -5,6 +5,7 @@ Contract: build_<name>(class_counts, **params) -> list[float], one weight per cl
 
 import numbers
 
+from pipeline.checks import check_number
 from pipeline.errors import LongtailError
 
 
@@ -15,12 +16,6 @@ def _counts(class_counts) -> list[int]:
     return [int(n) for n in counts]
 
 
-def _number(value, key: str, valid: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
-        raise LongtailError(f"{key} must be {valid}, got {value!r}")
-    return float(value)
-
-
 def build_none(class_counts: list[int]) -> list[float]:
     """No re-weighting: w_j = 1."""
     return [1.0] * len(_counts(class_counts))
@@ -28,7 +23,7 @@ def build_none(class_counts: list[int]) -> list[float]:
 
 def build_inverse(class_counts: list[int], power: float = 1.0) -> list[float]:
     """Inverse class frequency: w_j proportional to n_j^-power (power 1/2: square-root variant), mean 1."""
-    power = _number(power, "reweightings.inverse.power", "a number >= 0", lambda p: p >= 0)
+    power = check_number("reweightings.inverse.power", power, min=0)
     w = [n ** -power for n in _counts(class_counts)]
     return [v * len(w) / sum(w) for v in w]
 
@@ -36,6 +31,6 @@ def build_inverse(class_counts: list[int], power: float = 1.0) -> list[float]:
 def build_cb(class_counts: list[int], beta: float = 0.9999) -> list[float]:
     """Class-balanced weights of Cui et al. (CVPR 2019), used by DRW (Cao et al., NeurIPS 2019):
     w_j = (1 - beta) / (1 - beta^n_j), the inverse effective number, normalised to sum C."""
-    beta = _number(beta, "reweightings.cb.beta", "in [0, 1)", lambda b: 0 <= b < 1)
+    beta = check_number("reweightings.cb.beta", beta, min=0, below=1)
     w = [(1 - beta) / (1 - beta ** n) for n in _counts(class_counts)]
     return [v * len(w) / sum(w) for v in w]

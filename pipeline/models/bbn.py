@@ -1,4 +1,4 @@
-"""Bilateral-branch ResNet-32 of BBN (Zhou et al., CVPR 2020): the `bbn_resnet32` entry point of
+"""Bilateral-branch ResNet-32 of BBN (Zhou et al., CVPR 2020; docs/methods.md §4): the `bbn_resnet32` entry point of
 `longtail.models`.
 
 The two branches share the whole ResNet-32 except the last residual block(s): a shared trunk
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_number
 from ..errors import LongtailError
 from .heads import classify, make_head
 from .resnet import BasicBlock
@@ -78,6 +79,5 @@ class BBNResNet(nn.Module):
 
 def build_bbn_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", *,
                        branch_blocks: int = 1) -> nn.Module:
-    if isinstance(branch_blocks, bool) or not isinstance(branch_blocks, int):
-        raise LongtailError(f"model.branch_blocks must be an integer, got {branch_blocks!r}")
+    check_number("model.branch_blocks", branch_blocks, integer=True)
     return BBNResNet(num_classes, in_channels, head, branch_blocks)

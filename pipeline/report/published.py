@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from ..checks import yaml_load
 from ..errors import LongtailError
 from .render import _md_table
 from .table import Table, column_label
@@ -21,7 +20,7 @@ class Published:
 
     @classmethod
     def load(cls, path: Path = PUBLISHED_FILE) -> "Published":
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml_load(Path(path).read_text())
         sources = dict(raw.get("sources") or {})
         figures = []
         for entry in raw.get("figures") or []:

@@ -83,3 +83,30 @@ def test_store_creation_prints_no_mlflow_info_lines(tmp_path):
                          env=clean_env(LONGTAIL_ROOT=str(tmp_path), PYTHONPATH=str(ROOT)), check=True)
     assert (tmp_path / "mlflow.db").exists()
     assert "Creating initial MLflow database tables" not in out.stderr and "INFO" not in out.stderr, out.stderr
+
+
+def test_demo_reads_its_summary_from_the_experiment_its_params_name(monkeypatch, tmp_path, default_params):
+    """Issue 11.4: the demo looked in the default experiment ("longtail", written a second time) even
+    when the committed params.yaml names another one."""
+    from pipeline import tracking
+
+    committed = override(default_params, {"tracking.experiment": "team-a"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "committed_params", lambda: committed)
+    monkeypatch.setattr(demo, "_run_filtered", lambda cmd: 0)
+    asked = []
+    monkeypatch.setattr(tracking, "parent_summary", lambda group, experiment=None: asked.append(experiment))
+    assert demo.run([], True, lambda *a, **k: None) == 0
+    assert asked == ["team-a"]
+
+
+def test_demo_reads_the_committed_params_with_the_projects_yaml_rules(monkeypatch):
+    """`weight_decay: 2e-4` is a number for longtail (checks.yaml_load); read as the string '2e-4' the demo
+    would 'restore' it as a quoted string, which the stages then refuse."""
+    committed = "train: {weight_decay: 2e-4, lr: 0.1}\n"
+    monkeypatch.setattr(demo.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=committed, stderr=""))
+    params = demo.committed_params()
+    assert params == {"train": {"weight_decay": 0.0002, "lr": 0.1}}
+    assert demo.restore_args(params, {"train": {"weight_decay": 0.0002, "lr": 0.1}}) == []

@@ -63,6 +63,8 @@ def test_load_reports_missing_and_broken_files(tmp_path):
 # -- issue 14.3/4/8/9/13 and issue 11.2: every key and number checked, plugin params bound before any work
 
 from pipeline.checks import yaml_load, yaml_value  # noqa: E402
+from pipeline.methods import decoupling, meta_sampler, reweighting  # noqa: E402
+from pipeline.models import bbn as bbn_model  # noqa: E402
 from pipeline.params import check_plugins, override  # noqa: E402
 
 
@@ -89,9 +91,9 @@ def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
     ({"losses.focal.gama": 2}, "unknown key losses.focal.gama in params.yaml (did you mean losses.focal.gamma?)"),
     ({"finetunes.crt.sampler": "class_balancd"},
      "finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
-    ({"finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be a positive integer, got -1"),
-    ({"finetune.strategy": "crt", "finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be a positive integer"),
-    ({"reweightings.cb.beta": 1.5}, "reweightings.cb.beta must be in [0, 1)"),
+    ({"finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be >= 1, got -1"),
+    ({"finetune.strategy": "crt", "finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be >= 1"),
+    ({"reweightings.cb.beta": 1.5}, "reweightings.cb.beta must be < 1, got 1.5"),
     ({"model.width": 2}, "model.width: resnet32 takes no parameters"),
 ])
 def test_plugin_params_are_bound_and_built_before_any_work(default_params, overrides, message):
@@ -99,6 +101,24 @@ def test_plugin_params_are_bound_and_built_before_any_work(default_params, overr
     with pytest.raises(LongtailError) as err:
         check_plugins(p, class_counts=[50, 5])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: decoupling.build_crt(lr=float("inf")), "finetunes.crt.lr must be a finite number, got inf"),
+    (lambda: decoupling.build_lws(momentum=float("nan")), "finetunes.lws.momentum must be a finite number, got nan"),
+    (lambda: decoupling.build_tau_norm(tau=float("nan")), "finetunes.tau_norm.tau must be a finite number, got nan"),
+    (lambda: meta_sampler.build_meta_sampler(temperature=float("inf")),
+     "finetunes.meta_sampler.temperature must be a finite number, got inf"),
+    (lambda: reweighting.build_inverse([5, 1], power=float("inf")),
+     "reweightings.inverse.power must be a finite number, got inf"),
+    (lambda: bbn_model.build_bbn_resnet32(10, branch_blocks=1.5), "model.branch_blocks must be an integer, got 1.5"),
+])
+def test_built_in_plugins_check_numbers_with_the_one_validator(build, message):
+    """Issue 11.4: one number validator (checks.check_number) for the built-in plugins too, so a
+    non-finite value is refused everywhere, with the same wording."""
+    with pytest.raises(LongtailError) as err:
+        build()
+    assert str(err.value) == message
 
 
 def test_a_selected_plugin_without_a_section_runs_with_its_defaults(default_params):
@@ -128,3 +148,31 @@ def test_discovery_runs_once_per_process(default_params, monkeypatch):
     check_plugins(parse(default_params), class_counts=[50, 5])
     check_plugins(parse(default_params), class_counts=[50, 5])
     assert len(calls) <= len(registry.GROUPS)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"finetunes.crt.sampler": "class_balancd"},
+     "error: finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
+    ({"finetunes.crt.epochs": -1}, "error: finetunes.crt.epochs must be"),
+])
+def test_longtail_check_rejects_a_bad_crt_value_in_one_line_before_any_work(default_params, overrides, message,
+                                                                             tmp_path, monkeypatch, capsys):
+    """Issue 11.2 (done when): `longtail check` fails on either value with one line, exit 2, writing nothing;
+    the fine-tune strategy (crt) is not even selected, so nothing later would have caught it first. Every
+    stage command checks the same way before it starts (no dataset, model, store or lock is made)."""
+    import sys
+
+    import yaml
+
+    from pipeline import cli
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(override(default_params, overrides)))
+    monkeypatch.chdir(tmp_path)
+    for command in (["check"], ["build-dataset", "--no-track"], ["pretrain", "--no-track"],
+                    ["finetune", "--no-track"], ["evaluate", "--no-track"]):
+        monkeypatch.setattr(sys, "argv", ["longtail", *command])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), (command, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], command

@@ -386,6 +386,10 @@ def test_sweep_grid(default_params):
     ({"losses": ["ce"], "extra": [("loss", "ldam")]}, "-S loss clashes with the grid"),
     ({"extra": [("train.epochz", "3")]}, "no key 'train.epochz'"),
     ({"extra": [("train.epochs", "0")]}, "seed=0: train.epochs must be >= 1"),
+    # plugin parameters are bound and built (issue 11.2), also for a strategy nobody selected yet
+    ({"extra": [("finetunes.crt.sampler", "class_balancd")]},
+     "finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
+    ({"extra": [("finetunes.crt.epochs", "-1")]}, "finetunes.crt.epochs must be >= 1, got -1"),
 ])
 def test_sweep_validation(default_params, kwargs, message):
     with pytest.raises(LongtailError) as err:
@@ -500,3 +504,10 @@ def test_dvc_plots_show_loads_nothing_from_the_web(tmp_path):
 
     assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//", html, re.I)
     assert "cdn.jsdelivr" not in html
+
+
+def test_method_names_read_an_mlflow_param_in_exponent_notation_as_the_number():
+    """MLflow logs str(1e-05) = "1e-05"; the method table must match it with 1e-05 from YAML."""
+    from pipeline.method_names import norm
+
+    assert norm("1e-05") == norm(1e-05) == 1e-05 and norm("[0.01, 1e-05]") == norm([0.01, 1e-05])

@@ -79,3 +79,16 @@ def test_cli_status_without_sweeps_and_with_an_unknown_name(tmp_path):
     assert out.returncode == 0 and "no SLURM sweeps under" in out.stdout, out.stderr
     out = _longtail(["sweep", "--status", "--name", "nope"], tmp_path)
     assert out.returncode == 2 and "no SLURM sweep named 'nope' (known: none)" in out.stderr
+
+
+def test_the_sweep_record_is_written_by_the_one_atomic_writer_and_reads_back(tmp_path, monkeypatch):
+    from pipeline import io
+
+    used = []
+    real = io.atomic_path
+    monkeypatch.setattr(io, "atomic_path", lambda path: used.append(Path(path).name) or real(path))
+    sweep = slurm.Sweep("s1", str(tmp_path), "abc123", [{"name": "e0", "label": "ERM", "args": ["-S", "seed=0"],
+                                                         "jobs": ["17"]}], created=1.5)
+    sweep.save()
+    assert used == ["sweep.json"] and sorted(p.name for p in sweep.dir.iterdir()) == ["sweep.json"]
+    assert slurm.Sweep.load(sweep.dir / "sweep.json") == sweep

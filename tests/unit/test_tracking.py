@@ -100,6 +100,8 @@ def test_plugin_versions_name_the_third_party_distributions_a_run_selects(defaul
     raw = yaml.safe_load(yaml.safe_dump(default_params))
     raw["loss"] = "mm"
     assert plugin_versions(raw) == {"longtail-mm": "0.1.0"}
+    tags = tracking._run_tags(raw, "exp1", "abc123")  # what every stage run of it is tagged with
+    assert tags["longtail.plugins"] == "longtail-mm 0.1.0" and tags["longtail.plugin.longtail-mm"] == "0.1.0"
 
 
 def test_run_tags_are_strings_a_tracking_server_accepts(default_params):

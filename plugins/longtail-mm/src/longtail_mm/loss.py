@@ -1,4 +1,4 @@
-"""Maximum-Margin (MM) loss, Kang, Vu & Yoo, ICIP 2021 (formulas: the longtail repo's docs/methods.md).
+"""Maximum-Margin (MM) loss, Kang, Vu & Yoo, ICIP 2021 (formulas: the longtail repo's docs/methods.md §2).
 
 On cosine logits z, for each sample i and WITHOUT gradient (the margin is a constant of the step):
     p = z_y                        positive score
