@@ -180,7 +180,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             return
         trainer.load_state_dict(state)
         print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
-        if log is not None:  # the killed run's epochs again, so that this run shows the whole curve
+        if log is not None:  # end the killed run; its epochs again, so that this run shows the whole curve
+            log.end_killed(state.get("mlflow_run"))
             first = 0 if stage == "pretrain" else p.finetune.start_epoch
             for row in trainer.history:
                 if first <= row["epoch"] < trainer.epoch:
@@ -195,7 +196,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
 
     def save(state):
         if main:
-            io.save_torch(resume, {**state, "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
+            io.save_torch(resume, {**state, "fingerprint": fingerprint, "inputs": inputs, "meta": meta,
+                                   "mlflow_run": getattr(log, "run_id", None)})
 
     def on_epoch(row):
         if main:

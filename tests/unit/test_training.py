@@ -93,6 +93,46 @@ def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
     assert log.steps("test_acc") == [1, 2]  # one complete curve in the new run, epochs numbered from 1
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_run_killed_in_another_dvc_experiment_is_ended_by_the_one_that_resumes_it(prepared, tmp_path,
+                                                                                   monkeypatch):
+    """Issue 14.6: `dvc exp run` names every run anew, so the killed run is in another group than the
+    resumed one; the resume checkpoint names it, and the resumed stage marks it (and its parent) KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-killed")
+    real_save = io.save_torch
+
+    def save_then_die(path, obj):  # the first resume checkpoint is written, then a kill -9
+        real_save(path, obj)
+        raise _Killed
+
+    monkeypatch.setattr(io, "save_torch", save_then_die)
+    context = tracking.stage_run("pretrain", p.raw)  # kept: a collected one would end its run as FAILED
+    killed = context.__enter__()  # a kill -9 never runs the exit
+    with pytest.raises(_Killed):
+        training.run("pretrain", p, log=killed, **files)
+    monkeypatch.setattr(io, "save_torch", real_save)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-resumed")
+    with tracking.stage_run("pretrain", p.raw) as log:
+        training.run("pretrain", p, log=log, **files)
+    client = MlflowClient(uri)
+    status = {rid: client.get_run(rid).info.status
+              for rid in (killed.run_id, killed.parent.run_id, log.run_id, log.parent.run_id)}
+    assert status == {killed.run_id: "KILLED", killed.parent.run_id: "KILLED", log.run_id: "FINISHED",
+                      log.parent.run_id: "RUNNING"}  # the resumed pipeline's parent runs on (evaluate ends it)
+    assert sorted(m.step for m in client.get_metric_history(log.run_id, "test_acc")) == [1, 2]
+
+
 def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
     p, ds = prepared
     other = parse(tiny_pretrain_finetune(default_params) | {"finetunes": {**default_params["finetunes"],
