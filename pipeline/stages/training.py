@@ -31,9 +31,11 @@ PRETRAIN = Path("models/pretrain.pt")
 FINAL = Path("models/final.pt")
 RESUME_DIR = Path(".longtail/resume")
 # the params that decide what each stage produces (evaluation-only settings are left out); the
-# finetune stage also depends on every strategy's parameters
-TRAINING_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune",
-                 "losses", "reweightings", "samplers")
+# finetune stage also depends on every strategy's parameters. They are the stage's params in dvc.yaml:
+# dataset, imbalance, ratio and data reach a stage only through the dataset file (whose bytes the
+# fingerprint hashes), so a data.root that moved (same data) neither re-runs a stage in DVC nor makes
+# its checkpoint "other params" here
+TRAINING_KEYS = ("loss", "seed", "schedule", "model", "train", "finetune", "losses", "reweightings", "samplers")
 STAGE_KEYS = {"pretrain": TRAINING_KEYS, "finetune": (*TRAINING_KEYS, "finetunes")}
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "criterion", "sample_gen", "aug_gen", "history", "best")
 

@@ -9,7 +9,7 @@ from testkit import tiny_pretrain_finetune
 from testkit.twostage import RecordingLog, assert_same, prepare
 
 from pipeline import io
-from pipeline.params import parse
+from pipeline.params import override, parse
 from pipeline.stages import build_dataset, training
 
 
@@ -139,6 +139,33 @@ def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_param
                                                                           "bbn": {"rebalancing_sampler": "instance"}}})
     assert training._fingerprint("finetune", p, ds) != training._fingerprint("finetune", other, ds)
     assert training._fingerprint("pretrain", p, ds) == training._fingerprint("pretrain", other, ds)
+
+
+def _dotted(node: dict, prefix: str = "") -> set:
+    return {p for k, v in node.items()
+            for p in (_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"})}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_fingerprint_covers_exactly_the_params_dvc_tracks_for_its_stage(stage, default_params):
+    """A checkpoint is "made with other params" exactly when DVC re-runs its stage: a key only the
+    fingerprint held (data.root: the same data moved) made finetune refuse a pretrain that `dvc repro
+    pretrain` then called up to date; a key only DVC held would let a resumed run mix settings."""
+    import yaml
+
+    from testkit import ROOT
+
+    tracked = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["params"]
+    paths = _dotted(training._inputs(stage, parse(default_params)))
+    assert {t for t in tracked if any(p == t or p.startswith(t + ".") for p in paths)} == set(tracked)
+    assert {p for p in paths if not any(p == t or p.startswith(t + ".") for t in tracked)} == set()
+
+
+def test_the_same_data_at_another_data_root_is_the_same_pretrain(prepared, default_params):
+    p, ds = prepared
+    moved = parse(override(tiny_pretrain_finetune(default_params), {"data.root": "/elsewhere/digits"}))
+    for stage in ("pretrain", "finetune"):
+        assert training._fingerprint(stage, p, ds) == training._fingerprint(stage, moved, ds)
 
 
 def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, default_params):
