@@ -98,6 +98,15 @@ def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
     return ""
 
 
+def check_made_with(state: dict, stage: str, p: Params, dataset: Path, path: Path, what: str) -> None:
+    """A checkpoint of `stage` (pretrain.pt, final.pt) must have been made with these params and this
+    dataset file; else one line naming the first key that differs and the stage to re-run."""
+    if state.get("fingerprint") != _fingerprint(stage, p, dataset):
+        diff = _first_difference(state.get("inputs") or {}, _inputs(stage, p))
+        raise LongtailError(f"{what} {path} was made with other params or data than params.yaml and {dataset} "
+                            f"({diff or 'the dataset differs'}): re-run `dvc repro {stage}`")
+
+
 def _set_aside(path: Path, why: str) -> None:
     """Move an unusable resume file out of the way (kept for a post-mortem) and say so."""
     aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -160,11 +169,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
 
     if stage == "finetune":
         state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT_KEYS)
-        if state.get("fingerprint") != _fingerprint("pretrain", p, dataset):
-            diff = _first_difference(state.get("inputs") or {}, _inputs("pretrain", p))
-            raise LongtailError(f"pretrain checkpoint {pretrain} was made with other params or data than "
-                                f"params.yaml and {dataset} ({diff or 'the dataset differs'}): "
-                                f"re-run `dvc repro pretrain`")
+        check_made_with(state, "pretrain", p, dataset, pretrain, "pretrain checkpoint")
         trainer.load_state_dict(state)
 
     def load_resume():

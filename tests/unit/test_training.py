@@ -179,6 +179,30 @@ def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, 
         training.run("finetune", p, **files)
 
 
+def test_evaluate_refuses_a_final_checkpoint_made_with_other_params(prepared, tmp_path, default_params):
+    """Issue 14.5: every load checks the fingerprint; `longtail evaluate` after a params edit must not
+    report a stale model under the new params (tags, eval.json)."""
+    from pipeline.errors import LongtailError
+    from pipeline.stages import evaluate
+
+    p, ds = prepared
+    seven = parse(tiny_pretrain_finetune(default_params) | {"seed": 7})
+    io.save_torch(tmp_path / "final.pt", {"model": {}, "history": [], "meta": {"class_counts": _class_counts(ds)},
+                                          "fingerprint": training._fingerprint("finetune", seven, ds),
+                                          "inputs": training._inputs("finetune", seven)})
+    with pytest.raises(LongtailError, match=r"final checkpoint .*final.pt was made with other params .*"
+                                            r"\(seed: 7 -> 0\): re-run `dvc repro finetune`"):
+        evaluate.run(p, dataset=ds, final=tmp_path / "final.pt", metrics=tmp_path / "eval.json",
+                     plots=tmp_path / "plots")
+    assert not (tmp_path / "eval.json").exists()
+
+
+def _class_counts(ds):
+    from pipeline.data.store import load_dataset
+
+    return load_dataset(ds).class_counts
+
+
 def test_a_wrong_structure_pretrain_file_is_named(prepared, tmp_path):
     from pipeline.errors import LongtailError
 
