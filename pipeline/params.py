@@ -120,7 +120,10 @@ def _get(d: dict, key: str, path: str):
     if not isinstance(d, dict):
         raise LongtailError(f"{path} must be a mapping, got {type(d).__name__}")
     if key not in d:
-        raise LongtailError(f"missing key {path + '.' if path else ''}{key} in params.yaml")
+        prefix = f"{path}." if path else ""
+        near = difflib.get_close_matches(key, [str(k) for k in d], n=1, cutoff=0.75)
+        hint = f" ({prefix}{near[0]} is there: did you mean {prefix}{key}?)" if near else ""
+        raise LongtailError(f"missing key {prefix}{key} in params.yaml{hint}")
     return d[key]
 
 

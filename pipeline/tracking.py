@@ -122,6 +122,23 @@ class StageRun:
         with _at_root():
             _retry(self.client.log_table, self.run_id, columns, artifact_file)
 
+    def end_killed(self, run_id: str | None) -> None:
+        """The run that wrote the resume checkpoint this run continues was killed (a kill -9 never ends
+        it): mark it KILLED, and its parent too unless it is this run's own. `dvc exp run` names every
+        run anew, so the killed run is often in another group, where `stage_run` does not look."""
+        from mlflow.exceptions import MlflowException
+
+        if not run_id or run_id == self.run_id:
+            return
+        try:
+            killed = _retry(self.client.get_run, run_id)
+        except MlflowException:  # written to another store, or deleted since: nothing to end here
+            return
+        parent = killed.data.tags.get("mlflow.parentRunId")
+        for rid in (run_id, parent if parent and parent != getattr(self.parent, "run_id", None) else None):
+            if rid and _retry(self.client.get_run, rid).info.status == "RUNNING":
+                _retry(self.client.set_terminated, rid, "KILLED")
+
     def log_history(self, history: list[dict]) -> None:
         """Many epochs' rows at once (as `log_epoch`: step = epoch number from 1)."""
         ts = int(time.time() * 1000)

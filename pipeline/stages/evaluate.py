@@ -20,7 +20,7 @@ from ..errors import LongtailError
 from ..params import Params
 from ..registry import build as build_plugin
 from ..registry import plugin_versions
-from .training import DATASET, FINAL
+from .training import DATASET, FINAL, check_made_with
 
 METRICS = Path("metrics/eval.json")
 PLOTS = Path("plots")
@@ -34,6 +34,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     meta = state.get("meta", {})
     if meta.get("class_counts") != ds.class_counts:
         raise LongtailError(f"{final} was trained on other data than {dataset}: re-run `dvc repro`")
+    check_made_with(state, "finetune", p, dataset, final, "final checkpoint")  # not a stale model under new params
     device = pick_device(p.train.device)
     print(f"evaluate: {describe_device(device)}", file=sys.stderr, flush=True)
     torch.manual_seed(0)

@@ -31,9 +31,11 @@ PRETRAIN = Path("models/pretrain.pt")
 FINAL = Path("models/final.pt")
 RESUME_DIR = Path(".longtail/resume")
 # the params that decide what each stage produces (evaluation-only settings are left out); the
-# finetune stage also depends on every strategy's parameters
-TRAINING_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune",
-                 "losses", "reweightings", "samplers")
+# finetune stage also depends on every strategy's parameters. They are the stage's params in dvc.yaml:
+# dataset, imbalance, ratio and data reach a stage only through the dataset file (whose bytes the
+# fingerprint hashes), so a data.root that moved (same data) neither re-runs a stage in DVC nor makes
+# its checkpoint "other params" here
+TRAINING_KEYS = ("loss", "seed", "schedule", "model", "train", "finetune", "losses", "reweightings", "samplers")
 STAGE_KEYS = {"pretrain": TRAINING_KEYS, "finetune": (*TRAINING_KEYS, "finetunes")}
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "criterion", "sample_gen", "aug_gen", "history", "best")
 
@@ -94,6 +96,15 @@ def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
         elif a != b:
             return f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}"
     return ""
+
+
+def check_made_with(state: dict, stage: str, p: Params, dataset: Path, path: Path, what: str) -> None:
+    """A checkpoint of `stage` (pretrain.pt, final.pt) must have been made with these params and this
+    dataset file; else one line naming the first key that differs and the stage to re-run."""
+    if state.get("fingerprint") != _fingerprint(stage, p, dataset):
+        diff = _first_difference(state.get("inputs") or {}, _inputs(stage, p))
+        raise LongtailError(f"{what} {path} was made with other params or data than params.yaml and {dataset} "
+                            f"({diff or 'the dataset differs'}): re-run `dvc repro {stage}`")
 
 
 def _set_aside(path: Path, why: str) -> None:
@@ -158,11 +169,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
 
     if stage == "finetune":
         state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT_KEYS)
-        if state.get("fingerprint") != _fingerprint("pretrain", p, dataset):
-            diff = _first_difference(state.get("inputs") or {}, _inputs("pretrain", p))
-            raise LongtailError(f"pretrain checkpoint {pretrain} was made with other params or data than "
-                                f"params.yaml and {dataset} ({diff or 'the dataset differs'}): "
-                                f"re-run `dvc repro pretrain`")
+        check_made_with(state, "pretrain", p, dataset, pretrain, "pretrain checkpoint")
         trainer.load_state_dict(state)
 
     def load_resume():
@@ -180,7 +187,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             return
         trainer.load_state_dict(state)
         print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
-        if log is not None:  # the killed run's epochs again, so that this run shows the whole curve
+        if log is not None:  # end the killed run; its epochs again, so that this run shows the whole curve
+            log.end_killed(state.get("mlflow_run"))
             first = 0 if stage == "pretrain" else p.finetune.start_epoch
             for row in trainer.history:
                 if first <= row["epoch"] < trainer.epoch:
@@ -195,7 +203,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
 
     def save(state):
         if main:
-            io.save_torch(resume, {**state, "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
+            io.save_torch(resume, {**state, "fingerprint": fingerprint, "inputs": inputs, "meta": meta,
+                                   "mlflow_run": getattr(log, "run_id", None)})
 
     def on_epoch(row):
         if main:

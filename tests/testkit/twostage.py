@@ -16,6 +16,7 @@ class RecordingLog:
 
     def __init__(self):
         self.metrics, self.artifacts, self.tags, self.params = [], [], {}, {}
+        self.ended = []  # the killed runs a resumed stage ended (tracking.StageRun.end_killed)
 
     parent = None
 
@@ -33,6 +34,9 @@ class RecordingLog:
 
     def log_params(self, params):
         self.params.update(params)
+
+    def end_killed(self, run_id):
+        self.ended.append(run_id)
 
     def keys(self) -> set:
         return {k for m, _ in self.metrics for k in m}

@@ -121,6 +121,16 @@ def test_built_in_plugins_check_numbers_with_the_one_validator(build, message):
     assert str(err.value) == message
 
 
+def test_a_misspelt_required_key_is_named_where_its_section_takes_free_keys(default_params):
+    """model holds the model plugin's params besides model.arch, so `archh` is not an unknown key there:
+    the missing model.arch names it."""
+    raw = copy.deepcopy(default_params)
+    raw["model"] = {"archh": "resnet32"}
+    with pytest.raises(LongtailError) as err:
+        parse(raw)
+    assert str(err.value) == "missing key model.arch in params.yaml (model.archh is there: did you mean model.arch?)"
+
+
 def test_a_selected_plugin_without_a_section_runs_with_its_defaults(default_params):
     raw = override(default_params, {"loss": "focal"})
     del raw["losses"]["focal"]

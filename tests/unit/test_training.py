@@ -9,7 +9,7 @@ from testkit import tiny_pretrain_finetune
 from testkit.twostage import RecordingLog, assert_same, prepare
 
 from pipeline import io
-from pipeline.params import parse
+from pipeline.params import override, parse
 from pipeline.stages import build_dataset, training
 
 
@@ -93,12 +93,79 @@ def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
     assert log.steps("test_acc") == [1, 2]  # one complete curve in the new run, epochs numbered from 1
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_run_killed_in_another_dvc_experiment_is_ended_by_the_one_that_resumes_it(prepared, tmp_path,
+                                                                                   monkeypatch):
+    """Issue 14.6: `dvc exp run` names every run anew, so the killed run is in another group than the
+    resumed one; the resume checkpoint names it, and the resumed stage marks it (and its parent) KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-killed")
+    real_save = io.save_torch
+
+    def save_then_die(path, obj):  # the first resume checkpoint is written, then a kill -9
+        real_save(path, obj)
+        raise _Killed
+
+    monkeypatch.setattr(io, "save_torch", save_then_die)
+    context = tracking.stage_run("pretrain", p.raw)  # kept: a collected one would end its run as FAILED
+    killed = context.__enter__()  # a kill -9 never runs the exit
+    with pytest.raises(_Killed):
+        training.run("pretrain", p, log=killed, **files)
+    monkeypatch.setattr(io, "save_torch", real_save)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-resumed")
+    with tracking.stage_run("pretrain", p.raw) as log:
+        training.run("pretrain", p, log=log, **files)
+    client = MlflowClient(uri)
+    status = {rid: client.get_run(rid).info.status
+              for rid in (killed.run_id, killed.parent.run_id, log.run_id, log.parent.run_id)}
+    assert status == {killed.run_id: "KILLED", killed.parent.run_id: "KILLED", log.run_id: "FINISHED",
+                      log.parent.run_id: "RUNNING"}  # the resumed pipeline's parent runs on (evaluate ends it)
+    assert sorted(m.step for m in client.get_metric_history(log.run_id, "test_acc")) == [1, 2]
+
+
 def test_finetune_params_are_in_the_finetune_fingerprint(prepared, default_params):
     p, ds = prepared
     other = parse(tiny_pretrain_finetune(default_params) | {"finetunes": {**default_params["finetunes"],
                                                                           "bbn": {"rebalancing_sampler": "instance"}}})
     assert training._fingerprint("finetune", p, ds) != training._fingerprint("finetune", other, ds)
     assert training._fingerprint("pretrain", p, ds) == training._fingerprint("pretrain", other, ds)
+
+
+def _dotted(node: dict, prefix: str = "") -> set:
+    return {p for k, v in node.items()
+            for p in (_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"})}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_fingerprint_covers_exactly_the_params_dvc_tracks_for_its_stage(stage, default_params):
+    """A checkpoint is "made with other params" exactly when DVC re-runs its stage: a key only the
+    fingerprint held (data.root: the same data moved) made finetune refuse a pretrain that `dvc repro
+    pretrain` then called up to date; a key only DVC held would let a resumed run mix settings."""
+    import yaml
+
+    from testkit import ROOT
+
+    tracked = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["params"]
+    paths = _dotted(training._inputs(stage, parse(default_params)))
+    assert {t for t in tracked if any(p == t or p.startswith(t + ".") for p in paths)} == set(tracked)
+    assert {p for p in paths if not any(p == t or p.startswith(t + ".") for t in tracked)} == set()
+
+
+def test_the_same_data_at_another_data_root_is_the_same_pretrain(prepared, default_params):
+    p, ds = prepared
+    moved = parse(override(tiny_pretrain_finetune(default_params), {"data.root": "/elsewhere/digits"}))
+    for stage in ("pretrain", "finetune"):
+        assert training._fingerprint(stage, p, ds) == training._fingerprint(stage, moved, ds)
 
 
 def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, default_params):
@@ -110,6 +177,30 @@ def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, 
     training.run("pretrain", seven, **files)
     with pytest.raises(LongtailError, match=r"was made with other params .*\(seed: 7 -> 0\).*dvc repro pretrain"):
         training.run("finetune", p, **files)
+
+
+def test_evaluate_refuses_a_final_checkpoint_made_with_other_params(prepared, tmp_path, default_params):
+    """Issue 14.5: every load checks the fingerprint; `longtail evaluate` after a params edit must not
+    report a stale model under the new params (tags, eval.json)."""
+    from pipeline.errors import LongtailError
+    from pipeline.stages import evaluate
+
+    p, ds = prepared
+    seven = parse(tiny_pretrain_finetune(default_params) | {"seed": 7})
+    io.save_torch(tmp_path / "final.pt", {"model": {}, "history": [], "meta": {"class_counts": _class_counts(ds)},
+                                          "fingerprint": training._fingerprint("finetune", seven, ds),
+                                          "inputs": training._inputs("finetune", seven)})
+    with pytest.raises(LongtailError, match=r"final checkpoint .*final.pt was made with other params .*"
+                                            r"\(seed: 7 -> 0\): re-run `dvc repro finetune`"):
+        evaluate.run(p, dataset=ds, final=tmp_path / "final.pt", metrics=tmp_path / "eval.json",
+                     plots=tmp_path / "plots")
+    assert not (tmp_path / "eval.json").exists()
+
+
+def _class_counts(ds):
+    from pipeline.data.store import load_dataset
+
+    return load_dataset(ds).class_counts
 
 
 def test_a_wrong_structure_pretrain_file_is_named(prepared, tmp_path):
