@@ -118,6 +118,23 @@ def test_a_checkpoint_with_a_code_payload_is_refused(tmp_path):
     assert not marker.exists()  # nothing executed
 
 
+def test_every_torch_load_is_the_safe_one():
+    """Issue 14.2, kept so: the only torch.load of the code (pipeline/, the bundled plugins) is
+    io.load_checkpoint's, with weights_only=True; every checkpoint goes through it."""
+    import ast
+
+    from testkit import ROOT
+
+    calls = []
+    for path in sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("plugins/*/src/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+                calls.append((str(path.relative_to(ROOT)), isinstance(safe, ast.Constant) and safe.value is True))
+    assert calls == [("pipeline/io.py", True)]
+
+
 def test_a_torch_file_of_another_structure_is_named(tmp_path):
     import torch
 
