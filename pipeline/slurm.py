@@ -189,10 +189,9 @@ class Sweep:
         return Path(self.project) / STATE_DIR / self.name
 
     def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "sweep.json.tmp"
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        os.replace(tmp, self.dir / "sweep.json")
+        from .io import write_json
+
+        write_json(self.dir / "sweep.json", self.__dict__)  # the one atomic writer: fsynced file and folder
 
     @classmethod
     def load(cls, path: Path) -> "Sweep":

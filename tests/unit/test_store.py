@@ -155,3 +155,24 @@ def test_atomic_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
     assert any(s.startswith(str(tmp_path / ".a.json.")) for s in synced)  # the file, before the rename
     assert str(tmp_path) in synced  # the folder, after it
     assert oct((tmp_path / "a.json").stat().st_mode & 0o777) != "0o600"
+
+
+def test_the_sweep_record_and_a_rewritten_params_yaml_are_written_atomically(tmp_path, monkeypatch):
+    """Issue 14.7: the SLURM sweep record (what a re-submission reads) and the user's params.yaml, which
+    `longtail plugins add/new` rewrite, go through the one atomic writer too (fsync, rename, fsync)."""
+    from pipeline import scaffold, slurm
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    sweep = slurm.Sweep("s1", str(tmp_path), "0" * 40, [{"name": "s1-0", "args": [], "jobs": []}])
+    sweep.save()
+    assert slurm.Sweep.load(sweep.dir / "sweep.json") == sweep
+    params = tmp_path / "params.yaml"
+    params.write_text("losses:\n  ce: {}\n")
+    assert scaffold.add_section(params, "losses", "mine", {"smoothing": 0.0})
+    assert params.read_text() == "losses:\n  mine: {smoothing: 0.0}\n  ce: {}\n"
+    for folder, name in ((sweep.dir, "sweep.json"), (tmp_path, "params.yaml")):
+        assert any(s.startswith(str(folder / f".{name}.")) for s in synced), (name, synced)  # the file
+        assert str(folder) in synced  # and its folder, after the rename
+    assert sorted(p.name for p in sweep.dir.iterdir()) == ["sweep.json"]  # no temp file left
