@@ -141,7 +141,10 @@ def add_section(params_file: Path, section: str, name: str, values: dict, commen
     text, n = re.subn(rf"^{section}:.*\n", lambda m: m.group(0) + line, text, count=1, flags=re.M)
     if not n:
         text = text.rstrip("\n") + f"\n\n{section}:\n{line}"
-    params_file.write_text(text)
+    from .io import atomic_path
+
+    with atomic_path(params_file) as tmp:  # a kill mid-write must not leave the user's params.yaml half-written
+        tmp.write_text(text)
     return True
 
 

@@ -191,7 +191,7 @@ class Sweep:
     def save(self) -> None:
         from .io import write_json
 
-        write_json(self.dir / "sweep.json", self.__dict__)
+        write_json(self.dir / "sweep.json", self.__dict__)  # the one atomic writer: fsynced file and folder
 
     @classmethod
     def load(cls, path: Path) -> "Sweep":

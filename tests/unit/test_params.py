@@ -148,6 +148,22 @@ def test_scientific_notation_is_a_number(tmp_path):
     assert load(path).train.lr == 0.1
 
 
+@pytest.mark.parametrize("typed, message", [
+    ("  lr: .nan", "train.lr must be a finite number, got nan"),
+    ("  lr: -.inf", "train.lr must be a finite number, got -inf"),
+    ("  weight_decay: .inf", "train.weight_decay must be a finite number, got inf"),
+])
+def test_nan_and_inf_as_typed_in_params_yaml_are_rejected(tmp_path, typed, message):
+    """Issue 14.4 as a user types it: YAML's .nan / .inf, read from the file."""
+    text = (ROOT / "params.yaml").read_text()
+    key = typed.split(":")[0]
+    line = next(x for x in text.splitlines() if x.startswith(key + ":"))
+    (tmp_path / "params.yaml").write_text(text.replace(line, typed))
+    with pytest.raises(LongtailError) as err:
+        load(tmp_path / "params.yaml")
+    assert str(err.value) == message
+
+
 def test_discovery_runs_once_per_process(default_params, monkeypatch):
     from pipeline import registry
 

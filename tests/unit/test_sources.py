@@ -167,6 +167,16 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert (raw.x_train[0] == 128).all()
 
 
+@pytest.mark.parametrize("array", [np.full((8, 8), 0.5, np.float32), np.full((8, 8), 70000, np.int32)])
+def test_32_bit_images_are_rejected_with_a_message(tmp_path, array):
+    """Issue 14.12: 32-bit grey (Pillow modes F and I) has no 8-bit reading to scale to; one line names it."""
+    path = tmp_path / "x.tif"
+    Image.fromarray(array).save(path)
+    with pytest.raises(LongtailError) as err:
+        sources._decode(str(path))
+    assert str(err.value) == f"image {path} has 32-bit pixels (mode {Image.open(path).mode}); save it as 8- or 16-bit"
+
+
 def test_a_class_without_images_names_the_dataset(tmp_path, default_params, monkeypatch):
     """Issue 14.13: a source with an empty class (here: a digits class removed) names dataset and class."""
     from pipeline.params import parse

@@ -118,6 +118,23 @@ def test_a_checkpoint_with_a_code_payload_is_refused(tmp_path):
     assert not marker.exists()  # nothing executed
 
 
+def test_every_torch_load_is_the_safe_one():
+    """Issue 14.2, kept so: the only torch.load of the code (pipeline/, the bundled plugins) is
+    io.load_checkpoint's, with weights_only=True; every checkpoint goes through it."""
+    import ast
+
+    from testkit import ROOT
+
+    calls = []
+    for path in sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("plugins/*/src/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+                calls.append((str(path.relative_to(ROOT)), isinstance(safe, ast.Constant) and safe.value is True))
+    assert calls == [("pipeline/io.py", True)]
+
+
 def test_a_torch_file_of_another_structure_is_named(tmp_path):
     import torch
 
@@ -138,3 +155,24 @@ def test_atomic_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
     assert any(s.startswith(str(tmp_path / ".a.json.")) for s in synced)  # the file, before the rename
     assert str(tmp_path) in synced  # the folder, after it
     assert oct((tmp_path / "a.json").stat().st_mode & 0o777) != "0o600"
+
+
+def test_the_sweep_record_and_a_rewritten_params_yaml_are_written_atomically(tmp_path, monkeypatch):
+    """Issue 14.7: the SLURM sweep record (what a re-submission reads) and the user's params.yaml, which
+    `longtail plugins add/new` rewrite, go through the one atomic writer too (fsync, rename, fsync)."""
+    from pipeline import scaffold, slurm
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    sweep = slurm.Sweep("s1", str(tmp_path), "0" * 40, [{"name": "s1-0", "args": [], "jobs": []}])
+    sweep.save()
+    assert slurm.Sweep.load(sweep.dir / "sweep.json") == sweep
+    params = tmp_path / "params.yaml"
+    params.write_text("losses:\n  ce: {}\n")
+    assert scaffold.add_section(params, "losses", "mine", {"smoothing": 0.0})
+    assert params.read_text() == "losses:\n  mine: {smoothing: 0.0}\n  ce: {}\n"
+    for folder, name in ((sweep.dir, "sweep.json"), (tmp_path, "params.yaml")):
+        assert any(s.startswith(str(folder / f".{name}.")) for s in synced), (name, synced)  # the file
+        assert str(folder) in synced  # and its folder, after the rename
+    assert sorted(p.name for p in sweep.dir.iterdir()) == ["sweep.json"]  # no temp file left

@@ -248,6 +248,36 @@ def test_a_second_stage_command_in_one_workspace_names_the_holder(tmp_path):
         pass
 
 
+def test_every_stage_command_takes_the_workspace_lock(tmp_path, default_params, monkeypatch):
+    """Issue 14.5c through the CLI: each stage command fails at once, before any work, while another
+    one holds the workspace; what it checks first is params.yaml (valid here)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.errors import LongtailError
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_pretrain_finetune(default_params)))
+    monkeypatch.chdir(tmp_path)
+    code = ("import time; from pipeline.io import workspace_lock\n"
+            "with workspace_lock('pretrain'):\n    print('held', flush=True); time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in ("build-dataset", "pretrain", "finetune", "evaluate"):
+            result = CliRunner().invoke(app, [command, "--no-track"])
+            assert isinstance(result.exception, LongtailError), (command, result.output, result.exception)
+            assert f"`longtail pretrain` (pid {holder.pid}) is running in this workspace" in str(result.exception)
+            assert f"before `longtail {command}`" in str(result.exception)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()  # no work was done
+
+
 # -- a non-finite loss stops the run (issue: NaN went unnoticed and produced a class-0 model) ------
 
 class _NaNAfter(torch.nn.Module):
