@@ -56,11 +56,30 @@ CIFAR = {  # name -> folder inside the archive, archive name, train files, test 
 }
 
 
+# What a CIFAR batch pickle may name: numpy arrays (numpy 1 and 2 module paths) and, in protocol-2
+# pickles written by Python 3, bytes (_codecs.encode). Anything else (os.system, eval, ...) is refused
+# before it is looked up, so a tampered archive cannot run code.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds (refused: "
+                                         f"only numpy arrays, lists, numbers and strings are read)")
+        return super().find_class(module, name)
+
+
 def _unpickle(blob: bytes, where: str) -> dict:
-    try:
-        d = pickle.loads(blob, encoding="latin1")  # the originals are Python 2 pickles
+    import io
+
+    try:  # the originals are Python 2 pickles
+        d = _CifarUnpickler(io.BytesIO(blob), encoding="latin1").load()
     except Exception as e:
         raise LongtailError(f"cannot read CIFAR batch {where}: {e}") from None
+    if not isinstance(d, dict):
+        raise LongtailError(f"cannot read CIFAR batch {where}: it holds a {type(d).__name__}, not a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 

@@ -134,6 +134,38 @@ def test_cifar_missing_member(tmp_path):
         load_source("cifar10", str(tmp_path))
 
 
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    """A tampered archive: its batch pickle calls os.system when loaded. Nothing runs; one line names it."""
+    import pickle
+
+    data = _cifar(tmp_path, "cifar10", archive=False)
+    marker = tmp_path / "ran"
+    (data.path / "data_batch_2").write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [0]}, protocol=2))
+    with pytest.raises(LongtailError) as err:
+        load_source("cifar10", str(tmp_path))
+    assert not marker.exists()
+    msg = str(err.value)
+    assert "data_batch_2" in msg and "system, which a CIFAR batch never holds" in msg and "\n" not in msg, msg
+
+
+def test_a_python_2_cifar_pickle_still_loads():
+    """The official archives were pickled by Python 2 with numpy 1 (numpy.core.multiarray, str as bytes)."""
+    blob = (b"\x80\x02}q\x00(U\x06labelsq\x01]q\x02(K\x01K\x02eU\x04dataq\x03cnumpy.core.multiarray\n"
+            b"_reconstruct\nq\x04cnumpy\nndarray\nq\x05K\x00\x85U\x01b\x87Rq\x06(K\x01K\x02\x85cnumpy\ndtype\n"
+            b"q\x07U\x02u1K\x00K\x01\x87Rq\x08(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U\x02"
+            b"\x07\tq\ttbu.")
+    d = sources._unpickle(blob, "test")
+    assert d["labels"] == [1, 2] and d["data"].tolist() == [7, 9] and d["data"].dtype == np.uint8
+
+
 def test_cifar_no_data_no_network(tmp_path, monkeypatch):
     import torchvision.datasets
 
