@@ -5,6 +5,7 @@ Start-up stays fast: torch, mlflow and the stage modules are imported inside the
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -315,16 +316,12 @@ _TERMINATED = []
 
 
 def _terminate(signum, frame):
-    import signal
-
     _TERMINATED.append(signum)
     signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short (kill -9 still does)
     raise Terminated()
 
 
 def main() -> None:
-    import signal
-
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     signal.signal(signal.SIGTERM, _terminate)
     try:

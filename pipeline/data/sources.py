@@ -3,6 +3,7 @@
 Every source returns a RawData with uint8 HWC images. torchvision is imported only to try a download.
 """
 
+import io
 import multiprocessing
 import os
 import pickle
@@ -72,8 +73,6 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle(blob: bytes, where: str) -> dict:
-    import io
-
     try:  # the originals are Python 2 pickles
         d = _CifarUnpickler(io.BytesIO(blob), encoding="latin1").load()
     except Exception as e:
