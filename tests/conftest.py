@@ -7,6 +7,16 @@ from testkit import project_params
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n auto`, the default in pyproject.toml) each worker, and every stage it
+    starts, gets its share of the cores: N workers each running torch on all cores would
+    oversubscribe them and be slower than one. Set before torch is imported, so torch's pool and
+    the subprocesses' (which inherit the environment) both see it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture
 def default_params() -> dict:
     """The project's params.yaml as a dict (tests change a copy)."""

@@ -14,8 +14,8 @@ FAST = ["dataset=digits", "train.epochs=8", "finetune.start_epoch=6", "train.war
         "train.milestones=[6,7]", "train.batch_size=64"]
 
 
-def sh(cmd, cwd, check=True, timeout=900):
-    out = subprocess.run(cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout,
+def sh(cmd, cwd, check=True, timeout=900, env: dict | None = None):
+    out = subprocess.run(cmd, cwd=cwd, env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout,
                          shell=isinstance(cmd, str))
     if check and out.returncode != 0:
         raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

@@ -2,6 +2,7 @@
 a loss scaffolded with `longtail plugins new` installs and trains through `dvc exp run`."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,18 +68,19 @@ def test_scaffolded_loss_installs_and_trains_through_dvc(tmp_path):
     sh(["longtail", "plugins", "new", "scaffolded_ce"], repo)
     assert "scaffolded_ce: {smoothing: 0.0}" in (repo / "params.yaml").read_text()
     pkg = repo / "plugins" / "longtail-scaffolded-ce"
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(pkg)]
+    # installed into a folder of its own on PYTHONPATH, not into the environment the other tests share
+    # (they may run at the same time, and list the installed plugins)
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+           str(pkg)]
     subprocess.run(pip, check=True, capture_output=True)
-    try:
-        sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg)], repo)
-        sh(["git", "add", "-A"], repo)
-        sh(["git", "commit", "-qm", "add a loss"], repo)
-        sh(["dvc", "exp", "run", "-n", "scaffolded", *set_params(FAST), "-S", "loss=scaffolded_ce",
-            "-S", "losses.scaffolded_ce.smoothing=0.1"], repo)
-        result = json.loads((repo / "metrics" / "eval.json").read_text())
-        assert 0.0 <= result["final"]["top1"] <= 1.0
-        listed = sh(["longtail", "plugins", "list", "losses"], repo).stdout
-        assert "scaffolded_ce" in listed and "longtail-scaffolded-ce" in listed
-    finally:
-        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "longtail-scaffolded-ce"],
-                       capture_output=True)
+    env = {"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", str(pkg)], repo, env=env)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "add a loss"], repo)
+    sh(["dvc", "exp", "run", "-n", "scaffolded", *set_params(FAST), "-S", "loss=scaffolded_ce",
+        "-S", "losses.scaffolded_ce.smoothing=0.1"], repo, env=env)
+    result = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0.0 <= result["final"]["top1"] <= 1.0
+    listed = sh(["longtail", "plugins", "list", "losses"], repo, env=env).stdout
+    assert "scaffolded_ce" in listed and "longtail-scaffolded-ce" in listed
