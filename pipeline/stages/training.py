@@ -5,6 +5,7 @@ was killed picks up from its last checkpoint when re-run with the same inputs.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -153,6 +154,50 @@ def _resume_dir(fingerprint: str) -> Path:
     return RESUME_DIR
 
 
+@contextlib.contextmanager
+def _claimed(folder: Path, stage: str):
+    """The resume folder this stage may use. A folder under the project's shared resume root is
+    per fingerprint, so two queued experiments with the same params would share it (and the first to
+    finish would delete it under the other): the first claims it with a lock file beside it; a second
+    one, while the first runs, keeps its checkpoints in its own DVC temp copy instead (it is a
+    duplicate: what it would resume is the same run). Other folders are a workspace's, which the
+    workspace lock already keeps to one stage. Only the main process of a distributed run claims
+    (the others are the same run)."""
+    if folder.parent != _shared_resume_root() or not distributed.is_main():
+        yield folder
+        return
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.parent / f"{folder.name}.lock"
+    while True:
+        fh = open(lock, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            print(f"{stage}: another run with the same params ({holder}) uses the resume folder {folder}; "
+                  f"this one keeps its resume checkpoint in its own workspace ({RESUME_DIR})", flush=True)
+            yield RESUME_DIR
+            return
+        try:  # the holder before us may have removed the file as we opened it: then lock the new one
+            if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    fh.truncate(0)
+    fh.write(f"`longtail {stage}` pid {os.getpid()} in {Path.cwd()}")
+    fh.flush()
+    try:
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)  # removed while still held, so no other process locks a stale file
+        fh.close()
+
+
 def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path = PRETRAIN,
         final: Path = FINAL, resume_dir: Path | None = None) -> dict:
     if stage not in ("pretrain", "finetune"):
@@ -165,80 +210,81 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
     out = pretrain if stage == "pretrain" else final
     fingerprint = _fingerprint(stage, p, dataset)
-    resume = (resume_dir or _resume_dir(fingerprint)) / f"{stage}.pt"
+    with _claimed(resume_dir or _resume_dir(fingerprint), stage) as folder:
+        resume = folder / f"{stage}.pt"
 
-    if stage == "finetune":
-        state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT_KEYS)
-        check_made_with(state, "pretrain", p, dataset, pretrain, "pretrain checkpoint")
-        trainer.load_state_dict(state)
+        if stage == "finetune":
+            state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT_KEYS)
+            check_made_with(state, "pretrain", p, dataset, pretrain, "pretrain checkpoint")
+            trainer.load_state_dict(state)
 
-    def load_resume():
-        """A killed run's checkpoint, loaded once the model and optimizer it holds are set up (the
-        finetune strategy calls it through FinetuneContext.fit, after building its classifier)."""
-        if not resume.exists():
-            return
-        try:
-            state = io.load_checkpoint(resume, "resume checkpoint", require=CHECKPOINT_KEYS)
-        except LongtailError as exc:
-            _set_aside(resume, str(exc))
-            return
-        if state.get("fingerprint") != fingerprint:
-            resume.unlink()
-            return
-        trainer.load_state_dict(state)
-        print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
-        if log is not None:  # end the killed run; its epochs again, so that this run shows the whole curve
-            log.end_killed(state.get("mlflow_run"))
-            first = 0 if stage == "pretrain" else p.finetune.start_epoch
-            for row in trainer.history:
-                if first <= row["epoch"] < trainer.epoch:
-                    log.log_epoch(row)  # as the live epochs: step = epoch from 1
+        def load_resume():
+            """A killed run's checkpoint, loaded once the model and optimizer it holds are set up (the
+            finetune strategy calls it through FinetuneContext.fit, after building its classifier)."""
+            if not resume.exists():
+                return
+            try:
+                state = io.load_checkpoint(resume, "resume checkpoint", require=CHECKPOINT_KEYS)
+            except LongtailError as exc:
+                _set_aside(resume, str(exc))
+                return
+            if state.get("fingerprint") != fingerprint:
+                resume.unlink()
+                return
+            trainer.load_state_dict(state)
+            print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")
+            if log is not None:  # end the killed run; its epochs again, so that this run shows the whole curve
+                log.end_killed(state.get("mlflow_run"))
+                first = 0 if stage == "pretrain" else p.finetune.start_epoch
+                for row in trainer.history:
+                    if first <= row["epoch"] < trainer.epoch:
+                        log.log_epoch(row)  # as the live epochs: step = epoch from 1
 
-    if stage == "pretrain":
-        load_resume()
+        if stage == "pretrain":
+            load_resume()
 
-    main = distributed.is_main()
+        main = distributed.is_main()
 
-    inputs = _inputs(stage, p)
+        inputs = _inputs(stage, p)
 
-    def save(state):
+        def save(state):
+            if main:
+                io.save_torch(resume, {**state, "fingerprint": fingerprint, "inputs": inputs, "meta": meta,
+                                       "mlflow_run": getattr(log, "run_id", None)})
+
+        def on_epoch(row):
+            if main:
+                progress.epoch(row)
+            if log is not None:
+                log.log_epoch(row)
+
+        progress = Progress(stage, trainer.epoch, until, p.train.epochs)  # (finetune: from the stage-1 end)
         if main:
-            io.save_torch(resume, {**state, "fingerprint": fingerprint, "inputs": inputs, "meta": meta,
-                                   "mlflow_run": getattr(log, "run_id", None)})
-
-    def on_epoch(row):
-        if main:
-            progress.epoch(row)
+            print(f"{stage}: {device_line}, precision {trainer.precision.reason}, "
+                  f"{'channels_last' if trainer.channels_last else 'NCHW'}")
         if log is not None:
-            log.log_epoch(row)
-
-    progress = Progress(stage, trainer.epoch, until, p.train.epochs)  # (finetune: from the stage-1 end)
-    if main:
-        print(f"{stage}: {device_line}, precision {trainer.precision.reason}, "
-              f"{'channels_last' if trainer.channels_last else 'NCHW'}")
-    if log is not None:
-        log.set_tags({"longtail.device": meta["device_name"]})
-        log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
-                        "resolved.device": meta["device"], "resolved.precision": meta["precision"],
-                        "resolved.channels_last": meta["channels_last"]})
-    fit_kwargs = dict(on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
-                      on_batch=progress.batch if progress.tty and main else None)
-    if stage == "pretrain":
-        trainer.fit(until, **fit_kwargs)
-    else:
-        strategy = registry.build("finetune", p.finetune.strategy, params=p.finetune.strategy_params,
-                                  param_key=f"finetunes.{p.finetune.strategy}")
-        strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log, load_resume))
-    if main:
-        io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
-        if resume.exists():
-            os.unlink(resume)
-        if resume.parent.parent == _shared_resume_root() and not any(resume.parent.iterdir()):
-            resume.parent.rmdir()
-    ran = [r for r in trainer.history if r["epoch"] >= (0 if stage == "pretrain" else p.finetune.start_epoch)]
-    summary = {"epochs_run": len(ran),
-               "images_per_s": sum(r["images_per_s"] for r in ran) / len(ran) if ran else 0.0,
-               "seconds": sum(r["epoch_seconds"] for r in ran)}
-    if log is not None and ran:
-        log.log_metrics({"mean_images_per_s": summary["images_per_s"], "train_seconds": summary["seconds"]})
-    return summary
+            log.set_tags({"longtail.device": meta["device_name"]})
+            log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
+                            "resolved.device": meta["device"], "resolved.precision": meta["precision"],
+                            "resolved.channels_last": meta["channels_last"]})
+        fit_kwargs = dict(on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
+                          on_batch=progress.batch if progress.tty and main else None)
+        if stage == "pretrain":
+            trainer.fit(until, **fit_kwargs)
+        else:
+            strategy = registry.build("finetune", p.finetune.strategy, params=p.finetune.strategy_params,
+                                      param_key=f"finetunes.{p.finetune.strategy}")
+            strategy.run(FinetuneContext(p, trainer, meta, until, fit_kwargs, log, load_resume))
+        if main:
+            io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
+            if resume.exists():
+                os.unlink(resume)
+            if resume.parent.parent == _shared_resume_root() and not any(resume.parent.iterdir()):
+                resume.parent.rmdir()
+        ran = [r for r in trainer.history if r["epoch"] >= (0 if stage == "pretrain" else p.finetune.start_epoch)]
+        summary = {"epochs_run": len(ran),
+                   "images_per_s": sum(r["images_per_s"] for r in ran) / len(ran) if ran else 0.0,
+                   "seconds": sum(r["epoch_seconds"] for r in ran)}
+        if log is not None and ran:
+            log.log_metrics({"mean_images_per_s": summary["images_per_s"], "train_seconds": summary["seconds"]})
+        return summary

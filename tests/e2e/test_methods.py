@@ -82,5 +82,8 @@ def test_scaffolded_loss_installs_and_trains_through_dvc(tmp_path):
         "-S", "losses.scaffolded_ce.smoothing=0.1"], repo, env=env)
     result = json.loads((repo / "metrics" / "eval.json").read_text())
     assert 0.0 <= result["final"]["top1"] <= 1.0
+    # a third-party plugin lives outside the repository: the run records which package and version ran
+    version = (pkg / "pyproject.toml").read_text().split('version = "', 1)[1].split('"', 1)[0]
+    assert result["provenance"] == {"plugins": {"longtail-scaffolded-ce": version}}
     listed = sh(["longtail", "plugins", "list", "losses"], repo, env=env).stdout
     assert "scaffolded_ce" in listed and "longtail-scaffolded-ce" in listed

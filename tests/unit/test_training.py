@@ -451,6 +451,51 @@ def test_a_run_killed_in_a_dvc_temp_copy_resumes_in_the_next_copy(prepared, tmp_
     assert not any((root / ".longtail" / "resume").iterdir())  # cleaned up after success
 
 
+
+def test_two_queued_runs_with_the_same_params_do_not_share_a_resume_folder(prepared, tmp_path, monkeypatch, capsys):
+    """Two queued experiments with the same params (one queued twice, `-j 2`) have the same fingerprint,
+    so the same folder under the project's resume root. The one that finished first used to delete it,
+    with the other's checkpoint in it. Now the first claims it; the second, while the first runs, keeps
+    its checkpoints in its own temp copy and says so, and the first's checkpoint is still there."""
+    from pipeline.params import override
+
+    p, ds = prepared
+    p = parse(override(p.raw, {"train.checkpoint_every": 1}))
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.setenv("LONGTAIL_ROOT", str(root))
+    shared = root / ".longtail" / "resume" / training._fingerprint("pretrain", p, ds)[:16]
+    seen = {}
+
+    def copy(name):
+        d = root / ".dvc" / "tmp" / "exps" / name
+        d.mkdir(parents=True)
+        return d
+
+    class FirstRun:  # the first run's tracking; at its 2nd epoch (checkpoint of the 1st saved), the second runs whole
+        run_id = None
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def log_epoch(self, row):
+            if row["epoch"] == 1:
+                seen["first's checkpoint before"] = (shared / "pretrain.pt").exists()
+                second = copy("tmp-b")
+                monkeypatch.chdir(second)
+                training.run("pretrain", p, dataset=ds, pretrain=second / "pre.pt", final=second / "final.pt")
+                seen["first's checkpoint after"] = (shared / "pretrain.pt").exists()
+                monkeypatch.chdir(first)
+
+    first = copy("tmp-a")
+    monkeypatch.chdir(first)
+    training.run("pretrain", p, log=FirstRun(), dataset=ds, pretrain=first / "pre.pt", final=first / "final.pt")
+    assert seen == {"first's checkpoint before": True, "first's checkpoint after": True}
+    assert "another run with the same params" in capsys.readouterr().out
+    assert (root / ".dvc" / "tmp" / "exps" / "tmp-b" / "pre.pt").exists() and (first / "pre.pt").exists()
+    assert not any((root / ".longtail" / "resume").iterdir())  # both cleaned up, the lock file too
+
+
 def test_a_slurm_workspace_keeps_its_resume_checkpoint_in_itself(tmp_path, monkeypatch):
     """Issue 13: a SLURM job runs in its own workspace under the project (LONGTAIL_ROOT = the project, for
     its store). That workspace outlives a killed job, so its checkpoint stays in it; only DVC temp copies
