@@ -5,13 +5,13 @@ Start-up stays fast: torch, mlflow and the stage modules are imported inside the
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from . import interrupts
 from .demo import DURATION as DEMO_DURATION
 from .errors import LongtailError
 
@@ -306,31 +306,16 @@ def _print_plugins(found) -> None:
         typer.echo(f"  {p.name:<{width}}  {p.value}  [{p.dist}]{status}")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, docker stop, scancel, `dvc queue kill`), raised where the process is, so a stage
-    unwinds as on Ctrl-C: its MLflow run ends KILLED, its workspace lock is released, and its last
-    resume checkpoint stays for the next run."""
-
-
-_TERMINATED = []
-
-
-def _terminate(signum, frame):
-    _TERMINATED.append(signum)
-    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short (kill -9 still does)
-    raise Terminated()
-
-
 def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()
     try:
         app()  # typer turns a KeyboardInterrupt (Ctrl-C, or Terminated) into exit 130
     except LongtailError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (SystemExit, KeyboardInterrupt):
-        if _TERMINATED:
+        if interrupts.terminated():
             print("terminated (SIGTERM)", file=sys.stderr)
             sys.exit(143)
         raise

@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import interrupts
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # longtail report downloads
@@ -58,10 +60,13 @@ def _git_commit() -> str:
 
 
 def _retry(fn, *args, **kwargs):
-    """SQLite allows one writer at a time: parallel queued experiments retry on a locked store."""
+    """SQLite allows one writer at a time: parallel queued experiments retry on a locked store. Each
+    call runs whole: a SIGTERM or Ctrl-C that arrives during it is raised when it returns (a write cut
+    in half keeps the store locked against the clean-up that ends the runs KILLED)."""
     for attempt in range(30):
         try:
-            return fn(*args, **kwargs)
+            with interrupts.shielded():
+                return fn(*args, **kwargs)
         except Exception as exc:  # mlflow wraps the sqlite error in its own exception types
             if "locked" not in str(exc).lower() or attempt == 29:
                 raise
@@ -207,7 +212,7 @@ def client_and_experiment(name: str):
     """(MlflowClient, experiment id), creating the store and the experiment under the init lock."""
     from mlflow.tracking import MlflowClient
 
-    with _init_lock():
+    with interrupts.shielded(), _init_lock():  # store creation / schema migration run whole
         client = MlflowClient(tracking_uri=tracking_uri())
         return client, _retry(_experiment_id, client, name)
 

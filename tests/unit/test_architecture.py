@@ -69,7 +69,7 @@ STAGE_CODE = {"build_dataset": ["pipeline/stages/build_dataset.py"],
 # value checks, method naming, console progress, the plugin authors' contract test
 NO_RESULT = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/io.py", "pipeline/tracking.py",
              "pipeline/registry.py", "pipeline/checks.py", "pipeline/method_names.py", "pipeline/testing.py",
-             "pipeline/engine/progress.py"}
+             "pipeline/engine/progress.py", "pipeline/interrupts.py"}
 # the code that makes data/prepared/dataset.npz, a dependency of every later stage
 DATASET_CODE = {"pipeline/data/__init__.py", "pipeline/data/sources.py", "pipeline/data/profiles.py"}
 IMPORTED_FOR_NAMES = {"evaluate": {"pipeline/stages/training.py",  # the dataset and checkpoint paths

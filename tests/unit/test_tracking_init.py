@@ -64,7 +64,7 @@ def test_an_interrupted_stage_ends_killed_with_its_parent(tmp_path, monkeypatch)
     the stage run and its parent end KILLED, not FAILED, and never stay RUNNING."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.cli import Terminated
+    from pipeline.interrupts import Terminated
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -76,3 +76,71 @@ def test_an_interrupted_stage_ends_killed_with_its_parent(tmp_path, monkeypatch)
     runs = client.search_runs([client.get_experiment_by_name("longtail").experiment_id])
     assert sorted((r.data.tags.get("longtail.parent", "stage"), r.info.status) for r in runs) == \
         [("stage", "KILLED"), ("true", "KILLED")]
+
+
+def test_a_sigterm_during_a_store_write_is_raised_after_it(tmp_path, monkeypatch):
+    """SIGTERM used to be raised wherever the process was, also inside an MLflow write: the write's
+    sqlite transaction stayed open, and the stage's clean-up (ending its runs KILLED) then waited on
+    "database is locked" for minutes (a CI run timed out after 300 s). Now a write runs whole and the
+    signal is raised when it returns: the metric is stored and both runs end KILLED."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import interrupts
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-sigterm")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    interrupts.install()
+    try:
+        with pytest.raises(interrupts.Terminated):
+            with tracking.stage_run("pretrain", {"dataset": "digits", "loss": "ce"}) as log:
+                write = log.client.log_batch
+
+                def signalled_write(*args, **kwargs):
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives as the write starts
+                    return write(*args, **kwargs)
+
+                monkeypatch.setattr(log.client, "log_batch", signalled_write)
+                log.log_metrics({"train_loss": 1.5}, step=1)
+                raise AssertionError("SIGTERM was not raised after the write")
+        assert interrupts.terminated()  # cli.main exits 143 on it
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        interrupts._received.clear()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("longtail").experiment_id])
+    assert sorted((r.data.tags.get("longtail.parent", "stage"), r.info.status) for r in runs) == \
+        [("stage", "KILLED"), ("true", "KILLED")]
+    stage = next(r for r in runs if "longtail.parent" not in r.data.tags)
+    assert stage.data.metrics == {"train_loss": 1.5}
+
+
+def test_ctrl_c_inside_a_shielded_block_waits_for_its_end():
+    import signal
+
+    from pipeline import interrupts
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    interrupts.install()
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            with interrupts.shielded():
+                with interrupts.shielded():  # nested: raised at the outermost end only
+                    os.kill(os.getpid(), signal.SIGINT)
+                    done.append("inner")
+                done.append("outer")
+        assert not isinstance(caught.value, interrupts.Terminated)
+        assert done == ["inner", "outer"]
+        with pytest.raises(KeyboardInterrupt):  # outside a block: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        interrupts._received.clear()

@@ -1,0 +1,55 @@
+"""Stopping a process cleanly: SIGTERM (kill, docker stop, scancel, `dvc queue kill`) and Ctrl-C
+become exceptions raised where the process is, so a stage unwinds as usual (its MLflow run ends
+KILLED, its workspace lock is released, its last resume checkpoint stays), except inside a
+`shielded()` block: a store write cut in half leaves its sqlite transaction open, so the clean-up's
+own writes then wait on "database is locked" for minutes. There the signal waits for the block to end."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt."""
+
+
+_depth = 0
+_pending: list[BaseException] = []  # the signal that arrived inside a shielded block
+_received: list[int] = []  # every signal handled, in order
+
+
+def _handle(signum, frame):
+    _received.append(signum)
+    if signum == signal.SIGTERM:
+        signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short (kill -9 still does)
+    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if _depth:
+        if not _pending:
+            _pending.append(exc)
+        return
+    raise exc
+
+
+def install() -> None:
+    """Handle SIGTERM and SIGINT as above (the CLI's entry point calls this)."""
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
+
+
+def terminated() -> bool:
+    """Whether this process got SIGTERM."""
+    return signal.SIGTERM in _received
+
+
+@contextmanager
+def shielded():
+    """Run the block whole: a signal that arrives inside it is raised when it ends (outermost block)."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+    if not _depth and _pending:
+        raise _pending.pop()
