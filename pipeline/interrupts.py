@@ -24,17 +24,20 @@ def _handle(signum, frame):
     if signum == signal.SIGTERM:
         signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short (kill -9 still does)
     exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-    if _depth:
+    if _depth and not (_pending and signum == signal.SIGINT):  # a second Ctrl-C does not wait
         if not _pending:
             _pending.append(exc)
         return
+    _pending.clear()
     raise exc
 
 
 def install() -> None:
-    """Handle SIGTERM and SIGINT as above (the CLI's entry point calls this)."""
-    signal.signal(signal.SIGTERM, _handle)
-    signal.signal(signal.SIGINT, _handle)
+    """Handle SIGTERM and SIGINT as above (the CLI's entry point calls this). A signal the process
+    was started ignoring (SIGINT of a background job of a non-interactive shell) stays ignored."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _handle)
 
 
 def terminated() -> bool:
@@ -44,12 +47,13 @@ def terminated() -> bool:
 
 @contextmanager
 def shielded():
-    """Run the block whole: a signal that arrives inside it is raised when it ends (outermost block)."""
+    """Run the block whole: a signal that arrives inside it is raised when it ends (the outermost
+    block), also when the block ends with an error (the signal wins: the process is being stopped)."""
     global _depth
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
-    if not _depth and _pending:
-        raise _pending.pop()
+        if not _depth and _pending:
+            raise _pending.pop()

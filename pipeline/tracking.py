@@ -212,22 +212,22 @@ def client_and_experiment(name: str):
     """(MlflowClient, experiment id), creating the store and the experiment under the init lock."""
     from mlflow.tracking import MlflowClient
 
-    with interrupts.shielded(), _init_lock():  # store creation / schema migration run whole
+    with _init_lock():  # each store call (the first creates / migrates the schema) runs whole, in _retry
         client = MlflowClient(tracking_uri=tracking_uri())
-        return client, _retry(_experiment_id, client, name)
+        return client, _experiment_id(client, name)
 
 
 def _experiment_id(client, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
+    exp = _retry(client.get_experiment_by_name, name)
     if exp is None:
         # a local store keeps artifacts in the project (made relative by _portable); a tracking server
         # uses its own (shared) artifact root
         local = tracking_uri().startswith(("sqlite:", "file:", "/"))
         try:
-            exp_id = client.create_experiment(
-                name, artifact_location=(project_root() / "mlartifacts").as_uri() if local else None)
+            exp_id = _retry(client.create_experiment, name,
+                            artifact_location=(project_root() / "mlartifacts").as_uri() if local else None)
         except Exception:  # created meanwhile by a parallel run
-            exp_id = client.get_experiment_by_name(name).experiment_id
+            exp_id = _retry(client.get_experiment_by_name, name).experiment_id
     else:
         exp_id = exp.experiment_id
     _retry(_portable, tracking_uri(), exp_id)
@@ -289,48 +289,57 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
     client, exp_id = client_and_experiment(experiment)
     group, commit = _group(raw_params)
     tags = _run_tags(raw_params, group, commit)
-    parents = _retry(client.search_runs, [exp_id],
-                     filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'",
-                     max_results=1)
-    if parents:
-        parent_id = parents[0].info.run_id
-        if parents[0].info.status != "RUNNING":
-            _retry(client.update_run, parent_id, status="RUNNING")
-    else:
-        name = (f"{tags['method']} · {tags['dataset']} {tags['imbalance']} {tags['ratio']} · seed {tags['seed']} "
-                f"· {group}")
-        parent = _retry(client.create_run, exp_id, run_name=name, tags={**tags, "longtail.parent": "true"})
-        parent_id = parent.info.run_id
-        StageRun(client, parent_id).log_params(raw_params)
-    # a run of this stage left RUNNING by a killed process: mark it KILLED (the workspace lock rules out
-    # a live one); the new run re-logs the resumed epochs, so it alone shows the whole curve
-    stale = _retry(client.search_runs, [exp_id],
-                   filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.stage` = '{stage}' "
-                                 "and attributes.status = 'RUNNING'")
-    for r in stale:
-        _retry(client.set_terminated, r.info.run_id, "KILLED")
-    run = _retry(client.create_run, exp_id, run_name=f"{group}/{stage}",
-                 tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id})
-    handle = StageRun(client, run.info.run_id)
-    handle.parent = StageRun(client, parent_id)
-    handle.log_params(raw_params)
+    # Everything from here runs inside the try: a stop (Ctrl-C, SIGTERM) that arrives while the runs
+    # are being set up still ends them KILLED. A store call runs whole (interrupts.shielded, in
+    # _retry); the run creations are shielded with their assignment, so a stop raised as one
+    # returns never loses the id of a run it created.
+    parent_id = run_id = None
     status = "FAILED"
     try:
+        parents = _retry(client.search_runs, [exp_id],
+                         filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'",
+                         max_results=1)
+        if parents:
+            parent_id = parents[0].info.run_id
+            if parents[0].info.status != "RUNNING":
+                _retry(client.update_run, parent_id, status="RUNNING")
+        else:
+            name = (f"{tags['method']} · {tags['dataset']} {tags['imbalance']} {tags['ratio']} · seed {tags['seed']} "
+                    f"· {group}")
+            with interrupts.shielded():
+                parent_id = _retry(client.create_run, exp_id, run_name=name,
+                                   tags={**tags, "longtail.parent": "true"}).info.run_id
+            StageRun(client, parent_id).log_params(raw_params)
+        # a run of this stage left RUNNING by a killed process: mark it KILLED (the workspace lock rules
+        # out a live one); the new run re-logs the resumed epochs, so it alone shows the whole curve
+        stale = _retry(client.search_runs, [exp_id],
+                       filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.stage` = '{stage}' "
+                                     "and attributes.status = 'RUNNING'")
+        for r in stale:
+            _retry(client.set_terminated, r.info.run_id, "KILLED")
+        with interrupts.shielded():
+            run_id = _retry(client.create_run, exp_id, run_name=f"{group}/{stage}",
+                            tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id}).info.run_id
+        handle = StageRun(client, run_id)
+        handle.parent = StageRun(client, parent_id)
+        handle.log_params(raw_params)
         yield handle
         status = "FINISHED"
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.main turns it into one): stopped, not failed
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupts.Terminated): stopped, not failed
         status = "KILLED"
         raise
     finally:
-        _retry(client.set_terminated, run.info.run_id, status)
-        if status != "FINISHED":
-            _retry(client.set_terminated, parent_id, status)
-        elif stage == "evaluate":
-            metrics = _retry(client.get_run, run.info.run_id).data.metrics
-            now = int(time.time() * 1000)
-            handle.parent.log_metrics({**{k: metrics[k] for k in PARENT_METRICS if k in metrics},
-                                       "wall_seconds": _wall_seconds(client, exp_id, group, now)})
-            _retry(client.set_terminated, parent_id, "FINISHED")
+        with interrupts.shielded():  # the whole clean-up: a stop arriving now is raised after it
+            if run_id is not None:
+                _retry(client.set_terminated, run_id, status)
+            if parent_id is not None and status != "FINISHED":
+                _retry(client.set_terminated, parent_id, status)
+            elif parent_id is not None and stage == "evaluate":
+                metrics = _retry(client.get_run, run_id).data.metrics
+                now = int(time.time() * 1000)
+                StageRun(client, parent_id).log_metrics({**{k: metrics[k] for k in PARENT_METRICS if k in metrics},
+                                                        "wall_seconds": _wall_seconds(client, exp_id, group, now)})
+                _retry(client.set_terminated, parent_id, "FINISHED")
 
 
 def ensure_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:

@@ -14,7 +14,24 @@ def pytest_configure(config):
     the subprocesses' (which inherit the environment) both see it."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A test that runs the CLI in-process installs its SIGTERM / SIGINT handlers (pipeline.interrupts):
+    put back the worker's own, and forget the signals it recorded."""
+    import signal
+
+    from pipeline import interrupts
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    interrupts._received.clear()
+    interrupts._pending.clear()
 
 
 @pytest.fixture

@@ -54,6 +54,17 @@ def all_reduce_sum(t):
     return t
 
 
+def from_main(obj):
+    """Rank 0's `obj` on every rank (a decision only rank 0 makes); `obj` itself outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def shutdown() -> None:
     import torch.distributed as dist
 

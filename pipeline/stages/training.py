@@ -161,11 +161,29 @@ def _claimed(folder: Path, stage: str):
     finish would delete it under the other): the first claims it with a lock file beside it; a second
     one, while the first runs, keeps its checkpoints in its own DVC temp copy instead (it is a
     duplicate: what it would resume is the same run). Other folders are a workspace's, which the
-    workspace lock already keeps to one stage. Only the main process of a distributed run claims
-    (the others are the same run)."""
-    if folder.parent != _shared_resume_root() or not distributed.is_main():
+    workspace lock already keeps to one stage. In a distributed run rank 0 claims and every rank
+    uses its choice."""
+    if folder.parent != _shared_resume_root():
         yield folder
         return
+    main = distributed.is_main()
+    fh = _claim(folder, stage) if main else None
+    choice = RESUME_DIR if main and fh is None else folder  # only rank 0's counts
+    used = Path(distributed.from_main(str(choice)))
+    if fh is None:
+        yield used
+        return
+    lock = Path(fh.name)
+    try:
+        yield used
+    finally:
+        lock.unlink(missing_ok=True)  # removed while still held, so no other process locks a stale file
+        fh.close()
+
+
+def _claim(folder: Path, stage: str):
+    """The open, locked lock file of `folder`, or None (and a line saying so) when another live
+    process holds it."""
     import fcntl
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +198,7 @@ def _claimed(folder: Path, stage: str):
             fh.close()
             print(f"{stage}: another run with the same params ({holder}) uses the resume folder {folder}; "
                   f"this one keeps its resume checkpoint in its own workspace ({RESUME_DIR})", flush=True)
-            yield RESUME_DIR
-            return
+            return None
         try:  # the holder before us may have removed the file as we opened it: then lock the new one
             if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
                 break
@@ -191,12 +208,7 @@ def _claimed(folder: Path, stage: str):
     fh.truncate(0)
     fh.write(f"`longtail {stage}` pid {os.getpid()} in {Path.cwd()}")
     fh.flush()
-    try:
-        yield folder
-    finally:
-        lock.unlink(missing_ok=True)  # removed while still held, so no other process locks a stale file
-        fh.close()
-
+    return fh
 
 def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path = PRETRAIN,
         final: Path = FINAL, resume_dir: Path | None = None) -> dict:

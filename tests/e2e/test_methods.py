@@ -74,7 +74,7 @@ def test_scaffolded_loss_installs_and_trains_through_dvc(tmp_path):
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
            str(pkg)]
     subprocess.run(pip, check=True, capture_output=True)
-    env = {"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
     sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", str(pkg)], repo, env=env)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "add a loss"], repo)

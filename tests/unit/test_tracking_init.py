@@ -78,6 +78,7 @@ def test_an_interrupted_stage_ends_killed_with_its_parent(tmp_path, monkeypatch)
         [("stage", "KILLED"), ("true", "KILLED")]
 
 
+
 def test_a_sigterm_during_a_store_write_is_raised_after_it(tmp_path, monkeypatch):
     """SIGTERM used to be raised wherever the process was, also inside an MLflow write: the write's
     sqlite transaction stayed open, and the stage's clean-up (ending its runs KILLED) then waited on
@@ -92,25 +93,19 @@ def test_a_sigterm_during_a_store_write_is_raised_after_it(tmp_path, monkeypatch
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DVC_EXP_NAME", "exp-sigterm")
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    interrupts.install()
-    try:
-        with pytest.raises(interrupts.Terminated):
-            with tracking.stage_run("pretrain", {"dataset": "digits", "loss": "ce"}) as log:
-                write = log.client.log_batch
+    interrupts.install()  # tests/conftest.py puts the worker's handlers back
+    with pytest.raises(interrupts.Terminated):
+        with tracking.stage_run("pretrain", {"dataset": "digits", "loss": "ce"}) as log:
+            write = log.client.log_batch
 
-                def signalled_write(*args, **kwargs):
-                    os.kill(os.getpid(), signal.SIGTERM)  # arrives as the write starts
-                    return write(*args, **kwargs)
+            def signalled_write(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives as the write starts
+                return write(*args, **kwargs)
 
-                monkeypatch.setattr(log.client, "log_batch", signalled_write)
-                log.log_metrics({"train_loss": 1.5}, step=1)
-                raise AssertionError("SIGTERM was not raised after the write")
-        assert interrupts.terminated()  # cli.main exits 143 on it
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        interrupts._received.clear()
+            monkeypatch.setattr(log.client, "log_batch", signalled_write)
+            log.log_metrics({"train_loss": 1.5}, step=1)
+            raise AssertionError("SIGTERM was not raised after the write")
+    assert interrupts.terminated()  # cli.main exits 143 on it
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("longtail").experiment_id])
     assert sorted((r.data.tags.get("longtail.parent", "stage"), r.info.status) for r in runs) == \
@@ -119,28 +114,91 @@ def test_a_sigterm_during_a_store_write_is_raised_after_it(tmp_path, monkeypatch
     assert stage.data.metrics == {"train_loss": 1.5}
 
 
-def test_ctrl_c_inside_a_shielded_block_waits_for_its_end():
+@pytest.mark.parametrize("call", ["create_run", "log_batch", "set_terminated"])
+def test_a_sigterm_while_the_runs_are_set_up_or_ended_leaves_none_running(tmp_path, monkeypatch, call):
+    """A stop that arrives while stage_run creates its runs (before the stage starts) or ends them (the
+    clean-up) still leaves the stage run and its parent ended, not RUNNING (the last stage, evaluate:
+    after an earlier one that finishes the parent stays RUNNING by design)."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import interrupts
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", f"exp-{call}")
+    client = MlflowClient(uri)
+    real = getattr(client, call)
+    sent = []
+
+    def signalled(*args, **kwargs):
+        if not sent:
+            sent.append(call)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "client_and_experiment",
+                        lambda name: (client, tracking._experiment_id(client, name)))
+    monkeypatch.setattr(client, call, signalled)
+    interrupts.install()
+    with pytest.raises(interrupts.Terminated):
+        with tracking.stage_run("evaluate", {"dataset": "digits", "loss": "ce"}):
+            pass
+    assert sent == [call]
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("longtail").experiment_id])
+    assert runs and all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+
+
+def test_a_signal_inside_a_shielded_block_that_fails_is_not_lost():
+    """The block ends with an error: the held-back signal is raised all the same (the process is being
+    stopped); it used to stay pending, with a second SIGTERM ignored, so the stage ran on."""
     import signal
 
     from pipeline import interrupts
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    interrupts.install()
+    with pytest.raises(interrupts.Terminated):
+        with interrupts.shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise ValueError("a store call that fails")
+    assert not interrupts._pending
+
+
+def test_ctrl_c_inside_a_shielded_block_waits_for_its_end_and_a_second_does_not():
+    import signal
+
+    from pipeline import interrupts
+
     interrupts.install()
     done = []
-    try:
-        with pytest.raises(KeyboardInterrupt) as caught:
-            with interrupts.shielded():
-                with interrupts.shielded():  # nested: raised at the outermost end only
-                    os.kill(os.getpid(), signal.SIGINT)
-                    done.append("inner")
-                done.append("outer")
-        assert not isinstance(caught.value, interrupts.Terminated)
-        assert done == ["inner", "outer"]
-        with pytest.raises(KeyboardInterrupt):  # outside a block: at once
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with interrupts.shielded():
+            with interrupts.shielded():  # nested: raised at the outermost end only
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("inner")
+            done.append("outer")
+    assert not isinstance(caught.value, interrupts.Terminated)
+    assert done == ["inner", "outer"]
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C inside a block: at once
+        with interrupts.shielded():
             os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):
-                pass
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        interrupts._received.clear()
+            done.append("held")
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("not reached")
+    assert done[-1] == "held" and not interrupts._pending
+    with pytest.raises(KeyboardInterrupt):  # outside a block: at once
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+
+def test_a_process_started_ignoring_sigint_keeps_ignoring_it():
+    import signal
+
+    from pipeline import interrupts
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupts.install()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is interrupts._handle

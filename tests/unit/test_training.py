@@ -496,6 +496,28 @@ def test_two_queued_runs_with_the_same_params_do_not_share_a_resume_folder(prepa
     assert not any((root / ".longtail" / "resume").iterdir())  # both cleaned up, the lock file too
 
 
+
+def test_every_rank_of_a_distributed_run_uses_rank_0s_resume_folder(tmp_path, monkeypatch):
+    """Only rank 0 claims the shared folder; the other ranks take its choice (broadcast), so a duplicate
+    run's ranks do not split between its own folder and the running experiment's checkpoint."""
+    root = tmp_path / "project"
+    (root / ".dvc" / "tmp" / "exps" / "tmp-a").mkdir(parents=True)
+    monkeypatch.setenv("LONGTAIL_ROOT", str(root))
+    monkeypatch.chdir(root / ".dvc" / "tmp" / "exps" / "tmp-a")
+    shared = training._resume_dir("0123456789abcdef0123")
+    told = []
+    monkeypatch.setattr(training.distributed, "from_main", lambda v: told.append(v) or str(training.RESUME_DIR))
+    monkeypatch.setenv("RANK", "1")
+    with training._claimed(shared, "pretrain") as used:  # rank 1: no claim, rank 0's choice
+        assert used == training.RESUME_DIR
+    assert not (shared.parent / f"{shared.name}.lock").exists()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(training.distributed, "from_main", lambda v: told.append(v) or v)
+    with training._claimed(shared, "pretrain") as used:  # rank 0 claims and sends its choice
+        assert used == shared and (shared.parent / f"{shared.name}.lock").exists()
+    assert told[-1] == str(shared)
+
+
 def test_a_slurm_workspace_keeps_its_resume_checkpoint_in_itself(tmp_path, monkeypatch):
     """Issue 13: a SLURM job runs in its own workspace under the project (LONGTAIL_ROOT = the project, for
     its store). That workspace outlives a killed job, so its checkpoint stays in it; only DVC temp copies
