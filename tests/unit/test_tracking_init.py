@@ -170,6 +170,7 @@ def test_ctrl_c_inside_a_shielded_block_waits_for_its_end_and_a_second_does_not(
 
     from pipeline import interrupts
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist workers start with SIGINT ignored
     interrupts.install()
     done = []
     with pytest.raises(KeyboardInterrupt) as caught:
