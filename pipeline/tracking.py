@@ -28,6 +28,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # longtail report downloads
 
 GROUP_TAG = "longtail.group"
+PROCESS_TAG = "longtail.process"  # on a stage run: "host pid start" of the process that runs it
 DEFAULT_EXPERIMENT = "longtail"  # the MLflow experiment when params.yaml has no tracking.experiment
 
 # MLflow announces creating a store ("Creating initial MLflow database tables...", alembic's migration
@@ -57,6 +58,42 @@ def _git_commit() -> str:
                               check=True).stdout.strip()
     except Exception:
         return "unknown"
+
+
+def _process(pid: int | None = None) -> str:
+    """"host pid-namespace pid start" of a process. The start time (clock ticks since boot, /proc)
+    tells a reused pid from the process that had it; the namespace, a container's process from the
+    host's of the same name (a --network=host container has the host's name). "-" where /proc is
+    absent (macOS): then the host and the pid alone decide."""
+    import socket
+
+    pid = os.getpid() if pid is None else pid
+    try:  # the fields after the last ")" (the name may hold any character); starttime is field 22
+        start = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        start = "-"
+    try:
+        ns = os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]") or "-"
+    except OSError:
+        ns = "-"
+    return f"{socket.gethostname()} {ns} {pid} {start}"
+
+
+def _process_gone(tag: str) -> bool:
+    """Whether the process a PROCESS_TAG names has ended. Only a process of this machine and pid
+    namespace can be checked: any other (a SLURM node's, a container's) counts as alive."""
+    host, ns, pid, start = (tag.split(" ") + ["", "", "", ""])[:4]
+    here_host, here_ns, _, _ = _process().split(" ")
+    if (host, ns) != (here_host, here_ns) or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    now = _process(int(pid)).split(" ")[3]
+    return start != "-" and now not in (start, "-")
 
 
 def _retry(fn, *args, **kwargs):
@@ -317,9 +354,11 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
                                      "and attributes.status = 'RUNNING'")
         for r in stale:
             _retry(client.set_terminated, r.info.run_id, "KILLED")
+        _end_dead(client, exp_id, group)
         with interrupts.shielded():
             run_id = _retry(client.create_run, exp_id, run_name=f"{group}/{stage}",
-                            tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id}).info.run_id
+                            tags={**tags, "longtail.stage": stage, "mlflow.parentRunId": parent_id,
+                                  PROCESS_TAG: _process()}).info.run_id
         handle = StageRun(client, run_id)
         handle.parent = StageRun(client, parent_id)
         handle.log_params(raw_params)
@@ -340,6 +379,27 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
                 StageRun(client, parent_id).log_metrics({**{k: metrics[k] for k in PARENT_METRICS if k in metrics},
                                                         "wall_seconds": _wall_seconds(client, exp_id, group, now)})
                 _retry(client.set_terminated, parent_id, "FINISHED")
+
+
+def _end_dead(client, exp_id: str, group: str) -> None:
+    """Stage runs of other pipeline executions that a dead process of this machine left RUNNING: a
+    kill -9, the OOM killer or a closed session before the first resume checkpoint, so no resumed run
+    names them (StageRun.end_killed) and a re-run under a new DVC experiment name never looks at their
+    group. Each is marked KILLED, with its parent run, unless a live stage of that group still runs."""
+    import socket
+
+    host = socket.gethostname().replace("'", "''")
+    running = _retry(client.search_runs, [exp_id], max_results=1000,
+                     filter_string=f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` LIKE '{host} %'")
+    dead = [r for r in running if r.data.tags.get(GROUP_TAG) != group and _process_gone(r.data.tags[PROCESS_TAG])]
+    dead_ids = {r.info.run_id for r in dead}
+    live_groups = {r.data.tags.get(GROUP_TAG) for r in running if r.info.run_id not in dead_ids}
+    for r in dead:
+        _retry(client.set_terminated, r.info.run_id, "KILLED")
+        parent = r.data.tags.get("mlflow.parentRunId")
+        if parent and r.data.tags.get(GROUP_TAG) not in live_groups \
+                and _retry(client.get_run, parent).info.status == "RUNNING":
+            _retry(client.set_terminated, parent, "KILLED")
 
 
 def ensure_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:

@@ -59,6 +59,70 @@ def test_a_run_left_running_by_a_kill_is_marked_killed_on_resume(tmp_path, monke
     assert {r.info.run_id for r in runs if r.info.status == "FINISHED"} == {run.run_id}
 
 
+_CHILD = """
+import sys, time
+from pipeline import tracking
+run = tracking.stage_run("pretrain", {"dataset": "digits", "loss": "ce"})
+handle = run.__enter__()
+print(handle.run_id, handle.parent.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_left_running_by_a_dead_process_is_ended_by_the_next_pipeline_run(tmp_path, monkeypatch):
+    """A stage killed (kill -9, OOM, a closed session) before its first resume checkpoint, then re-run
+    as a new DVC experiment (a new group), used to stay RUNNING for ever with its parent. The next
+    stage started on this machine ends them KILLED; a live process's runs, and another machine's, it
+    leaves alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "DVC_EXP_NAME": "exp-killed"})
+    try:
+        dead_run, dead_parent = child.stdout.readline().split()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-live")  # a live run of this process, in another group
+    live = tracking.stage_run("pretrain", {"dataset": "digits", "loss": "ce"})
+    live_run = live.__enter__()
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("longtail").experiment_id
+    remote = client.create_run(exp_id, tags={tracking.GROUP_TAG: "exp-remote", "longtail.stage": "pretrain",
+                                             tracking.PROCESS_TAG: "node-17 4026531836 123 456"}).info.run_id
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-rerun")
+    with tracking.stage_run("pretrain", {"dataset": "digits", "loss": "ce"}):
+        pass
+    status = {rid: client.get_run(rid).info.status
+              for rid in (dead_run, dead_parent, live_run.run_id, live_run.parent.run_id, remote)}
+    assert status == {dead_run: "KILLED", dead_parent: "KILLED", live_run.run_id: "RUNNING",
+                      live_run.parent.run_id: "RUNNING", remote: "RUNNING"}
+    live.__exit__(None, None, None)
+
+
+def test_the_process_tag_tells_a_reused_pid_from_its_first_owner():
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        tag = tracking._process(proc.pid)
+        assert not tracking._process_gone(tag)
+        host, ns, pid, start = tag.split(" ")
+        if start != "-":  # the same pid, started at another time: another process
+            assert tracking._process_gone(f"{host} {ns} {pid} {int(start) - 1}")
+        assert not tracking._process_gone(f"{host} {int(ns) + 1 if ns.isdigit() else 'x'} {pid} {start}")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert tracking._process_gone(tag)
+
+
 def test_an_interrupted_stage_ends_killed_with_its_parent(tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM (which cli.main raises as a KeyboardInterrupt) is a stop, not a failure:
     the stage run and its parent end KILLED, not FAILED, and never stay RUNNING."""
