@@ -51,6 +51,11 @@ def names():
     ({"loss": "mm", "losses.mm.variant": "hmm_ldam", "losses.mm.s": 26.0, "finetune.reweighting": "cb"},
      "HMM-LDAM-DRW"),
     ({"loss": "mm", "losses.mm.as_released": True, "finetune.reweighting": "cb"}, "MM-as-released-DRW"),
+    # HMM-LDAM is named at the authors' HMM-LDAM scale only (s 26); at the HMM scale (s 19) it is a
+    # run of its own, which the report labels with the params it differs in
+    ({"loss": "mm", "losses.mm.variant": "hmm_ldam", "finetune.reweighting": "cb"}, "mm+DRW:cb"),
+    ({"loss": "mm", "losses.mm.variant": "hmm_ldam", "losses.mm.s": 26.0, "finetune.reweighting": "none"},
+     "HMM-LDAM"),
     ({"loss": "ce", "train.reweighting": "cb", "finetune.reweighting": "cb"}, "CB-RW"),
     ({"loss": "ce", "train.sampler": "class_balanced", "finetune.sampler": "class_balanced",
       "finetune.reweighting": "none"}, "CB-RS"),
@@ -72,6 +77,8 @@ def test_plugin_params_a_run_did_not_log_take_the_plugin_defaults(names, default
     for k in [k for k in params if k.startswith("losses.mm.")]:
         del params[k]
     assert names.name(params) == "HMM-DRW"  # variant hmm, as_released false: the plugin's defaults
+    params["losses.mm.variant"] = "hmm_ldam"
+    assert names.name(params) == "mm+DRW:cb"  # s 19, the plugin's default: not the HMM-LDAM setting
 
 
 def test_every_method_names_itself_and_no_two_coincide(names, default_params):

@@ -58,7 +58,8 @@ def build(class_counts, *, variant="hmm", s=19.0, max_m=1.29, gamma=1.528, as_re
     """Build the MM loss (Kang, Vu, Yoo, ICIP 2021).
 
     Defaults are the authors' tuned CIFAR-100 exp r=100 HMM-DRW setting (s = 19, max_m = 1.29,
-    gamma = 1.528); their HMM-LDAM run used s = 26 with the same max_m and gamma.
+    gamma = 1.528); their HMM-LDAM run used s = 26 with the same max_m and gamma (the named methods
+    HMM-LDAM and HMM-LDAM-DRW set it).
     """
     if variant not in VARIANTS:
         raise LongtailError(f"losses.mm.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
