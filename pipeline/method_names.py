@@ -67,6 +67,13 @@ class MethodNames:
                 return m["name"]
         return self.fallback(params)
 
+    def pinned(self, loss) -> list[str]:
+        """The loss-plugin params (`losses.<loss>.*`) that named methods of this loss fix, e.g. the MM
+        variant and scale: what tells a run that no method names from the methods it resembles."""
+        keys = {k for m in self.methods if norm(m["params"].get("loss")) == norm(loss)
+                for k in m["params"] if k.startswith("losses.")}
+        return sorted(keys)
+
     def fallback(self, params: dict) -> str:
         """loss+RW:x+RS:y+DRW:z+DRS:w: the loss and every re-balancing choice that is not the plain one."""
         parts = [str(self._get(params, "loss") or "?")]

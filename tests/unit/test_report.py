@@ -236,6 +236,19 @@ def test_every_row_states_where_it_differs_from_the_common_settings(default_para
     assert "common settings: train.epochs=12." in (tmp_path / "table.md").read_text()
 
 
+def test_a_row_no_method_names_states_what_sets_its_loss_s_named_methods_apart(default_params):
+    """An MM run with the HMM-LDAM variant at the HMM scale (s 19) is neither HMM-DRW nor HMM-LDAM-DRW
+    (s 26): its row must say the variant and s, not read as a bare "mm+DRW:cb"."""
+    mm = {"loss": "mm", "losses.mm.as_released": False}
+    runs = [run(flat(default_params, seed=0, **mm, **{"losses.mm.variant": "hmm"}), {"best_error": 0.3}, start=1),
+            run(flat(default_params, seed=0, **mm, **{"losses.mm.variant": "hmm_ldam", "losses.mm.s": 26.0}),
+                {"best_error": 0.3}, start=2),
+            run(flat(default_params, seed=0, **mm, **{"losses.mm.variant": "hmm_ldam"}), {"best_error": 0.3}, start=3)]
+    t = report.build_table(runs)
+    assert t.rows == ["HMM-DRW", "HMM-LDAM-DRW",
+                      "mm+DRW:cb [losses.mm.as_released=False, losses.mm.s=19.0, losses.mm.variant=hmm_ldam]"]
+
+
 def test_each_row_states_the_hyper_parameters_of_its_plugins(stored_runs, tmp_path):
     """Issue 10: the table says which loss hyper-parameters a row ran with (e.g. MM's s, max_m, gamma),
     and only those of the plugins the row selected."""
