@@ -222,17 +222,25 @@ def start_queue(jobs: int) -> None:
             raise LongtailError(f"`dvc queue start -j {jobs}` failed: {lines[-1] if lines else rc}")
 
 
+STALL_POLLS = 6  # polls with experiments queued and none running anywhere before the workers count as gone
+RESTARTS = 3  # worker restarts before giving up with an error
+
+
 def run_and_wait(names: list[str], jobs: int = 1, poll: float = 5.0, echo=print, status=queue_status,
                  sleep=time.sleep) -> dict:
     """`dvc queue start -j N`, then wait until every named experiment succeeded or failed. Between
     polls it sleeps `poll` seconds, or 20x the CPU time the last status check took if that is longer,
     so waiting costs at most ~5% of a core (a status check grows with the queue: it took about 1.5 s
-    of CPU per call with a dozen experiments, 30% of a core at a 5 s poll, taken from the training)."""
+    of CPU per call with a dozen experiments, 30% of a core at a 5 s poll, taken from the training).
+    DVC's queue worker can exit with experiments still queued (its file broker read an empty message
+    file: JSONDecodeError in .dvc/tmp/exps/celery/dvc-exp-worker-*.out); then nothing would ever run
+    them. When some of ours stay queued and nothing runs for STALL_POLLS polls, the workers are
+    started again (RESTARTS times, then an error)."""
     start_queue(jobs)
     echo(f"started {jobs} queue worker(s); waiting for {len(names)} experiment(s) (Ctrl-C stops waiting, "
          "not the queue)")
     last: dict = {}
-    missing_polls = 0
+    missing_polls = stalled = restarts = 0
     while True:
         cpu = time.process_time()
         states = status()
@@ -247,6 +255,17 @@ def run_and_wait(names: list[str], jobs: int = 1, poll: float = 5.0, echo=print,
         missing_polls = missing_polls + 1 if all(s in (*DONE_STATES, "?") for s in now.values()) else 0
         if missing_polls >= 6:  # left the queue without a result (removed, or the queue was reset)
             return now
+        queued = [n for n, st in now.items() if st == "Queued"]
+        stalled = stalled + 1 if queued and "Running" not in states.values() else 0
+        if stalled >= STALL_POLLS:
+            if restarts == RESTARTS:
+                raise LongtailError(f"the DVC queue workers keep exiting with {len(queued)} experiment(s) still queued "
+                                    f"({', '.join(queued)}): see .dvc/tmp/exps/celery/dvc-exp-worker-*.out; "
+                                    f"`dvc queue start -j {jobs}` runs the rest")
+            echo(f"  no queue worker runs anything and {len(queued)} experiment(s) are still queued "
+                 f"(a DVC queue worker exited); starting {jobs} worker(s) again")
+            start_queue(jobs)
+            restarts, stalled = restarts + 1, 0
         sleep(max(poll, 20 * cost))
 
 

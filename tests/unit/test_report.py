@@ -468,6 +468,29 @@ def test_wait_for_the_queue(monkeypatch):
     assert "  b: Failed" in seen and sum("a:" in s for s in seen) == 3
 
 
+def test_the_queue_workers_are_started_again_when_they_exit_with_experiments_queued(monkeypatch):
+    """DVC's queue worker exited after a finished experiment (kombu's file broker read an empty
+    message: JSONDecodeError) and left the rest Queued for ever; the wait hung. Now it starts the
+    workers again, and gives up with one line when they keep exiting."""
+    stuck = [{"a": "Success", "b": "Queued"}] * sweep.STALL_POLLS
+    states = iter([{"a": "Running", "b": "Queued"}, *stuck, {"a": "Success", "b": "Running"},
+                   {"a": "Success", "b": "Success"}])
+    started = []
+    monkeypatch.setattr(sweep, "start_queue", started.append)
+    seen = []
+    assert sweep.run_and_wait(["a", "b"], jobs=2, poll=0, echo=seen.append, status=lambda: next(states),
+                              sleep=lambda s: None) == {"a": "Success", "b": "Success"}
+    assert started == [2, 2] and any("starting 2 worker(s) again" in line for line in seen)
+    # another sweep's experiment running: the workers are busy, not gone
+    states = iter([{"b": "Queued", "other": "Running"}] * (3 * sweep.STALL_POLLS) + [{"b": "Success"}])
+    started.clear()
+    sweep.run_and_wait(["b"], poll=0, echo=lambda s: None, status=lambda: next(states), sleep=lambda s: None)
+    assert started == [1]
+    states = iter([{"b": "Queued"}] * 100)
+    with pytest.raises(LongtailError, match="queue workers keep exiting with 1 experiment"):
+        sweep.run_and_wait(["b"], poll=0, echo=lambda s: None, status=lambda: next(states), sleep=lambda s: None)
+
+
 def test_waiting_costs_at_most_a_twentieth_of_a_core(monkeypatch):
     """A status check of a long queue costs CPU (about 1.5 s per call with a dozen experiments, 30% of a
     core at a 5 s poll, taken from the training it waits for): the wait between polls grows with it."""
