@@ -50,7 +50,10 @@ def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False
           + (f" {replaced} older re-run(s) of a seed were left out (the newest counts)." if replaced else ""),
           "Rows are named by pipeline/method_names.yaml; a [bracket] states every param in which a row differs "
           "from the table's common settings" + (": " + ", ".join(f"{k}={plain_value(v)}" for k, v in t.common.items())
-                                                 if t.common else " (no row differs)") + ".", "",
+                                                 if t.common else " (no row differs)") + "."
+          + (" A row that no method names (loss+phase:choice) also states the loss params that tell it from "
+             "that loss's named methods." if any(c.method not in names.names for c in t.cells.values())
+             else ""), "",
           "## Top-1 error (%), best epoch", "",
           "The best test accuracy over the evaluated epochs: what the LDAM-DRW line of papers reports (optimistic).",
           ""] + error_table(t, "best") + ["", "## Top-1 error (%), final epoch", ""] + error_table(t, "final") + [

@@ -144,11 +144,11 @@ def build_table(runs: list[dict], names: MethodNames | None = None, where=(), ig
         varying = {k for k in keys if len({r["sig"].get(k) for r in rs}) > 1}
         for r in rs:
             shown = [k for k in keys if k not in own and (k in varying or (k in r["sig"] and r["sig"][k] != common.get(k)))]
+            r["differs"] = shown  # what the header's common settings must state
             if method not in names.names:  # a fallback name: also the params that set its loss's named methods apart
                 shown = sorted(set(shown) | {k for k in names.pinned(r["params"].get("loss")) if k in r["params"]})
             detail = ", ".join(f"{k}={r['params'].get(k, '-')}" for k in shown)
             r["label"] = f"{method} [{detail}]" if shown else method
-            r["differs"] = shown
     cells: dict = {}
     for r in sorted(enriched, key=lambda r: r.get("start_time") or 0, reverse=True):  # newest first
         cell = cells.setdefault((r["label"], r["column"]), Cell(r["label"], r["method"], r["column"]))

@@ -236,7 +236,7 @@ def test_every_row_states_where_it_differs_from_the_common_settings(default_para
     assert "common settings: train.epochs=12." in (tmp_path / "table.md").read_text()
 
 
-def test_a_row_no_method_names_states_what_sets_its_loss_s_named_methods_apart(default_params):
+def test_a_row_no_method_names_states_what_sets_its_loss_s_named_methods_apart(default_params, tmp_path):
     """An MM run with the HMM-LDAM variant at the HMM scale (s 19) is neither HMM-DRW nor HMM-LDAM-DRW
     (s 26): its row must say the variant and s, not read as a bare "mm+DRW:cb"."""
     mm = {"loss": "mm", "losses.mm.as_released": False}
@@ -247,6 +247,9 @@ def test_a_row_no_method_names_states_what_sets_its_loss_s_named_methods_apart(d
     t = report.build_table(runs)
     assert t.rows == ["HMM-DRW", "HMM-LDAM-DRW",
                       "mm+DRW:cb [losses.mm.as_released=False, losses.mm.s=19.0, losses.mm.variant=hmm_ldam]"]
+    assert t.common == {}  # they are the row's own, not settings the other rows share
+    report.generate(runs, tmp_path)
+    assert "also states the loss params that tell it from" in (tmp_path / "table.md").read_text()
 
 
 def test_each_row_states_the_hyper_parameters_of_its_plugins(stored_runs, tmp_path):
