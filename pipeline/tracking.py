@@ -28,7 +28,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # longtail report downloads
 
 GROUP_TAG = "longtail.group"
-PROCESS_TAG = "longtail.process"  # on a stage run: "host pid start" of the process that runs it
+PROCESS_TAG = "longtail.process"  # on a stage run: "host pid-namespace pid start" of its process (_process)
 DEFAULT_EXPERIMENT = "longtail"  # the MLflow experiment when params.yaml has no tracking.experiment
 
 # MLflow announces creating a store ("Creating initial MLflow database tables...", alembic's migration
