@@ -9,6 +9,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,24 @@ def test_dvc_plots_page_is_offline(swept):
     assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//", html, re.I)
     assert "window.vegaEmbed" in html and "margins.png" in html and "acc_vs_count.png" in html
     assert os.path.getsize(repo / "dvc_plots" / "index.html") > 1000
+
+
+def test_the_results_fit_diagnosis_reads_the_runs_own_models(swept, monkeypatch):
+    """results/cifar10-lt-r100-short/diagnosis/fit.py: its stage-2 test row is the evaluate stage's per-class
+    accuracy of the same experiment, so it read that experiment's models from the DVC cache."""
+    repo, _, _ = swept
+    monkeypatch.chdir(repo)
+    script = ROOT / "results" / "cifar10-lt-r100-short" / "diagnosis" / "fit.py"
+    out = sh([sys.executable, str(script), "rep-1"], repo).stdout
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[2:-1]
+            for line in out.splitlines() if line.startswith("| after")}
+    assert set(rows) == {(f"after stage {s}", split) for s in (1, 2) for split in ("train", "test")}
+    client, runs = _evaluate_runs(repo)
+    run = next(r for r in runs if r.data.tags["longtail.group"] == "rep-1")
+    path = Path(client.download_artifacts(run.info.run_id, "evaluation/per_class_table.json", str(repo / "fit-art")))
+    table = json.loads(path.read_text())
+    final = [row[table["columns"].index("acc_final")] for row in table["data"]]
+    assert [float(c.strip().rstrip("%")) / 100 for c in rows[("after stage 2", "test")]] == pytest.approx(final, abs=6e-4)
+    bad = subprocess.run([sys.executable, str(script), "no-such-exp"], cwd=repo,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "no-such-exp" in bad.stderr
