@@ -1,5 +1,6 @@
 """The prepared dataset artifact: one uncompressed .npz, written atomically. numpy only."""
 
+import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -16,11 +17,15 @@ KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "mean", "std", "hfl
 @dataclass
 class Prepared(RawData):
     class_counts: list[int]  # training images per class, from y_train
+    made_with: dict  # the build params that selected it (dataset, data.root, data.n_max, imbalance, ratio)
 
 
-def save_dataset(path, x_train, y_train, x_test, y_test, classes, mean, std, hflip) -> None:
-    """Write the dataset to `path` atomically (pipeline.io.atomic_path: temp file, fsync, rename)."""
+def save_dataset(path, x_train, y_train, x_test, y_test, classes, mean, std, hflip, made_with: dict) -> None:
+    """Write the dataset to `path` atomically (pipeline.io.atomic_path: temp file, fsync, rename).
+    `made_with` (a JSON-able mapping) records the params it was built with, so that a stage can tell a
+    stale file from a current one."""
     arrays = dict(
+        made_with=np.asarray(json.dumps(made_with, sort_keys=True), dtype=np.str_),
         x_train=np.ascontiguousarray(x_train, dtype=np.uint8), y_train=np.asarray(y_train, dtype=np.int64),
         x_test=np.ascontiguousarray(x_test, dtype=np.uint8), y_test=np.asarray(y_test, dtype=np.int64),
         classes=np.asarray([str(c) for c in classes], dtype=np.str_), mean=np.asarray(mean, dtype=np.float64),
@@ -49,10 +54,13 @@ def load_dataset(path) -> Prepared:
             if missing:
                 raise bad(f"lacks {', '.join(missing)}")
             a = {k: z[k] for k in KEYS}
+            made_with = _made_with(z)
     except LongtailError:
         raise
     except Exception as e:  # truncated, not a zip, bad CRC, pickled object arrays, ...
         raise bad(f"is unreadable ({type(e).__name__}: {e})") from None
+    if made_with is None:
+        raise bad("does not record the params it was built with (an older longtail wrote it)")
 
     for split in ("train", "test"):
         x, y = a[f"x_{split}"], a[f"y_{split}"]
@@ -74,5 +82,37 @@ def load_dataset(path) -> Prepared:
     return Prepared(
         a["x_train"], a["y_train"], a["x_test"], a["y_test"], [str(s) for s in a["classes"]],
         tuple(float(v) for v in a["mean"]), tuple(float(v) for v in a["std"]), bool(a["hflip"]),
-        np.bincount(a["y_train"], minlength=k).tolist(),
+        np.bincount(a["y_train"], minlength=k).tolist(), made_with,
     )
+
+
+def _made_with(z) -> dict | None:
+    if "made_with" not in z.files:
+        return None
+    v = z["made_with"]
+    if v.dtype.kind != "U" or v.shape != ():
+        return None
+    try:
+        d = json.loads(str(v))
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def built_with(p) -> dict:
+    """The params that decide the prepared data (the build_dataset stage's params in dvc.yaml), as the
+    dataset file records them and as a later stage compares them."""
+    return {"dataset": p.dataset, "data.root": p.data.root, "data.n_max": p.data.n_max, "imbalance": p.imbalance,
+            "ratio": float(p.ratio)}
+
+
+def check_built_with(ds: Prepared, p, path) -> None:
+    """A stage must train or evaluate on the data params.yaml describes, not on a stale prepared file:
+    one line naming the first param that differs and the stage to re-run. data.root is recorded but not
+    compared: the same images at another path are the same data (as in the stages' fingerprints)."""
+    now = json.loads(json.dumps(built_with(p)))
+    for key, value in now.items():
+        if key != "data.root" and ds.made_with.get(key) != value:
+            raise LongtailError(f"prepared dataset {path} was built with {key}={ds.made_with.get(key)!r}, but "
+                                f"params.yaml has {key}={value!r}: re-run the build-dataset stage "
+                                "(dvc repro build_dataset)")

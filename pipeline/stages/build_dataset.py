@@ -10,7 +10,7 @@ import numpy as np
 from .. import io
 from ..data.profiles import lt_counts, select_long_tailed
 from ..data.sources import load_source, source_n_max
-from ..data.store import save_dataset
+from ..data.store import built_with, save_dataset
 from ..errors import LongtailError
 from ..params import Params
 
@@ -19,6 +19,9 @@ OUT_DIR = Path("data/prepared")
 
 def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
     raw = load_source(p.dataset, p.data.root)
+    if len(raw.classes) < 2:
+        raise LongtailError(f"dataset {p.dataset} (data.root {p.data.root}) has {len(raw.classes)} class "
+                            f"({', '.join(map(str, raw.classes)) or 'none'}): a classification dataset needs at least 2")
     available = source_n_max(raw)
     if available < 1:
         per_class = np.bincount(raw.y_train, minlength=len(raw.classes))
@@ -32,7 +35,7 @@ def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
     counts = lt_counts(n_max, len(raw.classes), p.imbalance, p.ratio)
     keep = select_long_tailed(raw.y_train, counts, seed=0)
     save_dataset(out_dir / "dataset.npz", raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test,
-                 raw.classes, raw.mean, raw.std, raw.hflip)
+                 raw.classes, raw.mean, raw.std, raw.hflip, made_with=built_with(p))
     summary = {"dataset": p.dataset, "imbalance": p.imbalance, "ratio": p.ratio, "n_max": n_max,
                "train_images": int(sum(counts)), "test_images": int(len(raw.y_test)),
                "image_shape": list(raw.x_train.shape[1:]),

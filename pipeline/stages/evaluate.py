@@ -12,7 +12,7 @@ import torch
 
 from .. import figures, io
 from ..build import describe_device, device_data, pick_device
-from ..data.store import load_dataset
+from ..data.store import check_built_with, load_dataset
 from ..engine.inference import batched
 from ..engine.metrics import classification_report, sample_margins
 from ..engine.trainer import best_model, eval_batch_size
@@ -30,6 +30,7 @@ SUMMARY_KEYS = ("top1", "error", "many", "medium", "few")
 def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metrics: Path = METRICS,
         plots: Path = PLOTS) -> dict:
     ds = load_dataset(dataset)
+    check_built_with(ds, p, dataset)
     state = io.load_checkpoint(final, "final checkpoint", "finetune", require=("model", "meta", "history"))
     meta = state.get("meta", {})
     if meta.get("class_counts") != ds.class_counts:

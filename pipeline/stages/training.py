@@ -20,7 +20,7 @@ import torch
 from .. import io, registry
 from ..build import (augmentation, build_loss, build_model, build_policy, describe_device, device_data,
                      pick_device)
-from ..data.store import load_dataset
+from ..data.store import check_built_with, load_dataset
 from ..engine import distributed
 from ..engine.progress import Progress
 from ..engine.trainer import Trainer
@@ -118,6 +118,7 @@ def _set_aside(path: Path, why: str) -> None:
 def setup(p: Params, dataset: Path = DATASET):
     """Everything a training stage needs, built from params: (trainer, meta)."""
     ds = load_dataset(dataset)
+    check_built_with(ds, p, dataset)
     device = distributed.local_device(pick_device(p.train.device))
     torch.manual_seed(p.seed)
     counts = ds.class_counts

@@ -224,3 +224,19 @@ def test_a_class_without_images_names_the_dataset(tmp_path, default_params, monk
                                             r"class\(es\) 3"):
         build_dataset.run(p, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_one_class_source_is_refused(tmp_path, default_params, monkeypatch):
+    """Fault-injection pass: an image folder with one class built a 'long-tailed' dataset whose ratio did nothing."""
+    from pipeline.params import parse
+    from pipeline.stages import build_dataset
+
+    raw = sources.load_digits()
+    one = sources.RawData(raw.x_train[raw.y_train == 0], raw.y_train[raw.y_train == 0] * 0, raw.x_test[raw.y_test == 0],
+                          raw.y_test[raw.y_test == 0] * 0, ["a"], raw.mean, raw.std, raw.hflip)
+    p = parse({**default_params, "dataset": "digits", "ratio": 2})
+    monkeypatch.setattr(build_dataset, "load_source", lambda name, root: one)
+    with pytest.raises(LongtailError, match=r"dataset digits \(data.root data/raw\) has 1 class \(a\): a "
+                                            r"classification dataset needs at least 2"):
+        build_dataset.run(p, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -8,13 +8,16 @@ from pipeline.data.store import load_dataset, save_dataset
 from pipeline.errors import LongtailError
 
 
+MADE_WITH = {"dataset": "cifar10", "data.root": "data/raw", "data.n_max": None, "imbalance": "exp", "ratio": 100.0}
+
+
 def _arrays(seed=0):
     rng = np.random.default_rng(seed)
     return dict(
         x_train=rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8), y_train=np.array([0] * 6 + [1] * 4 + [2] * 2),
         x_test=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), y_test=np.array([0, 1, 2] * 2),
         classes=["airplane", "automobile", "bird"], mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
-        hflip=True,
+        hflip=True, made_with=MADE_WITH,
     )
 
 
@@ -176,3 +179,17 @@ def test_the_sweep_record_and_a_rewritten_params_yaml_are_written_atomically(tmp
         assert any(s.startswith(str(folder / f".{name}.")) for s in synced), (name, synced)  # the file
         assert str(folder) in synced  # and its folder, after the rename
     assert sorted(p.name for p in sweep.dir.iterdir()) == ["sweep.json"]  # no temp file left
+
+
+def test_the_build_params_are_recorded_and_a_file_without_them_is_refused(tmp_path):
+    path = tmp_path / "dataset.npz"
+    save_dataset(path, **_arrays())
+    assert load_dataset(path).made_with == MADE_WITH
+    a = _arrays()
+    a.pop("made_with")
+    arrays = dict(x_train=a["x_train"], y_train=a["y_train"].astype(np.int64), x_test=a["x_test"],
+                  y_test=a["y_test"].astype(np.int64), classes=np.asarray(a["classes"]), mean=np.asarray(a["mean"]),
+                  std=np.asarray(a["std"]), hflip=np.asarray(True))
+    np.savez(path, **arrays)  # as an older longtail wrote it
+    with pytest.raises(LongtailError, match=r"does not record the params it was built with .*dvc repro build_dataset"):
+        load_dataset(path)

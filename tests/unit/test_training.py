@@ -534,3 +534,27 @@ def test_a_slurm_workspace_keeps_its_resume_checkpoint_in_itself(tmp_path, monke
     assert training._resume_dir("0123456789abcdef0123") == root.resolve() / ".longtail" / "resume" / "0123456789abcdef"
     monkeypatch.chdir(root)
     assert training._resume_dir("0123456789abcdef0123") == training.RESUME_DIR
+
+
+@pytest.mark.parametrize("key, value", [("ratio", 5), ("imbalance", "step"), ("data.n_max", 30)])
+def test_a_stage_refuses_prepared_data_built_with_other_params(prepared, tmp_path, default_params, key, value):
+    """Fault-injection pass: `longtail pretrain` (or evaluate) after editing a data param without rebuilding
+    trained on the old data and logged the new params. Now one line names the param and the stage to re-run."""
+    from pipeline.errors import LongtailError
+    from pipeline.stages import evaluate
+
+    p, ds = prepared
+    edited = parse(override(tiny_pretrain_finetune(default_params), {key: value}))
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    shown = repr(float(value)) if key == "ratio" else repr(value)
+    for run in (lambda: training.run("pretrain", edited, **files),
+                lambda: evaluate.run(edited, dataset=ds, final=tmp_path / "final.pt", metrics=tmp_path / "eval.json",
+                                     plots=tmp_path / "plots")):
+        with pytest.raises(LongtailError, match=rf"prepared dataset .* was built with {key}=.*, but params.yaml has "
+                                                rf"{key}={shown}: re-run the build-dataset stage"):
+            run()
+    assert not (tmp_path / "pre.pt").exists() and not (tmp_path / "eval.json").exists()
+    # the same images at another path are the same data
+    moved = parse(override(tiny_pretrain_finetune(default_params), {"data.root": "/elsewhere/digits"}))
+    from pipeline.data.store import check_built_with, load_dataset
+    check_built_with(load_dataset(ds), moved, ds)
