@@ -11,3 +11,10 @@ class LongtailError(Exception):
 def unknown(kind: str, name: object, valid) -> LongtailError:
     """``unknown loss 'foo' (valid: ce, focal, mm)``."""
     return LongtailError(f"unknown {kind} {name!r} (valid: {', '.join(sorted(map(str, valid))) or 'none installed'})")
+
+
+def full_stage_one_error(name: str, epochs: int, start_epoch: int) -> LongtailError:
+    """A fine-tune strategy with `after_full_stage_one` under a schedule that stops stage 1 early."""
+    return LongtailError(
+        f"finetune.strategy={name} re-trains only the classifier after stage 1 has run the whole schedule: "
+        f"set finetune.start_epoch to train.epochs ({epochs}), not {start_epoch}")

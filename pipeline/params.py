@@ -19,7 +19,7 @@ import yaml
 from . import registry
 from .checks import check_number, find_non_finite, unknown_key, yaml_load
 from .data import DATASETS, IMBALANCES, SOURCE_SIZES
-from .errors import LongtailError
+from .errors import LongtailError, full_stage_one_error
 from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
@@ -171,7 +171,9 @@ def _check_keys(raw: dict) -> None:
         for name in node:
             # a section of a plugin that is not installed here is left alone, unless it looks like a typo
             if name not in installed and difflib.get_close_matches(str(name), installed, n=1, cutoff=0.75):
-                raise unknown_key(section, name, installed)
+                raise LongtailError(f"{unknown_key(section, name, installed)}; if {section}.{name} is the section "
+                                    f"of a plugin not installed here (e.g. one `longtail plugins new` just "
+                                    f"wrote), install it first: pip install -e <its folder>")
 
 
 def _choice(value, key: str, valid) -> str:
@@ -297,6 +299,12 @@ def parse(raw: dict) -> Params:
             f"it must be between 0 and train.epochs ({epochs})"
         )
 
+    tracking = raw.get("tracking") or {}
+    experiment = tracking.get("experiment", DEFAULT_EXPERIMENT) if isinstance(tracking, dict) else None
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise LongtailError(f"tracking.experiment must be an MLflow experiment name, a non-empty string "
+                            f"(e.g. {DEFAULT_EXPERIMENT}), got {experiment!r}")
+
     return Params(
         dataset=dataset,
         imbalance=imbalance,
@@ -404,7 +412,10 @@ def check_plugins(p: Params, class_counts: list[int] | None = None) -> None:
                 raise LongtailError(f"{key}.{pkey}: unknown {ref} plugin {value!r}"
                                     f"{f' (did you mean {match[0]}?)' if match else ''}; valid: {', '.join(valid)}")
         if group == "finetune" or counts is not None:
-            registry.build(group, name, *args, params=params, param_key=key)
+            built = registry.build(group, name, *args, params=params, param_key=key)
+            if (group, name) == ("finetune", p.finetune.strategy) and getattr(built, "after_full_stage_one", False) \
+                    and p.finetune.start_epoch != p.train.epochs:
+                raise full_stage_one_error(name, p.train.epochs, p.finetune.start_epoch)
 
 
 

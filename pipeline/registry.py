@@ -23,7 +23,8 @@ GROUPS = {
     "reweighting": "build(class_counts, **params) -> list[float] per-class weights",
     "samplers": "build(class_counts, **params) -> sampler with .indices(labels, epoch, epochs, generator)",
     "models": "build(num_classes, in_channels, head, **params) -> nn.Module with .features(x) and .classifier",
-    "finetune": "build(**params) -> strategy with .run(context) for the fine-tune stage",
+    "finetune": "build(**params) -> strategy with .run(context) for the fine-tune stage (and, if it needs the "
+                "whole stage-1 schedule first, after_full_stage_one = True)",
 }
 # the user-facing key that selects a plugin of each group, for error messages
 SELECTOR = {

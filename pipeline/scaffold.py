@@ -5,6 +5,7 @@ contract check, so a user starts from something that trains and only changes the
 
 from __future__ import annotations
 
+import keyword
 import re
 from pathlib import Path
 
@@ -98,8 +99,10 @@ Edit `src/longtail_{name}/loss.py`; `pytest {path}` checks the plugin contract.
 
 def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
     """Write plugins/longtail-NAME (or `dest`); add `losses.NAME` to params.yaml if given."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise LongtailError(f"plugin name {name!r} must be a lowercase Python identifier (e.g. my_loss)")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
+        raise LongtailError(f"plugin name {name!r} must be a lowercase Python identifier, not a keyword (e.g. my_loss)")
+    if params_file is not None and params_file.exists():  # checked before anything is written
+        _params_mapping(params_file)
     from . import registry
 
     if name in registry.names("losses"):  # the exact path losses.NAME (samplers.sqrt is another plugin)
@@ -124,6 +127,26 @@ def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
     return dest
 
 
+def _params_mapping(params_file: Path) -> dict:
+    """params.yaml as a mapping, or one line saying why it is not one."""
+    import yaml
+
+    from .checks import yaml_load
+
+    if not params_file.is_file():
+        raise LongtailError(f"params file {params_file} is not a file")
+    try:
+        raw = yaml_load(params_file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LongtailError(f"params file {params_file} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise LongtailError(f"params file {params_file} must be a mapping of keys, got a {type(raw).__name__}")
+    for section in ("losses",):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise LongtailError(f"{params_file}: {section} must be a mapping of plugin name -> parameters")
+    return raw
+
+
 def add_section(params_file: Path, section: str, name: str, values: dict, comment: str = "") -> bool:
     """Write `section.name: {values}` into params.yaml (keeping its comments) unless that exact key
     exists; returns whether it wrote. The check is on the parsed path, not on the text, so a key of
@@ -133,7 +156,9 @@ def add_section(params_file: Path, section: str, name: str, values: dict, commen
     from .checks import yaml_load
 
     text = params_file.read_text()
-    raw = yaml_load(text) or {}
+    raw = _params_mapping(params_file)
+    if not isinstance(raw.get(section) or {}, dict):
+        raise LongtailError(f"{params_file}: {section} must be a mapping of plugin name -> parameters")
     if name in (raw.get(section) or {}):
         return False
     flow = yaml.safe_dump(values, default_flow_style=True, width=10**6).strip() if values else "{}"

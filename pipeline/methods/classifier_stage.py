@@ -23,19 +23,18 @@ from .. import registry
 from ..checks import check_number
 from ..engine.contract import StepResult
 from ..engine.progress import Progress
-from ..errors import LongtailError
+from ..errors import LongtailError, full_stage_one_error
 
 EPOCH_SIZES = ("balanced", "dataset")
 BN_MODES = ("train", "eval")
 
 
 def require_full_stage_one(ctx, name: str) -> None:
-    """Stage 2 of decoupling starts after the whole stage-1 schedule."""
+    """Stage 2 of decoupling starts after the whole stage-1 schedule. (A strategy that needs this also sets
+    `after_full_stage_one = True`, so that `longtail check` and every stage's start refuse the schedule
+    before any training.)"""
     if ctx.trainer.epoch < ctx.until:
-        raise LongtailError(
-            f"finetune.strategy={name} re-trains only the classifier after stage 1 has run the whole schedule: "
-            f"set finetune.start_epoch to train.epochs ({ctx.params.train.epochs}), not "
-            f"{ctx.params.finetune.start_epoch}")
+        raise full_stage_one_error(name, ctx.params.train.epochs, ctx.params.finetune.start_epoch)
 
 
 def linear_classifier(ctx, name: str) -> nn.Linear:

@@ -43,6 +43,8 @@ class ClassifierRetraining:
     architecture initialises it; zero bias), trained with the configured loss (CE in the paper),
     unweighted, on class-balanced batches from the frozen backbone."""
 
+    after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+
     def __init__(self, training: ClassifierTraining, init_seed: int):
         self.training, self.init_seed = training, init_seed
 
@@ -99,6 +101,8 @@ def pick_tau(sweep: list[dict]) -> float:
 
 
 class TauNorm:
+    after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+
     def __init__(self, tau, grid, holdout_per_class: int, holdout_seed: int, sweep_file):
         self.tau, self.grid = tau, grid
         self.holdout_per_class, self.holdout_seed = holdout_per_class, holdout_seed
@@ -206,6 +210,8 @@ def fold_state(state: dict, prefix: str = "classifier.") -> dict:
 
 
 class LearnableWeightScaling:
+    after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+
     def __init__(self, training: ClassifierTraining):
         self.training = training
         self.scales: torch.Tensor | None = None
@@ -259,6 +265,8 @@ def ncm_head(means: torch.Tensor, metric: str = "euclidean") -> nn.Module:
 
 
 class NearestClassMean:
+    after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+
     def __init__(self, metric: str):
         self.metric = metric
 

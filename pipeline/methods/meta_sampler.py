@@ -152,6 +152,8 @@ class MetaSamplerTraining:
 
 
 class MetaSampler:
+    after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+
     def __init__(self, **kw):
         self.kw = kw
         self.rates: list[float] | None = None

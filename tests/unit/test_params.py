@@ -80,6 +80,11 @@ from pipeline.params import check_plugins, override  # noqa: E402
     ({"train.milestones": [8, 8]}, "train.milestones must be strictly increasing, got [8, 8]"),
     ({"train.milestones": [160, 200]}, "must all be below train.epochs (200)"),
     ({"data.root": None}, "data.root must be a folder path (e.g. data/raw), got None"),
+    # fault-injection pass: these passed the check and then crashed MLflow in a stage
+    ({"tracking.experiment": ""}, "tracking.experiment must be an MLflow experiment name, a non-empty string"),
+    ({"tracking.experiment": "  "}, "tracking.experiment must be an MLflow experiment name"),
+    ({"tracking.experiment": None}, "tracking.experiment must be an MLflow experiment name"),
+    ({"tracking.experiment": 123}, "tracking.experiment must be an MLflow experiment name"),
 ])
 def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
     with pytest.raises(LongtailError) as err:
@@ -95,6 +100,11 @@ def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
     ({"finetune.strategy": "crt", "finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be >= 1"),
     ({"reweightings.cb.beta": 1.5}, "reweightings.cb.beta must be < 1, got 1.5"),
     ({"model.width": 2}, "model.width: resnet32 takes no parameters"),
+    # fault-injection pass: a classifier-only stage 2 after a partial stage 1 failed only after all of stage 1
+    ({"finetune.strategy": "crt"}, "finetune.strategy=crt re-trains only the classifier after stage 1 has run the "
+                                   "whole schedule: set finetune.start_epoch to train.epochs (200), not 160"),
+    ({"finetune.strategy": "ncm"}, "finetune.strategy=ncm re-trains only the classifier"),
+    ({"finetune.strategy": "meta_sampler"}, "finetune.strategy=meta_sampler re-trains only the classifier"),
 ])
 def test_plugin_params_are_bound_and_built_before_any_work(default_params, overrides, message):
     p = parse(override(default_params, overrides))
