@@ -282,7 +282,8 @@ def plugins_new(name: str = typer.Argument(..., help="the loss name, e.g. my_los
     from .scaffold import new_loss
 
     out = new_loss(name, dest or Path("plugins") / f"longtail-{name.replace('_', '-')}", params)
-    typer.echo(f"wrote {out}; next: pip install -e {out} && pytest {out} && dvc exp run -S loss={name}")
+    section = f"losses.{name} is in {params}" if params.exists() else f"no {params} here, so no losses.{name} section"
+    typer.echo(f"wrote {out} ({section}); next: pip install -e {out} && pytest {out} && dvc exp run -S loss={name}")
 
 
 @plugins_app.command("add")
@@ -314,11 +315,30 @@ def main() -> None:
     except LongtailError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (SystemExit, KeyboardInterrupt):
+    except (SystemExit, KeyboardInterrupt) as exc:
         if interrupts.terminated():
             print("terminated (SIGTERM)", file=sys.stderr)
             sys.exit(143)
+        if isinstance(exc, KeyboardInterrupt) or exc.code == 130:
+            print("interrupted (Ctrl-C)", file=sys.stderr)
+            sys.exit(130)
         raise
+    except Exception as exc:
+        if not _is_store_error(exc):
+            raise
+        from .tracking import tracking_uri
+
+        why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"error: the MLflow store {tracking_uri()} cannot be read ({why}): restore it from a backup, or move "
+              "it aside and a new, empty store is made on the next run", file=sys.stderr)
+        sys.exit(2)
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    """A corrupt or foreign MLflow store (sqlite3's or SQLAlchemy's DatabaseError, e.g. 'file is not a
+    database', 'database disk image is malformed'), checked by name so that neither is imported here."""
+    return any(c.__name__ == "DatabaseError" and c.__module__.split(".")[0] in ("sqlite3", "sqlalchemy")
+               for c in type(exc).__mro__)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,30 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a hidden temporary folder next to `path` (which must be absent or an empty folder); if the
+    block succeeds, it becomes `path`; on any error or interrupt it is removed, so `path` is either the
+    complete tree or untouched."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a plain folder's mode, not mkdtemp's 0700
+    try:
+        yield tmp
+        if path.is_dir():
+            path.rmdir()  # empty: a non-empty one makes this fail and keeps it
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -110,3 +110,17 @@ def test_demo_reads_the_committed_params_with_the_projects_yaml_rules(monkeypatc
     params = demo.committed_params()
     assert params == {"train": {"weight_decay": 0.0002, "lr": 0.1}}
     assert demo.restore_args(params, {"train": {"weight_decay": 0.0002, "lr": 0.1}}) == []
+
+
+def test_a_corrupt_mlflow_store_is_one_line_not_a_traceback(tmp_path):
+    """Fault-injection pass: a garbage or truncated mlflow.db gave SQLAlchemy's DatabaseError traceback."""
+    for f in ("params.yaml", "dvc.yaml"):
+        (tmp_path / f).write_text((ROOT / f).read_text())
+    (tmp_path / "mlflow.db").write_text("garbage\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--out", str(tmp_path / "rep")], cwd=tmp_path,
+                       env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: the MLflow store sqlite:///{tmp_path / 'mlflow.db'} cannot be read (file is not a database): "
+        "restore it from a backup, or move it aside and a new, empty store is made on the next run"]
+    assert not (tmp_path / "rep").exists()

@@ -1,6 +1,7 @@
 """Issue 16: users get from the official CIFAR archive to an image folder, and no user-facing text names
 this project's build machines (../shared)."""
 
+import os
 import re
 
 import numpy as np
@@ -173,3 +174,35 @@ def test_export_images_without_the_archive_names_its_own_option(tmp_path, monkey
     assert "cifar-10-python.tar.gz" in msg and "--root" in msg and "no network" in msg, msg
     assert "data.root" not in msg and "dataset=imagefolder" not in msg and "\n" not in msg, msg
     assert not (tmp_path / "images").exists()
+
+
+def test_an_interrupted_export_leaves_no_folder_and_bad_targets_are_one_line(tmp_path, monkeypatch):
+    """Fault-injection pass: Ctrl-C during export-images left a half-written tree that the re-run then refused;
+    a file as the target gave a NotADirectoryError traceback; an unknown dataset listed imagefolder as valid."""
+    from PIL import Image
+
+    from pipeline.data.export import export_images
+
+    saved = []
+    real_save = Image.Image.save
+
+    def save_then_interrupt(self, fp, *a, **k):
+        saved.append(fp)
+        if len(saved) == 20:
+            raise KeyboardInterrupt
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_images("digits", "data/raw", tmp_path / "out")
+    assert os.listdir(tmp_path) == []  # neither out nor the partial tree
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    counts = export_images("digits", "data/raw", tmp_path / "out")  # the re-run works
+    assert counts["train"] + counts["test"] == sum(1 for _ in (tmp_path / "out").rglob("*.png"))
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LongtailError, match=r"file is a file, not a folder: choose a new folder"):
+        export_images("digits", "data/raw", tmp_path / "file")
+    with pytest.raises(LongtailError, match=r"unknown dataset 'nope' for export-images \(valid: (?!.*imagefolder)"):
+        export_images("nope", "data/raw", tmp_path / "new")
