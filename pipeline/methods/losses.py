@@ -32,8 +32,8 @@ class Focal(nn.Module):
     """Focal loss, Lin et al., ICCV 2017: FL_i = -(1 - p_t)^gamma log p_t, p_t = softmax(z)_y.
 
     With class_weight there are two conventions (``losses.focal.weighting``):
-    - "reference" (default), the LDAM-DRW code's, which the published CB-Focal and Focal-DRW figures
-      come from: CE_w,i = w_{y_i} CE_i (no normalisation), p_i = exp(-CE_w,i) and
+    - "reference" (default), the LDAM-DRW code's (the published CB-Focal figures are Cui et al.'s
+      sigmoid-based focal loss, docs/methods.md): CE_w,i = w_{y_i} CE_i (no normalisation), p_i = exp(-CE_w,i) and
       loss = mean_i (1 - p_i)^gamma CE_w,i. It is not the weighted mean of the contract: the weight
       also enters the modulating factor.
     - "normalized": alpha_t = w_{y_i} multiplies each sample's focal term and the batch reduction is
