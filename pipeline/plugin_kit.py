@@ -17,8 +17,12 @@ The loss plugin contract (checked by ``check_loss_plugin``):
   scalar, differentiable w.r.t. logits, which it must not modify in place. ``class_weight`` (float
   [C], from re-weighting / DRW) gives the weighted mean sum_i w_{y_i} l_i / sum_i w_{y_i}
   (``weighted_mean``, PyTorch's weighted cross-entropy); class_weight = ones must equal no weight.
-  (The built-in focal loss's default "reference" weighting is the one documented exception.)
+  (The documented exceptions: the built-in focal loss's default "reference" weighting, and the
+  sigmoid focal loss, which divides sum_i w_{y_i} l_i by the batch size, as Cui et al.'s code does.)
 - Optional ``module.set_epoch(epoch, epochs)``: the trainer calls it at the start of every epoch.
+- Optional ``module.init_classifier(classifier)``: called once on a newly built model's classifier
+  (an ``nn.Linear`` for the linear heads), before any checkpoint is loaded into it; e.g. the sigmoid
+  focal loss starts every class's bias at -log(C - 1).
 - Optional ``module.extra_inputs``: a tuple of names from ``EXTRA_INPUTS`` = ("features", "weight").
   The trainer then passes them as keywords, ``module(logits, target, class_weight=None,
   features=x, weight=W)``: x[B, D] is the classifier's input and W[C, D] its weight, both attached

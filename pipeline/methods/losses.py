@@ -32,8 +32,8 @@ class Focal(nn.Module):
     """Focal loss, Lin et al., ICCV 2017: FL_i = -(1 - p_t)^gamma log p_t, p_t = softmax(z)_y.
 
     With class_weight there are two conventions (``losses.focal.weighting``):
-    - "reference" (default), the LDAM-DRW code's (the published CB-Focal figures are Cui et al.'s
-      sigmoid-based focal loss, docs/methods.md): CE_w,i = w_{y_i} CE_i (no normalisation), p_i = exp(-CE_w,i) and
+    - "reference" (default), the LDAM-DRW code's (the published CB-Focal figures come from Cui et al.'s
+      sigmoid-based focal loss, SigmoidFocal): CE_w,i = w_{y_i} CE_i (no normalisation), p_i = exp(-CE_w,i) and
       loss = mean_i (1 - p_i)^gamma CE_w,i. It is not the weighted mean of the contract: the weight
       also enters the modulating factor.
     - "normalized": alpha_t = w_{y_i} multiplies each sample's focal term and the batch reduction is
@@ -55,6 +55,41 @@ class Focal(nn.Module):
             return ((1 - torch.exp(-ce_w)).pow(self.gamma) * ce_w).mean()
         focal = (1 - torch.exp(-ce)).pow(self.gamma) * ce
         return weighted_mean(focal, target, class_weight)
+
+
+class SigmoidFocal(nn.Module):
+    """Sigmoid-based focal loss with class-balanced weights, as in Cui et al.'s released code (CVPR 2019),
+    which produced the published CB-Focal figures. Every class is a binary problem: per sample i and
+    class j, t_ij = 1 for j = y_i else 0, BCE_ij = BCE(sigmoid(z_ij), t_ij), q_ij = sigmoid(z_ij) if
+    t_ij = 1 else 1 - sigmoid(z_ij), and the loss is sum_ij w_{y_i} (1 - q_ij)^gamma BCE_ij / B: the
+    sample's class weight on all its C terms, divided by the batch size (their normalisation by the
+    number of positive labels). No class_weight gives w = 1, the plain mean over samples; with weights it
+    is not the weighted mean of the contract (a documented exception, like focal's "reference").
+    The modulating factor is computed stably as exp(-gamma softplus(s_ij z_ij)), s_ij = +1 / -1 for t = 1 / 0.
+    ``init_classifier`` sets the classifier bias to -log(C - 1) (each sigmoid starts at 1/C), as their model does.
+    """
+
+    head = "linear"
+
+    def __init__(self, gamma):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, logits, target, class_weight=None):
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # bf16 training: fp32 loss
+        t = F.one_hot(target, z.shape[1]).to(z)
+        bce = F.binary_cross_entropy_with_logits(z, t, reduction="none")
+        per_class = bce if self.gamma == 0 else torch.exp(-self.gamma * F.softplus((2 * t - 1) * z)) * bce
+        per_sample = per_class.sum(1)
+        if class_weight is not None:
+            per_sample = class_weight.to(per_sample)[target] * per_sample
+        return per_sample.sum() / len(target)
+
+    def init_classifier(self, classifier: nn.Module) -> None:
+        bias = getattr(classifier, "bias", None)
+        if bias is not None and classifier.out_features > 1:
+            with torch.no_grad():
+                bias.fill_(-math.log(classifier.out_features - 1))
 
 
 class MarginCE(nn.Module):
@@ -182,6 +217,11 @@ def build_focal(class_counts, *, gamma=1.0, weighting="reference"):
     if weighting not in FOCAL_WEIGHTINGS:
         raise LongtailError(f"losses.focal.weighting must be one of {', '.join(FOCAL_WEIGHTINGS)}, got {weighting!r}")
     return Focal(check_number("losses.focal.gamma", gamma, min=0), weighting)
+
+
+def build_sigmoid_focal(class_counts, *, gamma=1.0):
+    """Class-balanced sigmoid focal loss (Cui et al., CVPR 2019; see SigmoidFocal); gamma = 1, their CIFAR-10 setting."""
+    return SigmoidFocal(check_number("losses.sigmoid_focal.gamma", gamma, min=0))
 
 
 def build_ldam(class_counts, *, max_m=0.5, s=30.0):

@@ -125,6 +125,9 @@ def setup(p: Params, dataset: Path = DATASET):
     loss = build_loss(p, counts).to(device)
     head = loss.head
     model = build_model(p, len(counts), ds.x_train.shape[3], head).to(device)
+    init = getattr(loss, "init_classifier", None)  # optional loss hook (pipeline.plugin_kit); a loaded
+    if callable(init) and hasattr(model, "classifier"):  # checkpoint (finetune, resume) overwrites it
+        init(model.classifier)
     aug = augmentation(p, ds)
     trainer = Trainer(model, loss, device_data(ds, device), p.train, build_policy(p, counts), device,
                       p.seed, aug.pad, aug.flip)

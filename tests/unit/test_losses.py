@@ -48,6 +48,19 @@ def np_focal_reference(z, y, gamma, w=None):
     return float(np.mean(out))
 
 
+def np_sigmoid_focal(z, y, gamma, w=None):
+    """Cui et al.'s CB-Focal written out: every class a binary problem, (1 - q)^gamma BCE, summed over classes,
+    times the sample's class weight, divided by the batch size."""
+    B, C = z.shape
+    total = 0.0
+    for i in range(B):
+        for j in range(C):
+            sig = 1 / (1 + math.exp(-z[i, j]))
+            q = sig if j == y[i] else 1 - sig
+            total += (1.0 if w is None else w[y[i]]) * (1 - q) ** gamma * -math.log(q)
+    return total / B
+
+
 def np_ldam_margins(counts, max_m):
     raw = [n ** -0.25 for n in counts]
     return [max_m * r / max(raw) for r in raw]
@@ -305,7 +318,7 @@ def test_lsoftmax_asks_for_extra_inputs():
 
 # --------------------------------------------------------------------------- gradients
 
-SIMPLE = {"ce": {}, "focal": {"gamma": 2.0}, "ldam": {}, "ldam_hinge": {}, "am": {}, "hinge": {}, "ls_svm": {},
+SIMPLE = {"ce": {}, "focal": {"gamma": 2.0}, "sigmoid_focal": {"gamma": 2.0}, "ldam": {}, "ldam_hinge": {}, "am": {}, "hinge": {}, "ls_svm": {},
           "balanced_softmax": {}, "logit_adjust": {"tau": 0.7}}
 
 
@@ -414,3 +427,42 @@ def test_unknown_param_is_type_error():
         L.build_focal([1, 2], gama=1)
     with pytest.raises(TypeError):
         L.build_ce([1, 2], gamma=1)
+
+
+# --------------------------------------------------------------------------- CB-Focal as Cui et al. released it
+
+def test_sigmoid_focal_by_hand():
+    """z = (0, ln 3), y = 0, gamma = 1: class 0 (target): q = 1/2, (1 - q) BCE = ln(2)/2; class 1: sigmoid = 3/4,
+    q = 1/4, (1 - q) BCE = (3/4) ln 4. Sum: ln 4. With class weights (2, 1) the sample counts twice: 2 ln 4."""
+    z = torch.tensor([[0.0, math.log(3)]], dtype=torch.float64)
+    y = torch.tensor([0])
+    loss = L.build_sigmoid_focal([10, 1], gamma=1.0)
+    assert loss(z, y).item() == pytest.approx(math.log(4), rel=1e-12)
+    assert loss(z, y, torch.tensor([2.0, 1.0])).item() == pytest.approx(2 * math.log(4), rel=1e-12)
+    # gamma = 0 is the per-class sigmoid cross-entropy: ln 2 + ln 4
+    assert L.build_sigmoid_focal([10, 1], gamma=0.0)(z, y).item() == pytest.approx(math.log(8), rel=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_sigmoid_focal_against_the_written_out_formula(gamma):
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(7, 4, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(4, (7,), generator=g)
+    w = torch.rand(4, generator=g, dtype=torch.float64) * 3 + 0.05
+    loss = L.build_sigmoid_focal([400, 90, 12, 2], gamma=gamma)
+    for weights in (None, w):
+        ref = np_sigmoid_focal(z.numpy(), y.tolist(), gamma, None if weights is None else weights.tolist())
+        assert loss(z, y, weights).item() == pytest.approx(ref, rel=1e-10)
+    # far from the boundary the stable modulating factor stays finite, and so does the gradient
+    big = torch.tensor([[60.0, -60.0], [-60.0, 60.0]], dtype=torch.float64, requires_grad=True)
+    out = L.build_sigmoid_focal([1, 1], gamma=gamma)(big, torch.tensor([0, 0]))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(big.grad).all()
+
+
+def test_sigmoid_focal_starts_every_sigmoid_at_one_over_c():
+    """Cui et al.'s model initialises the classifier bias to -log(C - 1) for sigmoid-based losses."""
+    clf = torch.nn.Linear(8, 10)
+    L.build_sigmoid_focal([5] * 10).init_classifier(clf)
+    assert torch.allclose(clf.bias, torch.full((10,), -math.log(9)))
+    assert torch.allclose(torch.sigmoid(clf.bias), torch.full((10,), 0.1))

@@ -61,7 +61,9 @@ def names():
       "finetune.reweighting": "none"}, "CB-RS"),
     ({"loss": "ce", "finetune.sampler": "class_balanced", "finetune.reweighting": "none"}, "ERM-DRS"),
     ({"loss": "focal", "finetune.reweighting": "none"}, "Focal"),
-    ({"loss": "focal", "train.reweighting": "cb", "finetune.reweighting": "cb"}, "CB-Focal"),
+    ({"loss": "sigmoid_focal", "train.reweighting": "cb", "finetune.reweighting": "cb"}, "CB-Focal"),
+    # the LDAM-DRW code's softmax focal with CB weights is not the method of the published CB-Focal figures
+    ({"loss": "focal", "train.reweighting": "cb", "finetune.reweighting": "cb"}, "focal+RW:cb+DRW:cb"),
     ({"loss": "am", "finetune.reweighting": "cb"}, "M-DRW"),
     # no named method: the readable fallback names every re-balancing choice that is not plain
     ({"loss": "focal", "train.reweighting": "inverse", "finetune.reweighting": "cb"}, "focal+RW:inverse+DRW:cb"),

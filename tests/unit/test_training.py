@@ -558,3 +558,20 @@ def test_a_stage_refuses_prepared_data_built_with_other_params(prepared, tmp_pat
     moved = parse(override(tiny_pretrain_finetune(default_params), {"data.root": "/elsewhere/digits"}))
     from pipeline.data.store import check_built_with, load_dataset
     check_built_with(load_dataset(ds), moved, ds)
+
+
+def test_a_loss_can_initialise_the_classifier_of_a_new_model(tmp_path, default_params):
+    """CB-Focal (sigmoid_focal) starts every class's bias at -log(C - 1) as Cui et al.'s model does; the finetune
+    stage loads stage 1's weights over it, so the hook never undoes training."""
+    import math
+
+    p, ds = prepare(tmp_path, tiny_pretrain_finetune(default_params) | {"loss": "sigmoid_focal"})
+    trainer, _ = training.setup(p, ds)
+    bias = trainer.model.classifier.bias.detach()
+    assert torch.allclose(bias, torch.full_like(bias, -math.log(len(bias) - 1)))
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    training.run("pretrain", p, **files)
+    trained = io.load_checkpoint(tmp_path / "pre.pt", "pretrain checkpoint")["model"]["classifier.bias"]
+    assert not torch.allclose(trained, bias)  # stage 1 trained it
+    ce_trainer, _ = training.setup(parse(tiny_pretrain_finetune(default_params)), ds)
+    assert not torch.allclose(ce_trainer.model.classifier.bias.detach(), bias)  # only the loss that asks
