@@ -307,7 +307,30 @@ def _print_plugins(found) -> None:
         typer.echo(f"  {p.name:<{width}}  {p.value}  [{p.dist}]{status}")
 
 
+# the commands that dvc.yaml runs: each must run the code that DVC hashed for it
+STAGE_COMMANDS = ("build-dataset", "pretrain", "finetune", "evaluate")
+PROJECT_CODE_ENV = "LONGTAIL_PROJECT_CODE"
+
+
+def _run_the_projects_own_code() -> None:
+    """A stage run in a project folder whose pipeline/ is not the imported package (a DVC queue's
+    temporary copy of an experiment, or a clone beside a non-editable install) re-executes itself on
+    that folder's code: the stages' DVC dependencies are those files, so a queued experiment must not
+    run whatever code the installed package points at by the time it starts."""
+    if len(sys.argv) < 2 or sys.argv[1] not in STAGE_COMMANDS or os.environ.get(PROJECT_CODE_ENV):
+        return
+    here = Path.cwd() / "pipeline"
+    if not ((here / "cli.py").is_file() and (here / "stages").is_dir() and (Path.cwd() / "dvc.yaml").is_file()):
+        return
+    if here.resolve() == Path(__file__).resolve().parent:
+        return
+    os.environ[PROJECT_CODE_ENV] = str(here)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "pipeline.cli", *sys.argv[1:]])
+
+
 def main() -> None:
+    _run_the_projects_own_code()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     interrupts.install()
     try:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -124,3 +125,24 @@ def test_a_corrupt_mlflow_store_is_one_line_not_a_traceback(tmp_path):
         f"error: the MLflow store sqlite:///{tmp_path / 'mlflow.db'} cannot be read (file is not a database): "
         "restore it from a backup, or move it aside and a new, empty store is made on the next run"]
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_stage_runs_the_code_of_the_project_it_runs_in(tmp_path):
+    """A DVC queue runs each experiment in a temporary copy of the project, but the editable install points at
+    the workspace: a queued experiment ran whatever code the workspace held when it started, while DVC recorded
+    the hashes of its own copy. A stage command now re-executes itself on the copy's pipeline/."""
+    import shutil
+
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    stage = tmp_path / "pipeline" / "stages" / "build_dataset.py"
+    text = stage.read_text()
+    marker = "def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:\n"
+    assert marker in text
+    stage.write_text(text.replace(marker, marker + "    raise LongtailError('the project copy ran')\n"))
+    longtail = Path(sys.executable).parent / "longtail"
+    r = subprocess.run([str(longtail), "build-dataset"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: the project copy ran", r.stderr
+    assert not (tmp_path / "data" / "prepared").exists()
