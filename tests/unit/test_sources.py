@@ -209,34 +209,32 @@ def test_32_bit_images_are_rejected_with_a_message(tmp_path, array):
     assert str(err.value) == f"image {path} has 32-bit pixels (mode {Image.open(path).mode}); save it as 8- or 16-bit"
 
 
-def test_a_class_without_images_names_the_dataset(tmp_path, default_params, monkeypatch):
-    """Issue 14.13: a source with an empty class (here: a digits class removed) names dataset and class."""
+def _build_refuses(tmp_path, monkeypatch, default_params, source, ratio, message):
+    """build_dataset on `source` (in place of the digits) stops with `message` and writes nothing."""
     from pipeline.params import parse
     from pipeline.stages import build_dataset
 
+    p = parse({**default_params, "dataset": "digits", "ratio": ratio})
+    monkeypatch.setattr(build_dataset, "load_source", lambda name, root: source)
+    with pytest.raises(LongtailError, match=message):
+        build_dataset.run(p, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_class_without_images_names_the_dataset(tmp_path, default_params, monkeypatch):
+    """Issue 14.13: a source with an empty class (here: a digits class removed) names dataset and class."""
     raw = sources.load_digits()
     keep = raw.y_train != 3
     empty = sources.RawData(raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test, raw.classes, raw.mean,
                             raw.std, raw.hflip)
-    p = parse({**default_params, "dataset": "digits", "ratio": 10})
-    monkeypatch.setattr(build_dataset, "load_source", lambda name, root: empty)
-    with pytest.raises(LongtailError, match=r"dataset digits \(data.root data/raw\) has no training images in "
-                                            r"class\(es\) 3"):
-        build_dataset.run(p, out_dir=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    _build_refuses(tmp_path, monkeypatch, default_params, empty, 10,
+                   r"dataset digits \(data.root data/raw\) has no training images in class\(es\) 3")
 
 
 def test_a_one_class_source_is_refused(tmp_path, default_params, monkeypatch):
     """Fault-injection pass: an image folder with one class built a 'long-tailed' dataset whose ratio did nothing."""
-    from pipeline.params import parse
-    from pipeline.stages import build_dataset
-
     raw = sources.load_digits()
     one = sources.RawData(raw.x_train[raw.y_train == 0], raw.y_train[raw.y_train == 0] * 0, raw.x_test[raw.y_test == 0],
                           raw.y_test[raw.y_test == 0] * 0, ["a"], raw.mean, raw.std, raw.hflip)
-    p = parse({**default_params, "dataset": "digits", "ratio": 2})
-    monkeypatch.setattr(build_dataset, "load_source", lambda name, root: one)
-    with pytest.raises(LongtailError, match=r"dataset digits \(data.root data/raw\) has 1 class \(a\): a "
-                                            r"classification dataset needs at least 2"):
-        build_dataset.run(p, out_dir=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    _build_refuses(tmp_path, monkeypatch, default_params, one, 2,
+                   r"dataset digits \(data.root data/raw\) has 1 class \(a\): a classification dataset needs at least 2")
