@@ -183,7 +183,14 @@ def _choice(value, key: str, valid) -> str:
 
 
 def _auto(value, key: str, conv):
-    return None if value == "auto" else conv(value, key)
+    if value == "auto":
+        return None
+    try:
+        return conv(value, key)
+    except LongtailError as exc:
+        if "auto" in str(exc):
+            raise
+        raise LongtailError(f"{exc} (or auto)") from None
 
 
 def _bool(value, key: str) -> bool:

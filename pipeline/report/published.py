@@ -58,6 +58,10 @@ def parse_published_as(pairs) -> dict:
         if not sep or not ours.strip() or not theirs.strip():
             raise LongtailError(f"--published-as wants OURS=PUBLISHED dataset names, e.g. imagefolder=cifar10, "
                                 f"got {pair!r}")
+        known = sorted({setting.split()[0] for setting in Published.load().settings})
+        if theirs.strip() not in known:
+            raise LongtailError(f"--published-as {pair}: there are no published figures of {theirs.strip()!r} "
+                                f"(valid: {', '.join(known)})")
         out[ours.strip()] = theirs.strip()
     return out
 

@@ -80,6 +80,7 @@ from pipeline.params import check_plugins, override  # noqa: E402
     ({"train.milestones": [8, 8]}, "train.milestones must be strictly increasing, got [8, 8]"),
     ({"train.milestones": [160, 200]}, "must all be below train.epochs (200)"),
     ({"data.root": None}, "data.root must be a folder path (e.g. data/raw), got None"),
+    ({"data.n_max": "all"}, "data.n_max must be an integer, got 'all' (or auto)"),
     # fault-injection pass: these passed the check and then crashed MLflow in a stage
     ({"tracking.experiment": ""}, "tracking.experiment must be an MLflow experiment name, a non-empty string"),
     ({"tracking.experiment": "  "}, "tracking.experiment must be an MLflow experiment name"),

@@ -323,6 +323,9 @@ def test_published_as_compares_an_image_folder_with_the_cifar_figures(stored_run
     assert report.parse_published_as(["imagefolder=cifar10"]) == {"imagefolder": "cifar10"}
     with pytest.raises(LongtailError, match="OURS=PUBLISHED"):
         report.parse_published_as(["cifar10"])
+    # fault-injection pass: a dataset without published figures was accepted and compared with nothing
+    with pytest.raises(LongtailError, match=r"there are no published figures of 'mnist' \(valid: cifar10, cifar100\)"):
+        report.parse_published_as(["imagefolder=mnist"])
 
 
 # ------------------------------------------------------------------------------------ figures
