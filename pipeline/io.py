@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,8 +52,6 @@ def atomic_folder(path: str | Path):
     """Yield a hidden temporary folder next to `path` (which must be absent or an empty folder); if the
     block succeeds, it becomes `path`; on any error or interrupt it is removed, so `path` is either the
     complete tree or untouched."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))

@@ -328,7 +328,7 @@ def parse(raw: dict) -> Params:
         reweighting_params={n: _plugin_params(raw, "reweightings", n)
                             for n in {train.reweighting, finetune.reweighting}},
         sampler_params={n: _plugin_params(raw, "samplers", n) for n in {train.sampler, finetune.sampler}},
-        experiment=experiment_name(raw),
+        experiment=experiment,
         raw=copy.deepcopy(raw),
     )
 

@@ -102,7 +102,7 @@ def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise LongtailError(f"plugin name {name!r} must be a lowercase Python identifier, not a keyword (e.g. my_loss)")
     if params_file is not None and params_file.exists():  # checked before anything is written
-        _params_mapping(params_file)
+        _params_mapping(params_file, "losses")
     from . import registry
 
     if name in registry.names("losses"):  # the exact path losses.NAME (samplers.sqrt is another plugin)
@@ -127,8 +127,8 @@ def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
     return dest
 
 
-def _params_mapping(params_file: Path) -> dict:
-    """params.yaml as a mapping, or one line saying why it is not one."""
+def _params_mapping(params_file: Path, section: str) -> dict:
+    """params.yaml as a mapping whose `section` is a mapping, or one line saying why it is not one."""
     import yaml
 
     from .checks import yaml_load
@@ -141,9 +141,8 @@ def _params_mapping(params_file: Path) -> dict:
         raise LongtailError(f"params file {params_file} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise LongtailError(f"params file {params_file} must be a mapping of keys, got a {type(raw).__name__}")
-    for section in ("losses",):
-        if not isinstance(raw.get(section) or {}, dict):
-            raise LongtailError(f"{params_file}: {section} must be a mapping of plugin name -> parameters")
+    if not isinstance(raw.get(section) or {}, dict):
+        raise LongtailError(f"{params_file}: {section} must be a mapping of plugin name -> parameters")
     return raw
 
 
@@ -153,12 +152,8 @@ def add_section(params_file: Path, section: str, name: str, values: dict, commen
     the same name in another section (samplers.sqrt, finetunes.crt) does not count."""
     import yaml
 
-    from .checks import yaml_load
-
     text = params_file.read_text()
-    raw = _params_mapping(params_file)
-    if not isinstance(raw.get(section) or {}, dict):
-        raise LongtailError(f"{params_file}: {section} must be a mapping of plugin name -> parameters")
+    raw = _params_mapping(params_file, section)
     if name in (raw.get(section) or {}):
         return False
     flow = yaml.safe_dump(values, default_flow_style=True, width=10**6).strip() if values else "{}"

@@ -53,12 +53,12 @@ def parse_published_as(pairs) -> dict:
     """`--published-as imagefolder=cifar10` -> {"imagefolder": "cifar10"}: runs of the dataset on the left
     are compared with the published figures of the one on the right (e.g. the CIFAR-10 images as a folder)."""
     out = {}
+    known = sorted({setting.split()[0] for setting in Published.load().settings}) if pairs else []
     for pair in pairs or ():
         ours, sep, theirs = pair.partition("=")
         if not sep or not ours.strip() or not theirs.strip():
             raise LongtailError(f"--published-as wants OURS=PUBLISHED dataset names, e.g. imagefolder=cifar10, "
                                 f"got {pair!r}")
-        known = sorted({setting.split()[0] for setting in Published.load().settings})
         if theirs.strip() not in known:
             raise LongtailError(f"--published-as {pair}: there are no published figures of {theirs.strip()!r} "
                                 f"(valid: {', '.join(known)})")
