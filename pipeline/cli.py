@@ -115,12 +115,13 @@ def export_images(out: Path = typer.Argument(..., help="the folder to write (new
 @app.command()
 def check(params: Path = ParamsOpt):
     """Validate params.yaml (keys, values, plugin names) without running anything."""
+    from .data import profile_label
     from .params import check_plugins, load
 
     p = load(params)
     check_plugins(p)
     t = p.train
-    typer.echo(f"{params}: ok (dataset={p.dataset}, {p.imbalance} r={p.ratio:g}, loss={p.loss}, schedule={p.schedule}: "
+    typer.echo(f"{params}: ok (dataset={p.dataset}, {profile_label(p.imbalance, p.ratio)}, loss={p.loss}, schedule={p.schedule}: "
                f"epochs={t.epochs}, warm-up {t.warmup_epochs}, lr milestones {list(t.milestones)}, "
                f"finetune from {p.finetune.start_epoch})")
 

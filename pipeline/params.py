@@ -18,7 +18,7 @@ import yaml
 
 from . import registry
 from .checks import check_number, find_non_finite, unknown_key, yaml_load
-from .data import DATASETS, IMBALANCES, SOURCE_SIZES
+from .data import DATASETS, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
 from .errors import LongtailError, full_stage_one_error
 from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
@@ -239,6 +239,9 @@ def parse(raw: dict) -> Params:
         raise LongtailError(f"data.root must be a folder path (e.g. data/raw), got {root!r}")
     data = Data(root=root, n_max=_auto(_get(d, "n_max", "data"), "data.n_max",
                                                                   lambda v, k: _int(v, k, lo=1)))
+    if imbalance == SOURCE_PROFILE and data.n_max is not None:
+        raise LongtailError(f"data.n_max ({data.n_max}) does not apply to imbalance source, which keeps every "
+                            "training image of the source (valid: auto; or imbalance exp / step to cut a profile)")
 
     m = _get(raw, "model", "")
     arch = _plugin("models", _get(m, "arch", "model"), "model.arch")
@@ -363,8 +366,10 @@ def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts
     dataset's counts if they were made with these settings, else the profile of a fixed-size source."""
     try:
         made = json.loads(prepared.read_text())
-        if (made.get("dataset"), made.get("imbalance"), made.get("ratio")) == (p.dataset, p.imbalance, p.ratio) \
-                and (p.data.n_max is None or made.get("n_max") == p.data.n_max):
+        same = (made.get("dataset"), made.get("imbalance")) == (p.dataset, p.imbalance) and (
+            p.imbalance == SOURCE_PROFILE  # its counts are the source's: no ratio or n_max to compare
+            or made.get("ratio") == p.ratio and (p.data.n_max is None or made.get("n_max") == p.data.n_max))
+        if same:
             return [int(n) for n in made["class_counts"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -372,6 +377,8 @@ def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts
         from .data.profiles import lt_counts
 
         classes, n_max = SOURCE_SIZES[p.dataset]
+        if p.imbalance == SOURCE_PROFILE:  # the fixed-size sources are balanced
+            return [n_max] * classes
         return lt_counts(min(p.data.n_max or n_max, n_max), classes, p.imbalance, p.ratio)
     return None
 

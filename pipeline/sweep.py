@@ -97,6 +97,7 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
     """The combinations, each validated; raises LongtailError before anything is queued."""
     from . import registry
     from .method_names import MethodNames
+    from .data import SOURCE_PROFILE
     from .params import DATASETS, IMBALANCES, check_plugins, parse
 
     if losses and methods:
@@ -124,6 +125,9 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
         if not v >= 1:
             raise LongtailError(f"--ratio values must be numbers >= 1, got {r!r}")
         ratio_values.append(_text(v))
+    if ratio_values and SOURCE_PROFILE in (imbalances or (base.get("imbalance"),)):
+        raise LongtailError("--ratio does not apply to imbalance source (it keeps the source's own counts): "
+                            "sweep the source profile without --ratio")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise LongtailError(f"--seeds is the number of seeds (0..n-1) and must be >= 1, got {seeds!r}")
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import interrupts
+from .data import SOURCE_PROFILE
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -298,7 +299,8 @@ def _run_tags(raw_params: dict, group: str, commit: str) -> dict:
     tags = {GROUP_TAG: group, "longtail.commit": commit, "mlflow.source.git.commit": commit,
             "longtail.dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "method": method,
             "dataset": raw_params.get("dataset"), "imbalance": raw_params.get("imbalance"),
-            "ratio": raw_params.get("ratio"), "seed": raw_params.get("seed"),
+            "ratio": None if raw_params.get("imbalance") == SOURCE_PROFILE else raw_params.get("ratio"),
+            "seed": raw_params.get("seed"),
             "longtail.dataset": raw_params.get("dataset"), "longtail.loss": raw_params.get("loss"),
             "longtail.plugins": ", ".join(f"{d} {v}" for d, v in plugins.items()) or "built-in only",
             **{f"longtail.plugin.{d}": v for d, v in plugins.items()}}
@@ -341,8 +343,8 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
             if parents[0].info.status != "RUNNING":
                 _retry(client.update_run, parent_id, status="RUNNING")
         else:
-            name = (f"{tags['method']} · {tags['dataset']} {tags['imbalance']} {tags['ratio']} · seed {tags['seed']} "
-                    f"· {group}")
+            setting = " ".join(t for t in (tags["dataset"], tags["imbalance"], tags["ratio"]) if t)
+            name = f"{tags['method']} · {setting} · seed {tags['seed']} · {group}"
             with interrupts.shielded():
                 parent_id = _retry(client.create_run, exp_id, run_name=name,
                                    tags={**tags, "longtail.parent": "true"}).info.run_id

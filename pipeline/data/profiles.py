@@ -4,7 +4,7 @@ import numbers
 
 import numpy as np
 
-from pipeline.data import IMBALANCES as IMBALANCE
+from pipeline.data import IMBALANCES, SOURCE_PROFILE
 from pipeline.errors import LongtailError, unknown
 
 
@@ -16,8 +16,10 @@ def lt_counts(n_max: int, num_classes: int, imbalance: str, ratio: float) -> lis
           (for odd C the extra class goes to the tail).
     r = 1 gives the balanced profile [n_max] * C.
     """
-    if imbalance not in IMBALANCE:
-        raise unknown("imbalance", imbalance, IMBALANCE)
+    if imbalance == SOURCE_PROFILE:
+        raise LongtailError("imbalance source has no formula: its counts are the source's own (build-dataset)")
+    if imbalance not in IMBALANCES:
+        raise unknown("imbalance", imbalance, IMBALANCES)
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio >= 1:
         raise LongtailError(f"ratio must be a number >= 1 (n_max / n_min), got {ratio!r}")
     if num_classes < 1 or n_max < 1:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LongtailError
 from ..method_names import PHASE_LABELS, MethodNames, _matches, norm
-from ..data import DATASETS, IMBALANCES
+from ..data import DATASETS, IMBALANCES, SOURCE_PROFILE
 
 DATASET_ORDER, PROFILE_ORDER = DATASETS, IMBALANCES
 # evaluate-run metrics (fractions in MLflow; percentages in the report)
@@ -26,13 +26,15 @@ PLUGIN_SECTIONS = {"losses": ("loss",), "reweightings": ("train.reweighting", "f
 
 
 def column_of(params: dict) -> tuple:
+    if str(params.get("imbalance")) == SOURCE_PROFILE:  # no ratio of its own: the source's counts
+        return (str(params.get("dataset")), SOURCE_PROFILE, "")
     ratio = norm(params.get("ratio"))
     return (str(params.get("dataset")), str(params.get("imbalance")), ratio if isinstance(ratio, float) else str(ratio))
 
 
 def column_label(col: tuple) -> str:
     ds, prof, ratio = col
-    return f"{ds} {prof} {ratio:g}" if isinstance(ratio, float) else f"{ds} {prof} {ratio}"
+    return f"{ds} {prof} {ratio:g}" if isinstance(ratio, float) else " ".join(t for t in (ds, prof, ratio) if t)
 
 
 def column_key(col: tuple):

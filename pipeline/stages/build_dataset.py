@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..data import SOURCE_PROFILE
 from ..data.profiles import lt_counts, select_long_tailed
 from ..data.sources import load_source, source_n_max
 from ..data.store import built_with, save_dataset
@@ -28,15 +29,21 @@ def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
         empty = [c for c, n in zip(raw.classes, per_class) if n == 0]
         raise LongtailError(f"dataset {p.dataset} (data.root {p.data.root}) has no training images in class(es) "
                             f"{', '.join(map(str, empty))}: every class needs at least one")
-    n_max = p.data.n_max or available
-    if n_max > available:
-        raise LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that "
-                            f"{p.dataset} has (valid: 1..{available} or auto)")
-    counts = lt_counts(n_max, len(raw.classes), p.imbalance, p.ratio)
+    if p.imbalance == SOURCE_PROFILE:  # every training image, as the source has them
+        counts = [int(n) for n in np.bincount(raw.y_train, minlength=len(raw.classes))]
+        n_max, ratio = max(counts), max(counts) / min(counts)
+        profile = f"{p.imbalance} (its own counts, r={ratio:.3g})"
+    else:
+        n_max = p.data.n_max or available
+        if n_max > available:
+            raise LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that "
+                                f"{p.dataset} has (valid: 1..{available} or auto)")
+        counts = lt_counts(n_max, len(raw.classes), p.imbalance, p.ratio)
+        ratio, profile = p.ratio, f"{p.imbalance} r={p.ratio:g}"
     keep = select_long_tailed(raw.y_train, counts, seed=0)
     save_dataset(out_dir / "dataset.npz", raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test,
                  raw.classes, raw.mean, raw.std, raw.hflip, made_with=built_with(p))
-    summary = {"dataset": p.dataset, "imbalance": p.imbalance, "ratio": p.ratio, "n_max": n_max,
+    summary = {"dataset": p.dataset, "imbalance": p.imbalance, "ratio": ratio, "n_max": n_max,
                "train_images": int(sum(counts)), "test_images": int(len(raw.y_test)),
                "image_shape": list(raw.x_train.shape[1:]),
                "classes": list(raw.classes), "class_counts": [int(c) for c in counts]}
@@ -44,6 +51,6 @@ def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
     if log is not None:
         log.log_metrics({"train_images": summary["train_images"], "test_images": summary["test_images"]})
         log.log_artifact(out_dir / "class_counts.json")
-    print(f"build-dataset: {p.dataset} {p.imbalance} r={p.ratio:g}: {summary['train_images']} train images "
+    print(f"build-dataset: {p.dataset} {profile}: {summary['train_images']} train images "
           f"{counts}, {summary['test_images']} test images -> {out_dir / 'dataset.npz'}")
     return summary

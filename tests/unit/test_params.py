@@ -81,6 +81,9 @@ from pipeline.params import check_plugins, override  # noqa: E402
     ({"train.milestones": [160, 200]}, "must all be below train.epochs (200)"),
     ({"data.root": None}, "data.root must be a folder path (e.g. data/raw), got None"),
     ({"data.n_max": "all"}, "data.n_max must be an integer, got 'all' (or auto)"),
+    ({"imbalance": "source", "data.n_max": 50}, "data.n_max (50) does not apply to imbalance source, which keeps "
+                                                "every training image of the source (valid: auto; "),
+    ({"imbalance": "none"}, "imbalance must be one of exp, step, source, got 'none'"),
     # fault-injection pass: these passed the check and then crashed MLflow in a stage
     ({"tracking.experiment": ""}, "tracking.experiment must be an MLflow experiment name, a non-empty string"),
     ({"tracking.experiment": "  "}, "tracking.experiment must be an MLflow experiment name"),

@@ -408,6 +408,7 @@ def test_sweep_grid(default_params):
     ({"losses": ["ce", "foo"]}, "unknown loss 'foo' (valid: am, "),
     ({"methods": ["ERM", "Nope"]}, "unknown method 'Nope' (valid: ERM, "),
     ({"ratios": ["100", "0.5"]}, "--ratio values must be numbers >= 1"),
+    ({"imbalances": ["exp", "source"], "ratios": ["100", "10"]}, "--ratio does not apply to imbalance source"),
     ({"datasets": ["mnist"]}, "unknown dataset 'mnist'"),
     ({"seeds": 0}, "--seeds"),
     ({"losses": ["ce"], "methods": ["ERM"]}, "not both"),
@@ -562,3 +563,15 @@ def test_method_names_read_an_mlflow_param_in_exponent_notation_as_the_number():
     from pipeline.method_names import norm
 
     assert norm("1e-05") == norm(1e-05) == 1e-05 and norm("[0.01, 1e-05]") == norm([0.01, 1e-05])
+
+
+def test_the_source_profile_is_one_column_whatever_ratio_params_yaml_holds():
+    """imbalance source has no ratio of its own: runs with different (unused) ratio params are one
+    setting, named without a ratio."""
+    from pipeline.report.table import column_of
+
+    cols = {column_of({"dataset": "imagefolder", "imbalance": "source", "ratio": r}) for r in (100, 10.0, "1")}
+    assert cols == {("imagefolder", "source", "")}
+    assert report.column_label(cols.pop()) == "imagefolder source"
+    assert report.column_label(column_of({"dataset": "cifar10", "imbalance": "exp", "ratio": 100})) \
+        == "cifar10 exp 100"

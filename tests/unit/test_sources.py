@@ -238,3 +238,32 @@ def test_a_one_class_source_is_refused(tmp_path, default_params, monkeypatch):
                           raw.y_test[raw.y_test == 0] * 0, ["a"], raw.mean, raw.std, raw.hflip)
     _build_refuses(tmp_path, monkeypatch, default_params, one, 2,
                    r"dataset digits \(data.root data/raw\) has 1 class \(a\): a classification dataset needs at least 2")
+
+
+def test_the_source_profile_keeps_every_image_of_an_already_long_tailed_folder(tmp_path, default_params):
+    """A user's folder that is already long-tailed was cut to the exp profile with n_max = its smallest
+    class (here: 3 images per class at most). `imbalance: source` keeps every training image."""
+    from pipeline.data.store import load_dataset
+    from pipeline.params import parse
+    from pipeline.stages import build_dataset
+
+    root = _tree(tmp_path / "lt", per_class=(3, 2))
+    for i in range(3, 12):  # cat (class 1) gets 12 training images, ant (class 0) keeps 3
+        Image.fromarray(np.full((6, 5, 3), i, np.uint8)).save(root / "train" / "cat" / f"{i:02d}.png")
+    base = {**default_params, "dataset": "imagefolder", "data": {"root": str(root), "n_max": "auto"}}
+
+    cut = build_dataset.run(parse({**base, "imbalance": "exp", "ratio": 2}), out_dir=tmp_path / "cut")
+    assert cut["class_counts"] == [3, 1] and cut["train_images"] == 4
+
+    kept = build_dataset.run(parse({**base, "imbalance": "source", "ratio": 100}), out_dir=tmp_path / "kept")
+    assert kept["class_counts"] == [3, 12] and kept["train_images"] == 15
+    assert kept["n_max"] == 12 and kept["ratio"] == 4.0 and kept["imbalance"] == "source"
+    ds = load_dataset(tmp_path / "kept" / "dataset.npz")
+    assert sorted(ds.y_train.tolist()) == [0] * 3 + [1] * 12 and len(ds.y_test) == 4
+    # every training image, each once
+    assert len({a.tobytes() for a in ds.x_train}) == 15
+    # the ratio param does not apply: another value is the same prepared data, not a stale one
+    from pipeline.data.store import check_built_with
+    check_built_with(ds, parse({**base, "imbalance": "source", "ratio": 10}), "dataset.npz")
+    with pytest.raises(LongtailError, match="was built with imbalance='source', but params.yaml has imbalance='exp'"):
+        check_built_with(ds, parse({**base, "imbalance": "exp", "ratio": 10}), "dataset.npz")
