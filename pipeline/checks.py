@@ -62,7 +62,20 @@ def find_non_finite(node, path: str = ""):
 
 
 class Loader(yaml.SafeLoader):
-    """yaml.SafeLoader with YAML 1.2 floats: 1e-3, 5E+2 and .5 are numbers."""
+    """yaml.SafeLoader with YAML 1.2 floats (1e-3, 5E+2 and .5 are numbers) that refuses a key given
+    twice in one mapping (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key != "<<" and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice (first at line {seen[key] + 1}); keep one",
+                        key_node.start_mark)
+                seen.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -80,6 +93,15 @@ Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+01234567
 def yaml_load(text: str):
     """yaml.safe_load with YAML 1.2 floats (never constructs objects)."""
     return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: 'line 12: found the key 'lr' twice ...' (PyYAML's own text spans lines)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"line {mark.line + 1}: " + (f"{context}, {problem}" if context else problem)
 
 
 def yaml_value(text: str):

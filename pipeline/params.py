@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from . import registry
-from .checks import check_number, find_non_finite, unknown_key, yaml_load
+from .checks import check_number, find_non_finite, unknown_key, yaml_load, yaml_problem
 from .data import DATASETS, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
 from .errors import LongtailError, full_stage_one_error
 from .tracking import DEFAULT_EXPERIMENT
@@ -259,7 +259,7 @@ def parse(raw: dict) -> Params:
     factors = _get(t, "milestone_factors", "train")
     if not isinstance(milestones, list) or not isinstance(factors, list) or len(milestones) != len(factors):
         raise LongtailError("train.milestones and train.milestone_factors must be lists of the same length")
-    milestones = tuple(sched.epoch(_int(v, "train.milestones[]", lo=0)) for v in milestones)
+    milestones = tuple(sched.epoch(_int(v, f"train.milestones[{i}]", lo=0)) for i, v in enumerate(milestones))
     if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise LongtailError(f"train.milestones must be strictly increasing, got {list(milestones)}"
                             + (f" (under schedule={schedule_name})" if sched.scale != 1 else ""))
@@ -269,7 +269,7 @@ def parse(raw: dict) -> Params:
         raise LongtailError(f"train.milestones {list(milestones)} must all be below train.epochs ({epochs}), or the "
                             f"lr never decays there{hint}")
     warmup = _int(_get(t, "warmup_epochs", "train"), "train.warmup_epochs", lo=0, hi=written_epochs)
-    factors = tuple(_float(v, "train.milestone_factors[]", lo=0, lo_open=True) for v in factors)
+    factors = tuple(_float(v, f"train.milestone_factors[{i}]", lo=0, lo_open=True) for i, v in enumerate(factors))
     train = Train(
         epochs=epochs,
         batch_size=_int(_get(t, "batch_size", "train"), "train.batch_size", lo=1),
@@ -441,5 +441,5 @@ def load(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise LongtailError(f"params file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        raise LongtailError(f"params file {path} is not valid YAML ({yaml_problem(exc)})") from exc
     return parse(raw)

@@ -160,7 +160,7 @@ def build_tau_norm(*, tau=1.0, grid=DEFAULT_TAU_GRID, holdout_per_class: int = 2
         check_number("finetunes.tau_norm.tau", tau, min=0)
     if not isinstance(grid, (list, tuple)) or not grid:
         raise LongtailError(f"finetunes.tau_norm.grid must be a non-empty list of numbers >= 0, got {grid!r}")
-    grid = [check_number("finetunes.tau_norm.grid[]", v, min=0) for v in grid]
+    grid = [check_number(f"finetunes.tau_norm.grid[{i}]", v, min=0) for i, v in enumerate(grid)]
     check_number("finetunes.tau_norm.holdout_per_class", holdout_per_class, min=1, integer=True)
     check_number("finetunes.tau_norm.holdout_seed", holdout_seed, integer=True)
     return TauNorm(tau, grid, holdout_per_class, holdout_seed, sweep_file)

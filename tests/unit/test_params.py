@@ -60,6 +60,21 @@ def test_load_reports_missing_and_broken_files(tmp_path):
         load(bad)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text + "\nloss: ldam\n", "the key 'loss' is given twice (first at line 7); keep one"),
+    (lambda text: text.replace("  lr: 0.1", "  lr: 0.1\n  lr: 0.2", 1), "the key 'lr' is given twice"),
+])
+def test_a_key_given_twice_is_refused_not_last_one_wins(tmp_path, edit, message):
+    """Fault-injection pass: PyYAML kept the last of two equal keys, so an edit lower in the file
+    silently overrode one above it."""
+    twice = tmp_path / "params.yaml"
+    twice.write_text(edit((ROOT / "params.yaml").read_text()))
+    with pytest.raises(LongtailError) as err:
+        load(twice)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"params file {twice} is not valid YAML (line ")
+
+
 # -- issue 14.3/4/8/9/13 and issue 11.2: every key and number checked, plugin params bound before any work
 
 from pipeline.checks import yaml_load, yaml_value  # noqa: E402
@@ -77,6 +92,9 @@ from pipeline.params import check_plugins, override  # noqa: E402
     ({"train.weight_decay": float("inf")}, "train.weight_decay must be a finite number, got inf"),
     ({"losses.focal.gamma": float("nan")}, "losses.focal.gamma must be a finite number, got nan"),
     ({"finetunes.tau_norm.grid": [0.1, float("inf")]}, "finetunes.tau_norm.grid[1] must be a finite number"),
+    # fault-injection pass: a list element's error named no element ("train.milestones[] must be >= 0")
+    ({"train.milestones": [160, -1]}, "train.milestones[1] must be >= 0, got -1"),
+    ({"train.milestone_factors": [0.01, 0]}, "train.milestone_factors[1] must be > 0, got 0"),
     ({"train.milestones": [8, 8]}, "train.milestones must be strictly increasing, got [8, 8]"),
     ({"train.milestones": [160, 200]}, "must all be below train.epochs (200)"),
     ({"data.root": None}, "data.root must be a folder path (e.g. data/raw), got None"),
@@ -101,6 +119,7 @@ def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
     ({"finetunes.crt.sampler": "class_balancd"},
      "finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
     ({"finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be >= 1, got -1"),
+    ({"finetunes.tau_norm.grid": [0.5, -1]}, "finetunes.tau_norm.grid[1] must be >= 0, got -1"),
     ({"finetune.strategy": "crt", "finetunes.crt.epochs": -1}, "finetunes.crt.epochs must be >= 1"),
     ({"reweightings.cb.beta": 1.5}, "reweightings.cb.beta must be < 1, got 1.5"),
     ({"model.width": 2}, "model.width: resnet32 takes no parameters"),
