@@ -61,6 +61,9 @@ def find_non_finite(node, path: str = ""):
     return None
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class Loader(yaml.SafeLoader):
     """yaml.SafeLoader with YAML 1.2 floats (1e-3, 5E+2 and .5 are numbers) that refuses a key given
     twice in one mapping (PyYAML would keep the last one silently)."""
@@ -69,12 +72,17 @@ class Loader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen = {}
             for key_node, _ in node.value:
+                if key_node.tag == MERGE_TAG:  # `<<: *anchor` merges a mapping; its keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=deep)
-                if key != "<<" and key in seen:
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class refuses it with its own message
+                    continue
+                if first is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice (first at line {seen[key] + 1}); keep one",
-                        key_node.start_mark)
-                seen.setdefault(key, key_node.start_mark.line)
+                        None, None, f"the key {key!r} is given twice (first at line {first.start_mark.line + 1}); "
+                                    "keep one", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -102,6 +110,14 @@ def yaml_problem(exc: Exception) -> str:
         return " ".join(str(exc).split())
     context = getattr(exc, "context", None)
     return f"line {mark.line + 1}: " + (f"{context}, {problem}" if context else problem)
+
+
+def yaml_text(text: str, what: str):
+    """yaml_load, or one LongtailError line naming `what` and the line of the mistake."""
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError as exc:
+        raise LongtailError(f"{what} is not valid YAML ({yaml_problem(exc)})") from None
 
 
 def yaml_value(text: str):

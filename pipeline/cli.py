@@ -167,10 +167,12 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
     from .tracking import fetch_artifact, finished_runs, tracking_uri
 
     if experiment is None:
-        from .checks import yaml_load
+        from .checks import yaml_text
         from .params import experiment_name
 
-        experiment = experiment_name(yaml_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {})
+        params_file = Path("params.yaml")
+        experiment = experiment_name(yaml_text(params_file.read_text(), f"params file {params_file}")
+                                     if params_file.exists() else {})
     aliases = rep.parse_published_as(published_as)
     found = finished_runs("evaluate", experiment)
     res = rep.generate(found, out, fetch=fetch_artifact, published=published or bool(aliases), published_as=aliases,
@@ -220,10 +222,11 @@ def sweep(loss: Optional[str] = typer.Option(None, "--loss", help="losses, comma
         from . import slurm
 
         slurm.check_executor(executor)
-        from .checks import yaml_load
+        from .checks import yaml_text
         from .params import experiment_name
 
-        slurm.status(name, experiment_name(yaml_load(params.read_text()) if params.exists() else {}), echo=typer.echo)
+        slurm.status(name, experiment_name(yaml_text(params.read_text(), f"params file {params}") if params.exists()
+                                           else {}), echo=typer.echo)
         return
     flags = {"partition": partition, "time": time_limit, "gpus": gpus, "cpus": cpus, "mem": mem, "parallel": parallel}
     if executor == "local" and (any(v is not None for v in flags.values()) or sbatch):

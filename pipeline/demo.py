@@ -10,7 +10,8 @@ import time
 
 import yaml
 
-from .checks import yaml_load
+from .checks import yaml_text
+from .data import profile_label
 from .errors import LongtailError
 from .method_names import flatten
 
@@ -41,7 +42,7 @@ def committed_params(path: str = "params.yaml") -> dict:
         raise LongtailError("longtail demo runs a DVC experiment, which needs a git repository with params.yaml "
                             "committed: run it in a clone of the project (or `git init && git add -A && "
                             "git commit -m init` first)")
-    return yaml_load(res.stdout) or {}
+    return yaml_text(res.stdout, f"the committed {path}") or {}
 
 
 def _pct(v) -> str:
@@ -76,7 +77,7 @@ def _run_filtered(cmd: list[str]) -> int:
 def run(extra: list[str], temp: bool, echo) -> int:
     try:
         with open("params.yaml") as fh:
-            workspace = yaml_load(fh.read()) or {}
+            workspace = yaml_text(fh.read(), "params file params.yaml") or {}
     except FileNotFoundError:
         raise LongtailError("params.yaml not found: run `longtail demo` at the project root") from None
     committed = committed_params()
@@ -99,7 +100,7 @@ def run(extra: list[str], temp: bool, echo) -> int:
         echo(f"demo: experiment {name} finished (not tracked in MLflow; see `dvc exp show`)", err=True)
         return 0
     echo(f"\ndemo: experiment {name} ran {row['method']} on {row['dataset']} "
-         f"({row['imbalance']}, ratio {row['ratio']}, seed {row['seed']})\n")
+         f"({profile_label(row['imbalance'], row['ratio'])}, seed {row['seed']})\n")
     echo(summary([row]))
     echo(f"\nnext: mlflow ui --backend-store-uri sqlite:///mlflow.db, then open {ui_link(row['experiment_id'])} "
          "(the runs table of MLflow's 'Model training' view); dvc exp show; longtail report", err=True)

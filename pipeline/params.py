@@ -14,10 +14,9 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
 
 from . import registry
-from .checks import check_number, find_non_finite, unknown_key, yaml_load, yaml_problem
+from .checks import check_number, find_non_finite, unknown_key, yaml_text
 from .data import DATASETS, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
 from .errors import LongtailError, full_stage_one_error
 from .tracking import DEFAULT_EXPERIMENT
@@ -438,8 +437,4 @@ def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise LongtailError(f"params file {path} not found (run from the project root, or pass --params)")
-    try:
-        raw = yaml_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise LongtailError(f"params file {path} is not valid YAML ({yaml_problem(exc)})") from exc
-    return parse(raw)
+    return parse(yaml_text(path.read_text(), f"params file {path}"))

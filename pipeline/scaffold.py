@@ -129,16 +129,14 @@ def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
 
 def _params_mapping(params_file: Path, section: str) -> dict:
     """params.yaml as a mapping whose `section` is a mapping, or one line saying why it is not one."""
-    import yaml
-
-    from .checks import yaml_load, yaml_problem
+    from .checks import yaml_text
 
     if not params_file.is_file():
         raise LongtailError(f"params file {params_file} is not a file")
     try:
-        raw = yaml_load(params_file.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LongtailError(f"params file {params_file} is not valid YAML ({yaml_problem(e)})") from None
+        raw = yaml_text(params_file.read_text(), f"params file {params_file}") or {}
+    except UnicodeDecodeError as e:
+        raise LongtailError(f"params file {params_file} is not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise LongtailError(f"params file {params_file} must be a mapping of keys, got a {type(raw).__name__}")
     if not isinstance(raw.get(section) or {}, dict):

@@ -125,7 +125,9 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
         if not v >= 1:
             raise LongtailError(f"--ratio values must be numbers >= 1, got {r!r}")
         ratio_values.append(_text(v))
-    if ratio_values and SOURCE_PROFILE in (imbalances or (base.get("imbalance"),)):
+    extra = list(extra)
+    profiles = imbalances or [str(v) for k, v in extra if k.lstrip("+") == "imbalance"] or [base.get("imbalance")]
+    if ratio_values and SOURCE_PROFILE in profiles:
         raise LongtailError("--ratio does not apply to imbalance source (it keeps the source's own counts): "
                             "sweep the source profile without --ratio")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -142,7 +144,6 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
             axes.append([(f"{key}={v}", [(key, v)]) for v in values])
     seed_axis = [(f"seed={s}", [("seed", str(s))]) for s in range(seeds)]
     grid_keys = {k for axis in (*axes, seed_axis) for _, choice in axis for k, _ in choice}
-    extra = list(extra)
     clash = sorted({k.lstrip("+") for k, _ in extra} & {k.lstrip("+") for k in grid_keys})
     if clash:
         raise LongtailError(f"-S {clash[0]} clashes with the grid (set by --method/--loss/--dataset/--imbalance/"

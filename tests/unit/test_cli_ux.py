@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -146,3 +147,20 @@ def test_a_stage_runs_the_code_of_the_project_it_runs_in(tmp_path):
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: the project copy ran", r.stderr
     assert not (tmp_path / "data" / "prepared").exists()
+
+
+@pytest.mark.parametrize("command", [["report", "--out", "rep"], ["check"]])
+def test_a_key_given_twice_is_one_line_in_every_command_that_reads_params(tmp_path, command):
+    """Review: `longtail report` read params.yaml for the experiment name with the bare YAML loader, so a key
+    given twice was a ConstructorError traceback there while `longtail check` gave one line."""
+    for f in ("params.yaml", "dvc.yaml"):
+        (tmp_path / f).write_text((ROOT / f).read_text())
+    with open(tmp_path / "params.yaml", "a") as fh:
+        fh.write("seed: 3\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], cwd=tmp_path, env=clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith("error: params file params.yaml is not valid YAML (line ")
+    assert "the key 'seed' is given twice (first at line 8); keep one" in line
+    assert not (tmp_path / "rep").exists()

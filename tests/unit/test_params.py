@@ -75,6 +75,20 @@ def test_a_key_given_twice_is_refused_not_last_one_wins(tmp_path, edit, message)
     assert str(err.value).startswith(f"params file {twice} is not valid YAML (line ")
 
 
+def test_the_duplicate_key_check_keeps_merge_keys_and_plain_yaml_errors():
+    """Review of the duplicate-key check: `<<: *anchor` merges (its keys may be overridden), in a file
+    and in a -S value; an unhashable key is still PyYAML's own error; a doubled key in a flow mapping
+    on one line is caught too."""
+    import yaml
+
+    assert yaml_load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 5\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 5, "y": 2}}
+    assert yaml_value("{<<: {x: 1}, x: 2}") == {"x": 2}
+    with pytest.raises(yaml.YAMLError, match="found unhashable key"):
+        yaml_load("[seed]: 1\n")
+    with pytest.raises(yaml.YAMLError, match="the key 'a' is given twice"):
+        yaml_load("{a: 1, a: 2}")
+
+
 # -- issue 14.3/4/8/9/13 and issue 11.2: every key and number checked, plugin params bound before any work
 
 from pipeline.checks import yaml_load, yaml_value  # noqa: E402

@@ -409,6 +409,7 @@ def test_sweep_grid(default_params):
     ({"methods": ["ERM", "Nope"]}, "unknown method 'Nope' (valid: ERM, "),
     ({"ratios": ["100", "0.5"]}, "--ratio values must be numbers >= 1"),
     ({"imbalances": ["exp", "source"], "ratios": ["100", "10"]}, "--ratio does not apply to imbalance source"),
+    ({"extra": [("imbalance", "source")], "ratios": ["100", "10"]}, "--ratio does not apply to imbalance source"),
     ({"datasets": ["mnist"]}, "unknown dataset 'mnist'"),
     ({"seeds": 0}, "--seeds"),
     ({"losses": ["ce"], "methods": ["ERM"]}, "not both"),
