@@ -60,8 +60,14 @@ def test_load_reports_missing_and_broken_files(tmp_path):
         load(bad)
 
 
+def _line(start: str) -> int:
+    """The line of the project's params.yaml that starts with `start` (1-based)."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith(start))
+
+
 @pytest.mark.parametrize("edit, message", [
-    (lambda text: text + "\nloss: ldam\n", "the key 'loss' is given twice (first at line 7); keep one"),
+    (lambda text: text + "\nloss: ldam\n", f"the key 'loss' is given twice (first at line {_line('loss:')}); keep one"),
     (lambda text: text.replace("  lr: 0.1", "  lr: 0.1\n  lr: 0.2", 1), "the key 'lr' is given twice"),
 ])
 def test_a_key_given_twice_is_refused_not_last_one_wins(tmp_path, edit, message):
