@@ -17,7 +17,7 @@ KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "mean", "std", "hfl
 @dataclass
 class Prepared(RawData):
     class_counts: list[int]  # training images per class, from y_train
-    made_with: dict  # the build params that selected it (dataset, data.root, data.n_max, imbalance, ratio)
+    made_with: dict | None  # the build params that selected it (dataset, data.root, data.n_max, imbalance, ratio)
 
 
 def save_dataset(path, x_train, y_train, x_test, y_test, classes, mean, std, hflip, made_with: dict) -> None:
@@ -36,8 +36,9 @@ def save_dataset(path, x_train, y_train, x_test, y_test, classes, mean, std, hfl
             np.savez(f, **arrays)
 
 
-def load_dataset(path) -> Prepared:
-    """Read and check a dataset written by save_dataset."""
+def load_dataset(path, require_record: bool = True) -> Prepared:
+    """Read and check a dataset written by save_dataset. A stage requires the record of the build params
+    (`made_with`); a read-only look at an older run's file (a diagnosis) may go without it."""
     path = os.fspath(path)
     redo = "re-run the build-dataset stage (dvc repro build_dataset)"
 
@@ -59,7 +60,7 @@ def load_dataset(path) -> Prepared:
         raise
     except Exception as e:  # truncated, not a zip, bad CRC, pickled object arrays, ...
         raise bad(f"is unreadable ({type(e).__name__}: {e})") from None
-    if made_with is None:
+    if made_with is None and require_record:
         raise bad("does not record the params it was built with (an older longtail wrote it)")
 
     for split in ("train", "test"):
