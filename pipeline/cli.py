@@ -152,7 +152,7 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
            compare: Optional[str] = typer.Option(None, "--compare",
                                                  help="per-class error figure of these rows, e.g. CB-RW,HMM-DRW"),
            runs: str = typer.Option("first", "--runs", help="per-run figures: first (lowest seed of each cell), all, none"),
-           where: List[str] = typer.Option([], "--where", help="only runs with KEY=VALUE (a param, a tag or 'method')"),
+           where: List[str] = typer.Option([], "--where", help="only runs with KEY=VALUE, or without: KEY!=VALUE (a param, a tag or 'method')"),
            ignore: List[str] = typer.Option([], "--ignore", help="a param (or prefix) that may differ within a row"),
            experiment: Optional[str] = typer.Option(None, "--experiment",
                                                     help="MLflow experiment (default: tracking.experiment of params.yaml)"),

@@ -106,20 +106,24 @@ def _seed(params: dict):
 
 
 def _where_ok(run: dict, where: list[tuple]) -> bool:
-    for key, value in where:
+    for key, value, equal in where:
         have = run["method"] if key == "method" else run["params"].get(key, run["tags"].get(key))
-        if norm(have) != norm(value):
+        if (norm(have) == norm(value)) != equal:
             return False
     return True
 
 
 def parse_where(items) -> list[tuple]:
+    """--where KEY=VALUE keeps the runs that have it, KEY!=VALUE the runs that do not (e.g. leave out one
+    run: longtail.dvc_exp!=NAME): (key, value, equal) each."""
     out = []
     for item in items or []:
         key, sep, value = item.partition("=")
+        equal = not key.endswith("!")
+        key = key.removesuffix("!").strip()
         if not sep or not key:
-            raise LongtailError(f"--where takes KEY=VALUE (a param, a tag or 'method'), got {item!r}")
-        out.append((key.strip(), value.strip()))
+            raise LongtailError(f"--where takes KEY=VALUE or KEY!=VALUE (a param, a tag or 'method'), got {item!r}")
+        out.append((key, value.strip(), equal))
     return out
 
 
