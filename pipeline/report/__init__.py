@@ -104,10 +104,12 @@ def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False
                 md.append(f"- [{p.name}]({p.relative_to(out).as_posix()})")
         if run_dirs:
             md += ["", "Per run (training curves with the fine-tune start, confusion matrix, per-class accuracy, "
-                       "accuracy vs training count, per-class margins):", ""]
-            md += _md_table(["method", "setting", "seed", "run", "figures"],
+                       "accuracy vs training count, per-class margins; and their numbers: every epoch's history "
+                       "and the per-class accuracies as CSV):", ""]
+            md += _md_table(["method", "setting", "seed", "run", "files"],
                             [[lbl, col, run["seed"], run.get("group", ""),
-                              " ".join(f"[{f.stem}]({f.relative_to(out).as_posix()})" for f in files)]
+                              " ".join(f"[{f.stem if f.suffix == '.png' else f.name}]({f.relative_to(out).as_posix()})"
+                                       for f in files)]
                              for lbl, col, run, name, files in run_dirs])
         md.append("")
     with io.atomic_path(out / "table.md") as tmp:

@@ -124,11 +124,13 @@ def margin_figures(t: Table, arts: Artifacts, out_dir: Path) -> list[Path]:
 
 
 RUN_FIGURES = ("curves.png", "confusion.png", "per_class.png", "acc_vs_count.png", "margins.png")
+# the figures' numbers, beside them: every epoch's lr / loss / accuracies, and the per-class accuracies
+RUN_TABLES = ("history.csv", "per_class.csv")
 
 
 def run_figures(run: dict, arts: Artifacts, out_dir: Path) -> list[Path]:
-    """One run's figures: the PNGs its evaluate stage logged; the newer ones are re-drawn from its CSVs
-    when the run predates them."""
+    """One run's figures: the PNGs its evaluate stage logged (the newer ones re-drawn from its CSVs when
+    the run predates them), and the CSVs they were drawn from, so a figure's numbers can be read."""
     from .. import figures
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,4 +154,8 @@ def run_figures(run: dict, arts: Artifacts, out_dir: Path) -> list[Path]:
         else:
             continue
         written.append(dst)
+    for name in RUN_TABLES:
+        if (src := arts.get(run["run_id"], name)) is not None:
+            shutil.copyfile(src, out_dir / name)
+            written.append(out_dir / name)
     return written

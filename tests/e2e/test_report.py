@@ -127,6 +127,11 @@ def test_figures_are_valid_pngs(swept):
             _png_ok(out / "runs" / run / f"{name}.png")
     md = (out / "table.md").read_text()
     assert "(figures/per_class_error_ERM_vs_ERM-DRW_digits_exp_100.png)" in md and "(runs/rep-0/curves.png)" in md
+    # the numbers behind the figures: every epoch (FAST: 8) and every class (digits: 10)
+    history = (out / "runs" / "rep-0" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 8 and "test_acc" in history[0]
+    per_class = (out / "runs" / "rep-0" / "per_class.csv").read_text().splitlines()
+    assert len(per_class) == 1 + 10 and "(runs/rep-0/history.csv)" in md
 
 
 def test_evaluate_logs_the_margins(swept, monkeypatch):

@@ -386,8 +386,10 @@ def test_report_figures_from_artifacts(stored_runs, tmp_path):
     assert (out / "figures" / "margins_cifar100_step_100.png").exists()
     run_dirs = sorted(p.name for p in (out / "runs").iterdir())
     assert len(run_dirs) == len(RAW)  # --runs first: one run per cell
-    # no PNG artifacts here: acc_vs_count and margins are re-drawn from the CSVs
-    assert {p.name for p in (out / "runs" / run_dirs[0]).iterdir()} == {"acc_vs_count.png", "margins.png"}
+    # no PNG artifacts here: acc_vs_count and margins are re-drawn from the CSVs; the per-class CSV is kept
+    assert {p.name for p in (out / "runs" / run_dirs[0]).iterdir()} == {"acc_vs_count.png", "margins.png",
+                                                                         "per_class.csv"}
+    assert "[per_class.csv](runs/" in res["markdown"]
     assert "per_class_error_ERM-DRW_vs_LDAM-DRW_cifar10_exp_100.png" in res["markdown"]
     with pytest.raises(LongtailError, match="no rows for 'HMM-DRW'"):
         report.generate(stored_runs, tmp_path / "o2", fetch=fetch, compare=["ERM-DRW", "HMM-DRW"])
