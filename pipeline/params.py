@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-
 from . import registry
 from .checks import check_number, find_non_finite, unknown_key, yaml_text
 from .data import DATASETS, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data import SOURCE_PROFILE
 from pipeline.data.sources import RawData
 from pipeline.io import atomic_path
 from pipeline.errors import LongtailError
@@ -103,8 +104,6 @@ def _made_with(z) -> dict | None:
 def built_with(p) -> dict:
     """The params that decide the prepared data (the build_dataset stage's params in dvc.yaml), as the
     dataset file records them and as a later stage compares them."""
-    from . import SOURCE_PROFILE
-
     ratio = None if p.imbalance == SOURCE_PROFILE else float(p.ratio)  # the source profile has no ratio param
     return {"dataset": p.dataset, "data.root": p.data.root, "data.n_max": p.data.n_max, "imbalance": p.imbalance,
             "ratio": ratio}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from ..data import SOURCE_PROFILE
+from ..data import SOURCE_PROFILE, profile_label
 from ..data.profiles import lt_counts, select_long_tailed
 from ..data.sources import load_source, source_n_max
 from ..data.store import built_with, save_dataset
@@ -39,7 +39,7 @@ def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
             raise LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that "
                                 f"{p.dataset} has (valid: 1..{available} or auto)")
         counts = lt_counts(n_max, len(raw.classes), p.imbalance, p.ratio)
-        ratio, profile = p.ratio, f"{p.imbalance} r={p.ratio:g}"
+        ratio, profile = p.ratio, profile_label(p.imbalance, p.ratio)
     keep = select_long_tailed(raw.y_train, counts, seed=0)
     save_dataset(out_dir / "dataset.npz", raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test,
                  raw.classes, raw.mean, raw.std, raw.hflip, made_with=built_with(p))
