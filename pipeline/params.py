@@ -361,13 +361,14 @@ def override(raw: dict, overrides: dict) -> dict:
 
 def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts.json")) -> list[int] | None:
     """The training images per class these params give, when that is cheap to know: the prepared
-    dataset's counts if they were made with these settings, else the profile of a fixed-size source."""
+    dataset's counts if it was built with exactly these data params (its `made_with` record, data.root
+    included: another image folder has other classes and counts), else the profile of a fixed-size
+    source."""
+    from .data.store import built_with
+
     try:
         made = json.loads(prepared.read_text())
-        same = (made.get("dataset"), made.get("imbalance")) == (p.dataset, p.imbalance) and (
-            p.imbalance == SOURCE_PROFILE  # its counts are the source's: no ratio or n_max to compare
-            or made.get("ratio") == p.ratio and (p.data.n_max is None or made.get("n_max") == p.data.n_max))
-        if same:
+        if made["made_with"] == json.loads(json.dumps(built_with(p))):
             return [int(n) for n in made["class_counts"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass

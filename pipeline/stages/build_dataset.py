@@ -46,7 +46,7 @@ def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
     summary = {"dataset": p.dataset, "imbalance": p.imbalance, "ratio": ratio, "n_max": n_max,
                "train_images": int(sum(counts)), "test_images": int(len(raw.y_test)),
                "image_shape": list(raw.x_train.shape[1:]),
-               "classes": list(raw.classes), "class_counts": [int(c) for c in counts]}
+               "classes": list(raw.classes), "class_counts": [int(c) for c in counts], "made_with": built_with(p)}
     io.write_json(out_dir / "class_counts.json", summary)
     if log is not None:
         log.log_metrics({"train_images": summary["train_images"], "test_images": summary["test_images"]})

@@ -267,3 +267,31 @@ def test_the_source_profile_keeps_every_image_of_an_already_long_tailed_folder(t
     check_built_with(ds, parse({**base, "imbalance": "source", "ratio": 10}), "dataset.npz")
     with pytest.raises(LongtailError, match="was built with imbalance='source', but params.yaml has imbalance='exp'"):
         check_built_with(ds, parse({**base, "imbalance": "exp", "ratio": 10}), "dataset.npz")
+
+
+def test_check_builds_plugins_with_the_counts_of_the_folder_params_yaml_names(tmp_path, default_params):
+    """Review: `longtail check` read the prepared class_counts.json whenever dataset and profile matched,
+    so after data.root moved to another image folder it built the plugins (model size, LDAM margins,
+    class weights) with the previous folder's classes and counts. Now the prepared counts count only
+    when the build's whole data record (data.root included) is what params.yaml says."""
+    from pipeline.params import expected_counts, parse
+    from pipeline.stages import build_dataset
+
+    first = _tree(tmp_path / "first", per_class=(3, 2))
+    other = tmp_path / "other"
+    for c in ("a", "b", "c"):
+        for split, n in (("train", 2), ("test", 1)):
+            os.makedirs(other / split / c)
+            for i in range(n):
+                Image.fromarray(np.full((6, 5, 3), i, np.uint8)).save(other / split / c / f"{i}.png")
+    base = {**default_params, "dataset": "imagefolder", "imbalance": "source", "data": {"n_max": "auto"}}
+    built = parse({**base, "data": {**base["data"], "root": str(first)}})
+    build_dataset.run(built, out_dir=tmp_path / "prepared")
+    prepared = tmp_path / "prepared" / "class_counts.json"
+
+    assert expected_counts(built, prepared) == [3, 3]
+    moved = parse({**base, "data": {**base["data"], "root": str(other)}})
+    assert expected_counts(moved, prepared) is None  # not [3, 3]: that folder has 3 classes
+    # another profile of the same folder is not the prepared data either
+    assert expected_counts(parse({**base, "imbalance": "exp", "ratio": 2,
+                                  "data": {**base["data"], "root": str(first)}}), prepared) is None
