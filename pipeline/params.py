@@ -54,6 +54,7 @@ SCHEDULES = {
 class Data:
     root: str
     n_max: int | None  # None = the source's own per-class count
+    image_size: int | None = None  # None = as the images are (one size); imagefolder: fit each to a square
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _float(value, key: str, lo: float | None = None, hi: float | None = None, lo
 TOP_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune", "losses",
             "reweightings", "samplers", "finetunes", "tracking", "slurm")
 SECTION_KEYS = {
-    "data": ("root", "n_max"),
+    "data": ("root", "n_max", "image_size"),
     "train": tuple(f.name for f in fields(Train)),
     "finetune": ("start_epoch", "reweighting", "sampler", "strategy"),
     "tracking": ("experiment",),
@@ -235,8 +236,12 @@ def parse(raw: dict) -> Params:
     root = _get(d, "root", "data")
     if not isinstance(root, str) or not root.strip():
         raise LongtailError(f"data.root must be a folder path (e.g. data/raw), got {root!r}")
-    data = Data(root=root, n_max=_auto(_get(d, "n_max", "data"), "data.n_max",
-                                                                  lambda v, k: _int(v, k, lo=1)))
+    data = Data(root=root, n_max=_auto(_get(d, "n_max", "data"), "data.n_max", lambda v, k: _int(v, k, lo=1)),
+                # optional: a params.yaml from before it keeps working
+                image_size=_auto(d.get("image_size", "auto"), "data.image_size", lambda v, k: _int(v, k, lo=1)))
+    if data.image_size is not None and dataset != "imagefolder":
+        raise LongtailError(f"data.image_size ({data.image_size}) applies to dataset imagefolder only; {dataset} "
+                            "has one image size already (valid: auto)")
     if imbalance == SOURCE_PROFILE and data.n_max is not None:
         raise LongtailError(f"data.n_max ({data.n_max}) does not apply to imbalance source, which keeps every "
                             "training image of the source (valid: auto; or imbalance exp / step to cut a profile)")

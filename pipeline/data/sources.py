@@ -184,44 +184,56 @@ def load_cifar(name: str, root: str) -> RawData:
 
 # ---------------------------------------------------------------------------------------- image folder
 
-def _decode(path: str) -> np.ndarray:
+def _decode(path: str, size: int | None = None) -> np.ndarray:
+    """One image as uint8 RGB [H, W, 3]; with `size`, fitted to size x size (`fit_square`)."""
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I;16"):  # 16-bit grayscale: Pillow's RGB conversion clips at 255
                 gray = np.rint(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
-            if im.mode in ("I", "F"):
+                a = np.repeat(gray[..., None], 3, axis=2)
+            elif im.mode in ("I", "F"):
                 raise LongtailError(f"image {path} has 32-bit pixels (mode {im.mode}); save it as 8- or 16-bit")
-            return np.asarray(im.convert("RGB"))
+            else:
+                a = np.asarray(im.convert("RGB"))
     except LongtailError:
         raise
     except Exception as e:
         raise LongtailError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
+    return a if size is None else fit_square(a, size)
 
 
-def _decode_many(paths: list[str], shape: tuple) -> np.ndarray:
-    """Decode images that must all have `shape` (H, W, 3) into one uint8 array."""
+def fit_square(a: np.ndarray, size: int) -> np.ndarray:
+    """data.image_size: the largest centred square of the image, scaled to size x size (bicubic,
+    Pillow's ImageOps.fit), so images of any size and shape become one size without distortion."""
+    from PIL import ImageOps
+
+    return np.asarray(ImageOps.fit(Image.fromarray(a), (size, size), method=Image.Resampling.BICUBIC))
+
+
+def _decode_many(paths: list[str], shape: tuple, size: int | None = None) -> np.ndarray:
+    """Decode images that must all have `shape` (H, W, 3) into one uint8 array (with `size`: fitted)."""
     out = np.empty((len(paths), *shape), dtype=np.uint8)
     for i, p in enumerate(paths):
-        a = _decode(p)
+        a = _decode(p, size)
         if a.shape != shape:
             raise LongtailError(f"image {p} is {a.shape[1]}x{a.shape[0]} but the first training image is "
-                                f"{shape[1]}x{shape[0]} (width x height); all images must have one size")
+                                f"{shape[1]}x{shape[0]} (width x height); all images must have one size, "
+                                "or set data.image_size (e.g. 32) to fit each one to a square of that side")
         out[i] = a
     return out
 
 
-def _decode_all(paths: list[str], shape: tuple) -> np.ndarray:
+def _decode_all(paths: list[str], shape: tuple, size: int | None = None) -> np.ndarray:
     """Decode many files in a process pool. PIL's per-image work on small images is GIL-bound, so threads
     are slower than a plain loop; processes scale (60,000 CIFAR JPEGs on 2 cores: 7-8.6 s -> 5.5 s).
     Uses spawn (the caller may hold torch threads), so a calling script needs `if __name__ == "__main__":`."""
     workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     if len(paths) < PARALLEL_DECODE_MIN or workers < 2:
-        return _decode_many(paths, shape)
+        return _decode_many(paths, shape, size)
     step = max(256, -(-len(paths) // (4 * workers)))
     chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-        return np.concatenate(list(ex.map(_decode_many, chunks, [shape] * len(chunks))))
+        return np.concatenate(list(ex.map(_decode_many, chunks, [shape] * len(chunks), [size] * len(chunks))))
 
 
 def _list_split(root: str, split: str) -> tuple[list[str], list[list[str]]]:
@@ -242,19 +254,20 @@ def _list_split(root: str, split: str) -> tuple[list[str], list[list[str]]]:
     return classes, files
 
 
-def load_imagefolder(root: str) -> RawData:
-    """root/{train,test}/<class>/<image>: classes = sorted folder names, images by class then file name."""
+def load_imagefolder(root: str, image_size: int | None = None) -> RawData:
+    """root/{train,test}/<class>/<image>: classes = sorted folder names, images by class then file name.
+    image_size None: every image must have the first one's size; else each is fitted to that square."""
     classes, train_files = _list_split(root, "train")
     test_classes, test_files = _list_split(root, "test")
     if test_classes != classes:
         raise LongtailError(f"{root}/test has class folders {test_classes} but {root}/train has {classes}; "
                             f"they must be the same")
-    shape = _decode(train_files[0][0]).shape
+    shape = _decode(train_files[0][0], image_size).shape
 
     def split(files):
         paths = [p for ps in files for p in ps]
         y = np.concatenate([np.full(len(ps), c, dtype=np.int64) for c, ps in enumerate(files)])
-        return _decode_all(paths, shape), y
+        return _decode_all(paths, shape, image_size), y
 
     x_train, y_train = split(train_files)
     x_test, y_test = split(test_files)
@@ -290,10 +303,14 @@ SOURCES = {  # one loader per name of pipeline.data.DATASETS
 }
 
 
-def load_source(name: str, root: str) -> RawData:
-    """Load one raw source by name (see SOURCES)."""
+def load_source(name: str, root: str, image_size: int | None = None) -> RawData:
+    """Load one raw source by name (see SOURCES); image_size (data.image_size) is for imagefolder only."""
     if name not in SOURCES:
         raise unknown("dataset", name, SOURCES)
+    if image_size is not None:  # params.parse refuses it for the other sources, with the valid values
+        if name != "imagefolder":
+            raise ValueError(f"image_size is for imagefolder only, not {name}")
+        return load_imagefolder(root, image_size)
     return SOURCES[name](root)
 
 

@@ -106,7 +106,7 @@ def built_with(p) -> dict:
     dataset file records them and as a later stage compares them."""
     ratio = None if p.imbalance == SOURCE_PROFILE else float(p.ratio)  # the source profile has no ratio param
     return {"dataset": p.dataset, "data.root": p.data.root, "data.n_max": p.data.n_max, "imbalance": p.imbalance,
-            "ratio": ratio}
+            "ratio": ratio, "data.image_size": p.data.image_size}
 
 
 def check_built_with(ds: Prepared, p, path) -> None:

@@ -19,6 +19,9 @@ AXES = ("dataset", "imbalance", "ratio")
 # params that do not change what a run measures, besides the table's axes and the seed
 IGNORED = ("seed", "data.root", "train.device", "train.eval_batch_size", "train.checkpoint_every", "tracking",
            "resolved")
+# params added after runs were logged without them: such a run had this value (it is the default), so
+# it lands in the same cell as a later run with the key at its default
+ADDED_LATER = {"data.image_size": "auto"}
 # plugin parameter sections: only the section of the selected plugin matters
 PLUGIN_SECTIONS = {"losses": ("loss",), "reweightings": ("train.reweighting", "finetune.reweighting"),
                    "samplers": ("train.sampler", "finetune.sampler"), "finetunes": ("finetune.strategy",)}
@@ -132,10 +135,10 @@ def build_table(runs: list[dict], names: MethodNames | None = None, where=(), ig
     names = names or MethodNames.load()
     enriched = []
     for r in runs:
-        params = r.get("params", {})
+        params = {**ADDED_LATER, **r.get("params", {})}
         if not all(k in params for k in AXES):
             continue
-        run = {**r, "tags": r.get("tags", {}), "metrics": r.get("metrics", {}), "method": names.name(params),
+        run = {**r, "params": params, "tags": r.get("tags", {}), "metrics": r.get("metrics", {}), "method": names.name(params),
                "column": column_of(params), "seed": _seed(params),
                "sig": {k: norm(v) for k, v in signature(params, ignore).items()}}
         if _where_ok(run, where):

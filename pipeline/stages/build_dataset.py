@@ -19,7 +19,7 @@ OUT_DIR = Path("data/prepared")
 
 
 def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
-    raw = load_source(p.dataset, p.data.root)
+    raw = load_source(p.dataset, p.data.root, p.data.image_size)
     if len(raw.classes) < 2:
         raise LongtailError(f"dataset {p.dataset} (data.root {p.data.root}) has {len(raw.classes)} class "
                             f"({', '.join(map(str, raw.classes)) or 'none'}): a classification dataset needs at least 2")

@@ -122,6 +122,10 @@ from pipeline.params import check_plugins, override  # noqa: E402
     ({"imbalance": "source", "data.n_max": 50}, "data.n_max (50) does not apply to imbalance source, which keeps "
                                                 "every training image of the source (valid: auto; "),
     ({"imbalance": "none"}, "imbalance must be one of exp, step, source, got 'none'"),
+    ({"dataset": "imagefolder", "data.image_size": 0}, "data.image_size must be >= 1, got 0 (or auto)"),
+    ({"dataset": "imagefolder", "data.image_size": "32px"}, "data.image_size must be an integer, got '32px' (or auto)"),
+    ({"data.image_size": 32}, "data.image_size (32) applies to dataset imagefolder only; cifar10 has one image size "
+                              "already (valid: auto)"),
     # fault-injection pass: these passed the check and then crashed MLflow in a stage
     ({"tracking.experiment": ""}, "tracking.experiment must be an MLflow experiment name, a non-empty string"),
     ({"tracking.experiment": "  "}, "tracking.experiment must be an MLflow experiment name"),
@@ -132,6 +136,15 @@ def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
     with pytest.raises(LongtailError) as err:
         parse(override(default_params, overrides))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_size_is_optional_auto_or_a_side(default_params):
+    """data.image_size came after params.yaml files that lack it: they keep working, as auto."""
+    assert parse(default_params).data.image_size is None
+    old = copy.deepcopy(default_params)
+    del old["data"]["image_size"]
+    assert parse(old).data.image_size is None
+    assert parse(override(default_params, {"dataset": "imagefolder", "data.image_size": 32})).data.image_size == 32
 
 
 @pytest.mark.parametrize("overrides, message", [

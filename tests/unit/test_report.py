@@ -231,6 +231,19 @@ def test_runs_differing_in_other_params_get_separate_rows(default_params):
         report.parse_where(["!=8"])
 
 
+def test_a_run_logged_before_a_param_existed_shares_the_cell_of_runs_at_its_default(default_params):
+    """data.image_size came after the CIFAR-10-LT runs: a second seed logged with `auto` must join the
+    first seed's cell (logged without the key), not become a row of its own; another size is its own row."""
+    old = flat(default_params, seed=0)
+    del old["data.image_size"]
+    runs = [run(old, {"best_error": 0.3}, start=0), run(flat(default_params, seed=1), {"best_error": 0.2}, start=1),
+            run(flat(default_params, seed=0, **{"data.image_size": 32}), {"best_error": 0.4}, start=2)]
+    t = report.build_table(runs)
+    assert sorted(t.rows) == ["ERM-DRW [data.image_size=32]", "ERM-DRW [data.image_size=auto]"]
+    assert t.cells[("ERM-DRW [data.image_size=auto]", ("cifar10", "exp", 100.0))].seeds == [0, 1]
+    assert report.build_table(runs[:2]).rows == ["ERM-DRW"]  # nothing to tell apart: no bracket
+
+
 def test_every_row_states_where_it_differs_from_the_common_settings(default_params, tmp_path):
     """Issue 12.13: ERM-DRW at 8 epochs next to LDAM-DRW / HMM-DRW at 12 must not read as a method effect."""
     mm = {"loss": "mm", "losses.mm.variant": "hmm", "losses.mm.as_released": False}

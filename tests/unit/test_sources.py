@@ -90,6 +90,24 @@ def test_imagefolder_size_mismatch(tmp_path):
         load_source("imagefolder", str(tmp_path))
 
 
+def test_image_size_fits_images_of_any_size_and_shape_to_one_square(tmp_path, monkeypatch):
+    """A user's own folder holds photos of many sizes: without data.image_size it is refused with a line
+    that names the way out; with it, each image's centred square is scaled to image_size x image_size."""
+    _tree(tmp_path)
+    wide = np.zeros((4, 16, 3), np.uint8)  # 16 wide, 4 high: the centred 4x4 square is columns 6..9
+    wide[:, 4:12] = (200, 10, 10)  # red around it too, as far as the bicubic filter reaches
+    Image.fromarray(wide).save(tmp_path / "test" / "ant" / "05.png")
+    with pytest.raises(LongtailError, match=r"test/ant/05\.png is 16x4 .* or set data.image_size"):
+        load_source("imagefolder", str(tmp_path))
+    for parallel in (False, True):
+        monkeypatch.setattr(sources, "PARALLEL_DECODE_MIN", 1 if parallel else 10**9)
+        raw = load_source("imagefolder", str(tmp_path), image_size=8)
+        assert raw.x_train.shape == (6, 8, 8, 3) and raw.x_test.shape == (5, 8, 8, 3)
+        # the wide image (test, ant, last) is its red centre only: no black from the sides, no distortion
+        assert raw.y_test.tolist() == [0, 0, 0, 1, 1]
+        assert np.abs(raw.x_test[2].astype(int) - (200, 10, 10)).max() <= 1
+
+
 def test_imagefolder_layout_errors(tmp_path):
     _tree(tmp_path)
     os.rename(tmp_path / "test", tmp_path / "val")
@@ -215,7 +233,7 @@ def _build_refuses(tmp_path, monkeypatch, default_params, source, ratio, message
     from pipeline.stages import build_dataset
 
     p = parse({**default_params, "dataset": "digits", "ratio": ratio})
-    monkeypatch.setattr(build_dataset, "load_source", lambda name, root: source)
+    monkeypatch.setattr(build_dataset, "load_source", lambda name, root, image_size=None: source)
     with pytest.raises(LongtailError, match=message):
         build_dataset.run(p, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
