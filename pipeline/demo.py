@@ -36,6 +36,12 @@ def restore_args(committed: dict, workspace: dict) -> list[str]:
     return out
 
 
+def digits_overrides(committed: dict) -> list[str]:
+    """What an image-folder setting of the committed params must become for the digits (8x8, one size)."""
+    size = ((committed.get("data") or {}) if isinstance(committed.get("data"), dict) else {}).get("image_size", "auto")
+    return [] if size in ("auto", None) else ["data.image_size=auto"]
+
+
 def committed_params(path: str = "params.yaml") -> dict:
     res = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
     if res.returncode != 0:
@@ -82,8 +88,9 @@ def run(extra: list[str], temp: bool, echo) -> int:
         raise LongtailError("params.yaml not found: run `longtail demo` at the project root") from None
     committed = committed_params()
     restore = restore_args(committed, workspace)
+    overrides = OVERRIDES + digits_overrides(committed)
     name = time.strftime("demo-%Y%m%d-%H%M%S")
-    sets = [a for kv in restore + OVERRIDES for a in ("-S", kv)]
+    sets = [a for kv in restore + overrides for a in ("-S", kv)]
     cmd = ["dvc", "exp", "run", "-n", name, *sets, *(["--temp"] if temp else []), *extra]
     if restore:
         echo(f"demo: params.yaml differs from the committed one in {len(restore)} key(s); the demo runs the "

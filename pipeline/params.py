@@ -54,7 +54,7 @@ SCHEDULES = {
 class Data:
     root: str
     n_max: int | None  # None = the source's own per-class count
-    image_size: int | None = None  # None = as the images are (one size); imagefolder: fit each to a square
+    image_size: int | None  # None = as the images are (one size); imagefolder: fit each to a square
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,8 @@ def _float(value, key: str, lo: float | None = None, hi: float | None = None, lo
     return check_number(key, value, min=None if lo_open else lo, above=lo if lo_open else None, max=hi)
 
 
+# keys added after params.yaml files (and runs logged from them) without them: a missing one has this value
+OPTIONAL = {"data.image_size": "auto"}
 # the keys each fixed section may hold; plugin sections are checked against the installed plugins
 TOP_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune", "losses",
             "reweightings", "samplers", "finetunes", "tracking", "slurm")
@@ -237,8 +239,8 @@ def parse(raw: dict) -> Params:
     if not isinstance(root, str) or not root.strip():
         raise LongtailError(f"data.root must be a folder path (e.g. data/raw), got {root!r}")
     data = Data(root=root, n_max=_auto(_get(d, "n_max", "data"), "data.n_max", lambda v, k: _int(v, k, lo=1)),
-                # optional: a params.yaml from before it keeps working
-                image_size=_auto(d.get("image_size", "auto"), "data.image_size", lambda v, k: _int(v, k, lo=1)))
+                image_size=_auto(d.get("image_size", OPTIONAL["data.image_size"]), "data.image_size",
+                                 lambda v, k: _int(v, k, lo=1)))
     if data.image_size is not None and dataset != "imagefolder":
         raise LongtailError(f"data.image_size ({data.image_size}) applies to dataset imagefolder only; {dataset} "
                             "has one image size already (valid: auto)")

@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data import DATASETS
 from pipeline.errors import LongtailError, unknown
@@ -187,7 +187,8 @@ def load_cifar(name: str, root: str) -> RawData:
 def _decode(path: str, size: int | None = None) -> np.ndarray:
     """One image as uint8 RGB [H, W, 3]; with `size`, fitted to size x size (`fit_square`)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as raw:
+            im = ImageOps.exif_transpose(raw)  # a photo stored sideways with a rotation tag: upright
             if im.mode.startswith("I;16"):  # 16-bit grayscale: Pillow's RGB conversion clips at 255
                 gray = np.rint(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
                 a = np.repeat(gray[..., None], 3, axis=2)
@@ -205,8 +206,6 @@ def _decode(path: str, size: int | None = None) -> np.ndarray:
 def fit_square(a: np.ndarray, size: int) -> np.ndarray:
     """data.image_size: the largest centred square of the image, scaled to size x size (bicubic,
     Pillow's ImageOps.fit), so images of any size and shape become one size without distortion."""
-    from PIL import ImageOps
-
     return np.asarray(ImageOps.fit(Image.fromarray(a), (size, size), method=Image.Resampling.BICUBIC))
 
 

@@ -18,7 +18,7 @@ KEYS = ("x_train", "y_train", "x_test", "y_test", "classes", "mean", "std", "hfl
 @dataclass
 class Prepared(RawData):
     class_counts: list[int]  # training images per class, from y_train
-    made_with: dict | None  # the build params that selected it (dataset, data.root, data.n_max, imbalance, ratio)
+    made_with: dict | None  # the build params that selected it (`built_with`)
 
 
 def save_dataset(path, x_train, y_train, x_test, y_test, classes, mean, std, hflip, made_with: dict) -> None:
@@ -109,6 +109,10 @@ def built_with(p) -> dict:
             "ratio": ratio, "data.image_size": p.data.image_size}
 
 
+def _shown(value) -> str:
+    return "auto" if value is None else repr(value)  # None is what params.yaml calls auto
+
+
 def check_built_with(ds: Prepared, p, path) -> None:
     """A stage must train or evaluate on the data params.yaml describes, not on a stale prepared file:
     one line naming the first param that differs and the stage to re-run. data.root is recorded but not
@@ -116,6 +120,6 @@ def check_built_with(ds: Prepared, p, path) -> None:
     now = json.loads(json.dumps(built_with(p)))
     for key, value in now.items():
         if key != "data.root" and ds.made_with.get(key) != value:
-            raise LongtailError(f"prepared dataset {path} was built with {key}={ds.made_with.get(key)!r}, but "
-                                f"params.yaml has {key}={value!r}: re-run the build-dataset stage "
+            raise LongtailError(f"prepared dataset {path} was built with {key}={_shown(ds.made_with.get(key))}, but "
+                                f"params.yaml has {key}={_shown(value)}: re-run the build-dataset stage "
                                 "(dvc repro build_dataset)")

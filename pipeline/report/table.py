@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..errors import LongtailError
+from ..params import OPTIONAL
 from ..method_names import PHASE_LABELS, MethodNames, _matches, norm
 from ..data import DATASETS, IMBALANCES, SOURCE_PROFILE
 
@@ -19,9 +20,6 @@ AXES = ("dataset", "imbalance", "ratio")
 # params that do not change what a run measures, besides the table's axes and the seed
 IGNORED = ("seed", "data.root", "train.device", "train.eval_batch_size", "train.checkpoint_every", "tracking",
            "resolved")
-# params added after runs were logged without them: such a run had this value (it is the default), so
-# it lands in the same cell as a later run with the key at its default
-ADDED_LATER = {"data.image_size": "auto"}
 # plugin parameter sections: only the section of the selected plugin matters
 PLUGIN_SECTIONS = {"losses": ("loss",), "reweightings": ("train.reweighting", "finetune.reweighting"),
                    "samplers": ("train.sampler", "finetune.sampler"), "finetunes": ("finetune.strategy",)}
@@ -135,7 +133,7 @@ def build_table(runs: list[dict], names: MethodNames | None = None, where=(), ig
     names = names or MethodNames.load()
     enriched = []
     for r in runs:
-        params = {**ADDED_LATER, **r.get("params", {})}
+        params = {**OPTIONAL, **r.get("params", {})}  # a run from before a key existed had its default
         if not all(k in params for k in AXES):
             continue
         run = {**r, "params": params, "tags": r.get("tags", {}), "metrics": r.get("metrics", {}), "method": names.name(params),

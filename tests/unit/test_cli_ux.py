@@ -12,7 +12,7 @@ from testkit import ROOT, clean_env, tiny_pretrain_finetune
 from testkit.twostage import prepare
 
 from pipeline import build, demo
-from pipeline.params import override
+from pipeline.params import override, parse
 from pipeline.stages import training
 
 
@@ -33,6 +33,17 @@ def test_demo_undoes_workspace_edits_of_params(default_params):
     assert sorted(args) == sorted(["loss=ce", "train.epochs=200", "train.milestones=[160, 180]",
                                    "~extra_section.a"])
     assert demo.restore_args(default_params, default_params) == []
+
+
+def test_the_demo_sets_an_image_folder_size_back_to_auto_for_the_digits(default_params):
+    """Review: committed params with `data.image_size: 32` (a user's photo folder) made the demo fail,
+    since the digits (one size) refuse it. The demo now sets it back to auto, and only then."""
+    assert demo.digits_overrides(default_params) == []
+    mine = override(default_params, {"dataset": "imagefolder", "data.image_size": 32})
+    assert demo.digits_overrides(mine) == ["data.image_size=auto"]
+    assert parse(override(mine, {"dataset": "digits", "data.image_size": "auto"})).data.image_size is None
+    del default_params["data"]["image_size"]  # a params.yaml from before the key
+    assert demo.digits_overrides(default_params) == []
 
 
 def test_demo_summary_is_compact_and_names_the_method():

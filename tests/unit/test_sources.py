@@ -108,6 +108,24 @@ def test_image_size_fits_images_of_any_size_and_shape_to_one_square(tmp_path, mo
         assert np.abs(raw.x_test[2].astype(int) - (200, 10, 10)).max() <= 1
 
 
+def test_a_photo_stored_sideways_with_a_rotation_tag_is_read_upright(tmp_path):
+    """Review: phone photos are often stored landscape with an EXIF orientation tag; they were cropped
+    and trained on sideways. Now the tag is applied when the image is read."""
+    _tree(tmp_path)
+    stored = np.zeros((6, 5, 3), np.uint8)  # as stored: 5 wide, 6 high, the red row on top
+    stored[0] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    for name in ("00.jpg",):
+        Image.fromarray(stored).save(tmp_path / "test" / "ant" / name, quality=100, subsampling=0, exif=exif)
+    os.remove(tmp_path / "test" / "ant" / "00.png")
+    upright = sources._decode(str(tmp_path / "test" / "ant" / "00.jpg"))
+    assert upright.shape == (5, 6, 3)  # displayed: 6 wide, 5 high
+    assert upright[:, -1, 0].min() > 200 and upright[:, 0, 0].max() < 60  # the red row is now the right column
+    raw = load_source("imagefolder", str(tmp_path), image_size=4)
+    assert raw.x_test.shape == (4, 4, 4, 3)
+
+
 def test_imagefolder_layout_errors(tmp_path):
     _tree(tmp_path)
     os.rename(tmp_path / "test", tmp_path / "val")

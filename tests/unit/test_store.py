@@ -196,3 +196,24 @@ def test_the_build_params_are_recorded_and_a_file_without_them_is_refused(tmp_pa
     # a read-only diagnosis of an older run's file (results/.../diagnosis/fit.py) may read it as it is
     old = load_dataset(path, require_record=False)
     assert old.made_with is None and old.y_train.tolist() == arrays["y_train"].tolist()
+
+
+def test_a_dataset_built_at_another_image_size_is_refused_and_an_older_record_counts_as_auto(tmp_path, default_params):
+    """data.image_size is part of the build record: a stage refuses data fitted to another size, in the
+    words params.yaml uses (auto, not None); a dataset.npz recorded before the key existed was built
+    with the images as they are, which is auto."""
+    from pipeline.data.store import built_with, check_built_with
+    from pipeline.params import override, parse
+
+    folder = {"dataset": "imagefolder", "imbalance": "source"}
+    auto, fitted = parse(override(default_params, folder)), parse(override(default_params, {**folder, "data.image_size": 32}))
+    path = tmp_path / "dataset.npz"
+    save_dataset(path, **{**_arrays(), "made_with": built_with(auto)})
+    with pytest.raises(LongtailError) as err:
+        check_built_with(load_dataset(path), fitted, path)
+    assert "was built with data.image_size=auto, but params.yaml has data.image_size=32: re-run" in str(err.value)
+    older = {k: v for k, v in built_with(auto).items() if k != "data.image_size"}
+    save_dataset(path, **{**_arrays(), "made_with": older})
+    check_built_with(load_dataset(path), auto, path)  # accepted
+    with pytest.raises(LongtailError, match="built with data.image_size=auto, but params.yaml has data.image_size=32"):
+        check_built_with(load_dataset(path), fitted, path)
