@@ -38,7 +38,8 @@ def restore_args(committed: dict, workspace: dict) -> list[str]:
 
 def digits_overrides(committed: dict) -> list[str]:
     """What an image-folder setting of the committed params must become for the digits (8x8, one size)."""
-    size = ((committed.get("data") or {}) if isinstance(committed.get("data"), dict) else {}).get("image_size", "auto")
+    data = committed.get("data")
+    size = data.get("image_size", "auto") if isinstance(data, dict) else "auto"
     return [] if size in ("auto", None) else ["data.image_size=auto"]
 
 

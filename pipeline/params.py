@@ -371,11 +371,11 @@ def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts
     dataset's counts if it was built with exactly these data params (its `made_with` record, data.root
     included: another image folder has other classes and counts), else the profile of a fixed-size
     source."""
-    from .data.store import built_with
+    from .data.store import built_record
 
     try:
         made = json.loads(prepared.read_text())
-        if made["made_with"] == json.loads(json.dumps(built_with(p))):
+        if made["made_with"] == built_record(p):
             return [int(n) for n in made["class_counts"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass

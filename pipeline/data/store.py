@@ -113,11 +113,16 @@ def _shown(value) -> str:
     return "auto" if value is None else repr(value)  # None is what params.yaml calls auto
 
 
+def built_record(p) -> dict:
+    """`built_with` as a JSON file stores it (class_counts.json, the dataset's record), for comparing."""
+    return json.loads(json.dumps(built_with(p)))
+
+
 def check_built_with(ds: Prepared, p, path) -> None:
     """A stage must train or evaluate on the data params.yaml describes, not on a stale prepared file:
     one line naming the first param that differs and the stage to re-run. data.root is recorded but not
     compared: the same images at another path are the same data (as in the stages' fingerprints)."""
-    now = json.loads(json.dumps(built_with(p)))
+    now = built_record(p)
     for key, value in now.items():
         if key != "data.root" and ds.made_with.get(key) != value:
             raise LongtailError(f"prepared dataset {path} was built with {key}={_shown(ds.made_with.get(key))}, but "

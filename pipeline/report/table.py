@@ -136,8 +136,8 @@ def build_table(runs: list[dict], names: MethodNames | None = None, where=(), ig
         params = {**OPTIONAL, **r.get("params", {})}  # a run from before a key existed had its default
         if not all(k in params for k in AXES):
             continue
-        run = {**r, "params": params, "tags": r.get("tags", {}), "metrics": r.get("metrics", {}), "method": names.name(params),
-               "column": column_of(params), "seed": _seed(params),
+        run = {**r, "params": params, "tags": r.get("tags", {}), "metrics": r.get("metrics", {}),
+               "method": names.name(params), "column": column_of(params), "seed": _seed(params),
                "sig": {k: norm(v) for k, v in signature(params, ignore).items()}}
         if _where_ok(run, where):
             enriched.append(run)
