@@ -177,13 +177,15 @@ class Trainer:
         drawn from `aug_gen`."""
         return augment(x_uint8, self.pad, self.flip, self.aug_gen)
 
-    def infer(self, fn: Callable, x_uint8: torch.Tensor, transform: Callable | None = None):
-        """fn(normalised batch) over uint8 images in evaluation-size batches, concatenated (None for
-        no image): the batched inference loop with this trainer's normalisation, precision and memory
-        format; `transform` (e.g. `augment`) runs on each uint8 batch first."""
+    def infer(self, fn: Callable, x_uint8: torch.Tensor, transform: Callable | None = None,
+              batch_size: int | None = None):
+        """fn(normalised batch) over uint8 images in evaluation-size batches (or `batch_size`),
+        concatenated (None for no image): the batched inference loop with this trainer's
+        normalisation, precision and memory format; `transform` (e.g. `augment`) runs on each uint8
+        batch first."""
         d = self.data
-        return batched(fn, x_uint8, d.mean, d.std, self.cfg.eval_batch_size, self.autocast, self.channels_last,
-                       transform)
+        return batched(fn, x_uint8, d.mean, d.std, batch_size or self.cfg.eval_batch_size, self.autocast,
+                       self.channels_last, transform)
 
     def prepare(self, idx: torch.Tensor, pad_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Training images at `idx`, augmented (crop padding x `pad_scale`, per sample, where given)

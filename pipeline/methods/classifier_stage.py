@@ -7,8 +7,9 @@ trainer's `Steps` contract.
 The backbone's weights are frozen (no_grad; only the classifier's parameters reach an optimizer).
 In training it stays in train mode by default, as in the authors' code, so BatchNorm normalises with
 batch statistics and updates its running statistics on the class-balanced stream (`bn: eval` keeps
-them instead). An epoch of their class-aware sampler has n_max x C samples (`epoch_size: balanced`;
-`dataset` gives N). The model contract (`.features(x)`, `.classifier` with `weight[C, d]`) is all it
+them instead); each training batch then goes through the backbone whole, so that BatchNorm sees the
+batch the classifier trains on. An epoch is the authors' one, floor(N / batch_size) batches of the
+sampler (`epoch_size: dataset`; `balanced` gives n_max x C samples). The model contract (`.features(x)`, `.classifier` with `weight[C, d]`) is all it
 relies on.
 """
 
@@ -50,23 +51,31 @@ def extract_features(trainer, idx: torch.Tensor | None = None, augmented: bool =
     """Backbone features (`model.features`) of training images (all, or those at `idx`), float32.
     The model is put in eval mode (BatchNorm uses its running statistics and does not update them),
     or with `train_mode` in train mode (batch statistics; the running statistics update).
-    Never touches the test set. With `augmented`, the training augmentation (`trainer.augment`) is
-    applied first."""
+    In train mode the images at `idx` are one batch (BatchNorm's batch statistics are those of the
+    batch, not of evaluation-size pieces of it). Never touches the test set. With `augmented`, the
+    training augmentation (`trainer.augment`) is applied first."""
     d, model = trainer.data, trainer.model
     model.train(train_mode)
     x_all = d.x_train if idx is None else d.x_train[idx.to(d.x_train.device)]
-    out = trainer.infer(lambda x: model.features(x).float(), x_all, trainer.augment if augmented else None)
+    out = trainer.infer(lambda x: model.features(x).float(), x_all, trainer.augment if augmented else None,
+                        batch_size=len(x_all) if train_mode and idx is not None else None)
     return torch.zeros(0, 0, device=trainer.device) if out is None else out
 
 
 @torch.no_grad()
 def reinit_classifier(head: nn.Module, seed: int) -> nn.Module:
-    """Kaiming-normal weights (std sqrt(2 / d), as the architectures initialise them) from a CPU
-    generator seeded with `seed`, zero bias; in place, returned."""
+    """A fresh classifier as the authors' stage 2 gets one (their new `nn.Linear`, PyTorch's default
+    initialisation): weights and bias uniform in [-1/sqrt(d), 1/sqrt(d)], drawn from a CPU generator
+    seeded with `seed`; in place, returned."""
     g = torch.Generator().manual_seed(seed)
-    head.weight.copy_(torch.randn(head.weight.shape, generator=g) * math.sqrt(2.0 / head.weight.shape[1]))
+    bound = 1.0 / math.sqrt(head.weight.shape[1])
+
+    def uniform(shape):
+        return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+    head.weight.copy_(uniform(head.weight.shape))
     if getattr(head, "bias", None) is not None:
-        head.bias.zero_()
+        head.bias.copy_(uniform(head.bias.shape))
     return head
 
 
@@ -166,7 +175,9 @@ class ClassifierTraining:
         t.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         first = t.epoch
         counts = ctx.meta["class_counts"]
-        size = max(counts) * len(counts) if self.epoch_size == "balanced" else sum(counts)
+        # the authors' epoch: int(N / batch_size) batches, however many the sampler could give
+        size = (max(counts) * len(counts) if self.epoch_size == "balanced"
+                else max(sum(counts) // self.batch_size, 1) * self.batch_size)
         steps = ClassifierSteps(self, t, head, build_sampler(ctx, self.sampler_name), first, size)
         t.reset_best()  # the stage-1 snapshot holds another classifier
         on_epoch, on_batch = epoch_logger(ctx, self.name, first, first + self.epochs)

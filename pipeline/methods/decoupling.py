@@ -9,7 +9,8 @@ instance-balanced sampling over the whole schedule (stage 1: set finetune.start_
   test set); `tau: auto` takes the best tau of the sweep.
 - `lws`: learn one scale f_j per class (z_j = f_j (w_j.x + b_j)) on the frozen backbone and frozen
   classifier with class-balanced sampling; the scales are folded into W and b at the end.
-- `ncm`: nearest class mean of L2-normalised features, as a `ncm` head (pipeline/models/heads.py).
+- `ncm`: nearest class mean of centred, L2-normalised features (the authors' default `cl2n`), as a
+  `ncm` head (pipeline/models/heads.py).
 
 The shared classifier-stage toolkit (frozen-backbone features, `ClassifierTraining`, BatchNorm and
 epoch-size options) is pipeline/methods/classifier_stage.py.
@@ -39,8 +40,8 @@ DEFAULT_TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # [0, 2], as the
 # -- cRT ------------------------------------------------------------------------------------------
 
 class ClassifierRetraining:
-    """cRT: a freshly initialised classifier of the same head kind (Kaiming-normal weights, as the
-    architecture initialises it; zero bias), trained with the configured loss (CE in the paper),
+    """cRT: a freshly initialised classifier of the same head kind (PyTorch's default linear-layer
+    initialisation, as the authors' new classifier has), trained with the configured loss (CE in the paper),
     unweighted, on class-balanced batches from the frozen backbone."""
 
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
@@ -57,14 +58,16 @@ class ClassifierRetraining:
 
 def build_crt(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
               weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
-              init_seed: int = 0, epoch_size: str = "balanced", bn: str = "train") -> ClassifierRetraining:
+              init_seed: int = 0, epoch_size: str = "dataset", bn: str = "train") -> ClassifierRetraining:
     """Defaults (Kang et al., ICLR 2020, §5 / appendix): 10 epochs, SGD momentum 0.9, weight decay
     5e-4, cosine lr; their lr 0.2 at batch 512 scaled linearly to this protocol's batch 128 -> 0.05.
     augment: true applies the training augmentation (crop/flip) to every batch, as the paper's
     stage 2 does; the frozen backbone then runs per batch (about a third of a training epoch's
     cost). false skips it; with `bn: eval` the features are then computed once and reused (fast,
     but the classifier sees the same 'clean' features of memorised training images every epoch).
-    epoch_size: balanced = n_max x C samples an epoch (the authors' class-aware sampler), dataset = N.
+    epoch_size: dataset = int(N / batch_size) batches an epoch (the authors' code counts its epoch in
+    steps of the training set's size, not of the class-aware sampler's n_max x C), balanced = n_max x C
+    samples.
     bn: train = the backbone in train mode, BatchNorm running statistics update (the authors' code);
     eval = they stay as stage 1 left them."""
     return ClassifierRetraining(_common("crt", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,
@@ -230,10 +233,10 @@ class LearnableWeightScaling:
             ctx.log.log_metrics({f"lws_scale/{j:03d}": float(s) for j, s in enumerate(self.scales)})
 
 
-def build_lws(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
+def build_lws(*, epochs: int = 5, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
               weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
-              epoch_size: str = "balanced", bn: str = "train") -> LearnableWeightScaling:
-    """Same schedule and options as cRT, weight decay 5e-4 on the scales, as in the authors' LWS config."""
+              epoch_size: str = "dataset", bn: str = "train") -> LearnableWeightScaling:
+    """The options of cRT; 5 epochs and weight decay 5e-4 on the scales, as in the authors' LWS configs."""
     return LearnableWeightScaling(_common("lws", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,
                                           epoch_size, bn))
 
@@ -241,20 +244,24 @@ def build_lws(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, mome
 # -- NCM ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def class_means(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """mu_j = mean of the L2-normalised features of class j (zeros for a class with no sample)."""
-    fn = F.normalize(feats, dim=1)
+def class_means(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                center: torch.Tensor | None = None) -> torch.Tensor:
+    """mu_j = mean of the L2-normalised features of class j (zeros for a class with no sample); with
+    `center`, of the L2-normalised f - center (the means themselves are not normalised again)."""
+    fn = F.normalize(feats if center is None else feats - center, dim=1)
     sums = torch.zeros(num_classes, feats.shape[1], device=feats.device).index_add_(0, labels, fn)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(feats)
     return sums / counts[:, None]
 
 
 @torch.no_grad()
-def ncm_head(means: torch.Tensor, metric: str = "euclidean") -> nn.Module:
-    """A `ncm` head (z = W f/|f| + b) whose argmax is the nearest class mean. euclidean:
-    argmin_j |f^ - mu_j|^2 = argmax_j 2 f^.mu_j - |mu_j|^2 -> W = 2 mu, b = -|mu|^2.
-    cosine: argmax_j cos(f, mu_j) -> W = mu / |mu|, b = 0."""
+def ncm_head(means: torch.Tensor, metric: str = "euclidean", center: torch.Tensor | None = None) -> nn.Module:
+    """A `ncm` head (z = W f^ + b, f^ = (f - c)/|f - c|, c = `center` or 0) whose argmax is the
+    nearest class mean. euclidean: argmin_j |f^ - mu_j|^2 = argmax_j 2 f^.mu_j - |mu_j|^2 -> W = 2 mu,
+    b = -|mu|^2. cosine: argmax_j cos(f^, mu_j) -> W = mu / |mu|, b = 0."""
     head = make_head("ncm", means.shape[1], means.shape[0]).to(means.device)
+    if center is not None:
+        head.center.copy_(center)
     if metric == "euclidean":
         head.weight.copy_(2 * means)
         head.bias.copy_(-(means * means).sum(1))
@@ -267,22 +274,30 @@ def ncm_head(means: torch.Tensor, metric: str = "euclidean") -> nn.Module:
 class NearestClassMean:
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
 
-    def __init__(self, metric: str):
-        self.metric = metric
+    def __init__(self, metric: str, features: str):
+        self.metric, self.features = metric, features
 
     def run(self, ctx) -> None:
         require_full_stage_one(ctx, "ncm")
         t = ctx.trainer
         feats = extract_features(t)
-        means = class_means(feats, t.data.y_train, len(ctx.meta["class_counts"]))
-        t.model.classifier = ncm_head(means, self.metric)
+        center = feats.mean(0) if self.features == "cl2n" else None
+        means = class_means(feats, t.data.y_train, len(ctx.meta["class_counts"]), center)
+        t.model.classifier = ncm_head(means, self.metric, center)
         ctx.meta["head"] = "ncm"
         final_is_best(t)
 
 
-def build_ncm(*, metric: str = "euclidean") -> NearestClassMean:
-    """metric: euclidean (distance to the means of the L2-normalised features, Kang et al.'s NCM) or
-    cosine (cosine similarity to the means)."""
+NCM_FEATURES = ("cl2n", "l2n")
+
+
+def build_ncm(*, metric: str = "euclidean", features: str = "cl2n") -> NearestClassMean:
+    """features: cl2n (the authors' default: the mean of all training features, taken without
+    augmentation, is subtracted, then each feature is L2-normalised) or l2n (L2-normalised only).
+    metric: euclidean (distance to the class means, Kang et al.'s NCM) or cosine (cosine similarity to
+    them)."""
     if metric not in ("euclidean", "cosine"):
         raise LongtailError(f"finetunes.ncm.metric must be one of euclidean, cosine, got {metric!r}")
-    return NearestClassMean(metric)
+    if features not in NCM_FEATURES:
+        raise LongtailError(f"finetunes.ncm.features must be one of {', '.join(NCM_FEATURES)}, got {features!r}")
+    return NearestClassMean(metric, features)

@@ -23,18 +23,20 @@ class CosineLinear(nn.Module):
 
 
 class NormalizedLinear(nn.Module):
-    """z = W f/|f| + b: a linear layer on L2-normalised features. With w_j = 2 mu_j and b_j = -|mu_j|^2
-    its argmax is the nearest class mean mu_j in Euclidean distance, since |f^ - mu_j|^2 = |f^|^2
-    - (2 f^.mu_j - |mu_j|^2) and |f^|^2 is the same for every j (the NCM classifier of Kang et al.,
-    ICLR 2020; filled in by the `ncm` fine-tune strategy)."""
+    """z = W f^ + b on centred, L2-normalised features f^ = (f - c)/|f - c| (c: the `center` buffer,
+    0 = plain L2 normalisation). With w_j = 2 mu_j and b_j = -|mu_j|^2 its argmax is the nearest class
+    mean mu_j in Euclidean distance, since |f^ - mu_j|^2 = |f^|^2 - (2 f^.mu_j - |mu_j|^2) and |f^|^2 is
+    the same for every j (the NCM classifier of Kang et al., ICLR 2020; filled in by the `ncm`
+    fine-tune strategy)."""
 
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_classes, in_features))
         self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.register_buffer("center", torch.zeros(in_features))
 
     def forward(self, x):
-        return F.normalize(x, dim=1) @ self.weight.t() + self.bias
+        return F.normalize(x - self.center, dim=1) @ self.weight.t() + self.bias
 
 
 def classify(head: nn.Module, features: torch.Tensor) -> torch.Tensor:

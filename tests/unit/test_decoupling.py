@@ -1,5 +1,6 @@
 """Decoupling (Kang et al., ICLR 2020): cRT, tau-normalisation (+ its sweep), LWS, NCM."""
 
+import dataclasses
 import math
 
 import pytest
@@ -211,15 +212,58 @@ def test_stage_two_keeps_the_backbone_in_train_mode_by_default(prepared):
         assert any(not torch.equal(before[k], after[k]) for k in before), build.__name__
 
 
-def test_a_class_balanced_stage_two_epoch_has_n_max_times_c_samples(prepared):
-    """The authors' class-aware sampler: an epoch is n_max x C samples (here 40 x 10), not N."""
+def test_a_stage_two_epoch_is_the_authors_int_n_over_batch_size_batches(prepared):
+    """The authors' code (classifier-balancing, run_networks.py) stops each epoch after
+    int(N / batch_size) steps, although their class-aware sampler could give n_max x C samples: here
+    N = 159 at batch 32 -> 4 full batches (128 samples); `epoch_size: balanced` gives 40 x 10 = 400."""
     p, ds = prepared
-    for build, expected in ((dc.build_crt(epochs=1), 400), (dc.build_crt(epochs=1, epoch_size="dataset"), None)):
+    for build, expected in ((dc.build_crt(epochs=1, batch_size=32), [32] * 4),
+                            (dc.build_lws(epochs=1, batch_size=32), [32] * 4),
+                            (dc.build_crt(epochs=1, batch_size=256), [256]),  # N < batch: one batch
+                            (dc.build_crt(epochs=1, batch_size=32, epoch_size="balanced"), [32] * 12 + [16])):
         ctx = pretrained_context(p, ds)
+        assert len(ctx.trainer.data.y_train) == 159 and max(ctx.meta["class_counts"]) == 40
         seen = []
         ctx.trainer.criterion.register_forward_hook(lambda m, args, out: seen.append(len(args[1])))
         build.run(ctx)
-        assert sum(seen) == (expected or len(ctx.trainer.data.y_train))
+        assert seen == expected
+
+
+def test_the_lws_and_crt_schedules_are_the_authors():
+    """config/*/cls_lws.yaml: 5 epochs; cls_crt.yaml: 10 (their lr 0.2 at batch 512 -> 0.05 at 128)."""
+    assert dc.build_lws().training.epochs == 5 and dc.build_crt().training.epochs == 10
+    assert dc.build_lws().training.lr == dc.build_crt().training.lr == 0.05
+    assert project_params()["finetunes"]["lws"]["epochs"] == 5
+
+
+def test_a_new_classifier_is_initialised_as_pytorch_initialises_a_linear_layer():
+    """The authors' cRT classifier is a new nn.Linear: weight and bias uniform in +-1/sqrt(d)."""
+    head = cs.reinit_classifier(torch.nn.Linear(64, 10), seed=3)
+    bound = 1 / 8
+    assert head.weight.abs().max() <= bound and head.weight.abs().max() > 0.95 * bound
+    assert head.bias.abs().max() <= bound
+    assert head.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)  # uniform: bound / sqrt(3)
+    assert head.bias.abs().min() > 0  # not zeroed
+    again = cs.reinit_classifier(torch.nn.Linear(64, 10), seed=3)
+    assert torch.equal(again.weight, head.weight) and torch.equal(again.bias, head.bias)
+
+
+def test_train_mode_features_normalise_the_whole_batch_at_once(prepared):
+    """BatchNorm in train mode normalises with the batch's statistics: stage 2 must pass the batch
+    the classifier trains on through the backbone whole, not in evaluation-size pieces."""
+    p, ds = prepared
+    ctx = pretrained_context(p, ds)
+    t = ctx.trainer
+    t.cfg = dataclasses.replace(t.cfg, eval_batch_size=7)
+    idx = torch.arange(40, device=t.data.y_train.device)
+    state = {k: v.clone() for k, v in t.model.state_dict().items()}
+    got = cs.extract_features(t, idx, augmented=False, train_mode=True)
+    t.model.load_state_dict(state)
+    t.model.train(True)
+    with torch.no_grad():
+        x = (t.data.x_train[idx].float() / 255 - t.data.mean.view(-1, 1, 1)) / t.data.std.view(-1, 1, 1)
+        whole = t.model.features(x).float()
+    assert torch.allclose(got, whole, atol=1e-5)
 
 
 def test_tau_is_searched_over_zero_to_two():
@@ -301,13 +345,44 @@ def test_ncm_strategy_sets_a_head_evaluate_can_rebuild(ctx):
     assert_same(before, backbone_state(t.model))
     m = rebuilt(ctx)
     feats = dc.extract_features(t)
-    means = dc.class_means(feats, t.data.y_train, 10)
+    center = feats.mean(0)  # the default: centred, then L2-normalised features (the authors' cl2n)
+    assert torch.allclose(m.classifier.center, center)
+    means = dc.class_means(feats, t.data.y_train, 10, center)
     x = (t.data.x_train.float() / 255 - t.data.mean.view(-1, 1, 1)) / t.data.std.view(-1, 1, 1)
     with torch.no_grad():
         pred = m(x).argmax(1)
     # the predicted class is a nearest mean, up to float32 rounding of the head's logits. After two
     # epochs on 170 images the features are close together (distances ~1e-3), so the reference is
     # the exact squared distance in float64: cdist's matmul path loses ~1e-5 there.
-    d2 = ((F.normalize(feats.double(), dim=1)[:, None, :] - means.double()[None]) ** 2).sum(-1)
+    d2 = ((F.normalize((feats - center).double(), dim=1)[:, None, :] - means.double()[None]) ** 2).sum(-1)
     assert torch.allclose(d2.gather(1, pred[:, None]).squeeze(1), d2.min(1).values, rtol=0, atol=1e-6)
     assert (pred == d2.argmin(1)).float().mean() > 0.9
+
+
+def test_ncm_cl2n_is_the_authors_rule_against_numpy():
+    """The authors' default NCM (main.py --feat_type cl2n --dist_type l2): subtract the mean of all
+    training features, L2-normalise, average per class (not normalised again); a test feature goes
+    through the same centring and normalisation and takes the class of the nearest mean."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    train = np.abs(g.normal(size=(90, 6))) + 2.0 * np.repeat(np.abs(g.normal(size=(3, 6))), 30, 0)  # after ReLU: >= 0
+    labels = np.repeat(np.arange(3), 30)
+    test = np.abs(g.normal(size=(50, 6))) * 2.5
+    mu = train.mean(0)
+    cl2n = lambda f: (f - mu) / np.linalg.norm(f - mu, axis=1, keepdims=True)  # noqa: E731
+    means = np.stack([cl2n(train)[labels == j].mean(0) for j in range(3)])
+    expected = np.linalg.norm(cl2n(test)[:, None, :] - means[None], axis=2).argmin(1)
+
+    tr = torch.tensor(train, dtype=torch.float32)
+    center = tr.mean(0)
+    head = dc.ncm_head(dc.class_means(tr, torch.tensor(labels), 3, center), "euclidean", center)
+    assert torch.allclose(dc.class_means(tr, torch.tensor(labels), 3, center), torch.tensor(means, dtype=torch.float32),
+                          atol=1e-6)
+    assert head(torch.tensor(test, dtype=torch.float32)).argmax(1).tolist() == expected.tolist()
+    # without the centring (l2n), features that are all >= 0 give another rule: at least one test
+    # image changes class here
+    plain = dc.ncm_head(dc.class_means(tr, torch.tensor(labels), 3), "euclidean")
+    assert plain(torch.tensor(test, dtype=torch.float32)).argmax(1).tolist() != expected.tolist()
+    with pytest.raises(LongtailError, match="finetunes.ncm.features must be one of cl2n, l2n"):
+        dc.build_ncm(features="centred")
