@@ -57,7 +57,7 @@ class ClassifierRetraining:
 
 
 def build_crt(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
-              weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
+              weight_decay: float = 5e-4, sampler: str = "class_aware", augment: bool = True,
               init_seed: int = 0, epoch_size: str = "dataset", bn: str = "train") -> ClassifierRetraining:
     """Defaults (Kang et al., ICLR 2020, §5 / appendix): 10 epochs, SGD momentum 0.9, weight decay
     5e-4, cosine lr; their lr 0.2 at batch 512 scaled linearly to this protocol's batch 128 -> 0.05.
@@ -234,7 +234,7 @@ class LearnableWeightScaling:
 
 
 def build_lws(*, epochs: int = 5, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
-              weight_decay: float = 5e-4, sampler: str = "class_balanced", augment: bool = True,
+              weight_decay: float = 5e-4, sampler: str = "class_aware", augment: bool = True,
               epoch_size: str = "dataset", bn: str = "train") -> LearnableWeightScaling:
     """The options of cRT; 5 epochs and weight decay 5e-4 on the scales, as in the authors' LWS configs."""
     return LearnableWeightScaling(_common("lws", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,

@@ -126,6 +126,53 @@ class OversampleSampler(Sampler):
         return torch.cat(idx)[perm]
 
 
+class _Cycle:
+    """The items of `items` in a shuffled order, reshuffled (from `generator`) at the start of each
+    pass: every item once per pass."""
+
+    def __init__(self, items: list, generator: torch.Generator):
+        self.items, self.generator, self.order, self.i = items, generator, [], 0
+
+    def take(self, k: int) -> list:
+        out = []
+        for _ in range(k):
+            if self.i == len(self.order):
+                self.order = [self.items[i] for i in torch.randperm(len(self.items), generator=self.generator).tolist()]
+                self.i = 0
+            out.append(self.order[self.i])
+            self.i += 1
+        return out
+
+
+class ClassAwareSampler(Sampler):
+    """Kang et al.'s class-aware sampler (ICLR 2020; their `ClassAwareSampler` with num_samples_cls 4):
+    the classes are visited in a shuffled cycle, `per_visit` images of the visited class at a time,
+    and each class's images come in a shuffled cycle of their own (no image twice within a pass).
+    So every class gets 1/C of the samples, and a batch of b holds about b/C of each. An epoch's
+    order has n_max x C samples (their sampler's length). The cycles start afresh each epoch, from
+    `generator` (theirs run on across epochs; the order is as random either way, and a resumed run
+    draws the same)."""
+
+    def __init__(self, class_counts, per_visit: int = 4):
+        super().__init__(class_counts)
+        if isinstance(per_visit, bool) or not isinstance(per_visit, int) or per_visit < 1:
+            raise LongtailError(f"samplers.class_aware.per_visit must be an integer >= 1, got {per_visit!r}")
+        self.per_visit = per_visit
+
+    def class_probabilities(self, epoch=0, epochs=1):
+        return [1 / len(self.class_counts)] * len(self.class_counts)
+
+    def indices(self, labels, epoch, epochs, generator):
+        members = [m.tolist() for m in self._members(labels)]
+        total = max(self.class_counts) * len(members)
+        classes = _Cycle(list(range(len(members))), generator)
+        cycles = [_Cycle(m, generator) for m in members]
+        out: list = []
+        while len(out) < total:
+            out += cycles[classes.take(1)[0]].take(self.per_visit)
+        return torch.tensor(out[:total], dtype=torch.int64)
+
+
 class UndersampleSampler(Sampler):
     """Random under-sampling: each epoch every class keeps n_min images chosen without replacement,
     then the C * n_min samples are permuted."""
@@ -161,6 +208,10 @@ def build_progressive(class_counts):
 
 def build_oversample(class_counts, strong_augment: bool = False):
     return OversampleSampler(class_counts, strong_augment)
+
+
+def build_class_aware(class_counts, per_visit: int = 4):
+    return ClassAwareSampler(class_counts, per_visit)
 
 
 def build_undersample(class_counts):

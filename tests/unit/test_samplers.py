@@ -8,7 +8,7 @@ COUNTS = [400, 150, 40, 10]
 LABELS = torch.repeat_interleave(torch.arange(4), torch.tensor(COUNTS))
 LABELS = LABELS[torch.randperm(600, generator=torch.Generator().manual_seed(0))]  # classes interleaved
 WITH_REPLACEMENT = ["class_balanced", "sqrt", "reversed", "progressive"]
-ALL = ["instance", "oversample", "undersample"] + WITH_REPLACEMENT
+ALL = ["instance", "oversample", "undersample", "class_aware"] + WITH_REPLACEMENT
 
 
 def build(name, **params):
@@ -68,7 +68,7 @@ def test_deterministic_given_generator(name):
     b = build(name).indices(LABELS, 2, 10, torch.Generator().manual_seed(7))
     c = build(name).indices(LABELS, 2, 10, torch.Generator().manual_seed(8))
     assert a.dtype == torch.int64 and torch.equal(a, b) and not torch.equal(a, c)
-    assert len(a) == {"oversample": 1600, "undersample": 40}.get(name, 600)
+    assert len(a) == {"oversample": 1600, "undersample": 40, "class_aware": 1600}.get(name, 600)
 
 
 def test_oversample_counts_and_repeat_mask():
@@ -113,3 +113,34 @@ def test_errors():
         S.build_sqrt([3, 0])
     with pytest.raises(LongtailError, match="class 0 has 1 labels, expected 400"):
         build("sqrt").indices(torch.tensor([0, 1, 2, 3]), 0, 1, torch.Generator())
+
+
+def test_class_aware_is_the_authors_cycle_of_classes_and_of_each_class_images():
+    """Kang et al.'s ClassAwareSampler (num_samples_cls 4): classes in a shuffled cycle, 4 images of the
+    visited class per visit, each class's images in a shuffled cycle (every image once per pass)."""
+    s = build("class_aware")
+    assert s.class_probabilities() == [0.25] * 4
+    idx = s.indices(LABELS, 0, 1, torch.Generator().manual_seed(3))
+    assert len(idx) == 400 * 4  # n_max x C, their sampler's length
+    y = LABELS[idx]
+    visits = y.view(-1, 4)
+    assert (visits == visits[:, :1]).all()  # 4 images of one class per visit
+    cls = visits[:, 0]
+    for p in range(len(cls) // 4):  # every pass of the class cycle holds each class once, in a new order
+        assert sorted(cls[4 * p:4 * p + 4].tolist()) == [0, 1, 2, 3]
+    assert len({tuple(cls[4 * p:4 * p + 4].tolist()) for p in range(len(cls) // 4)}) > 1
+    assert torch.bincount(y, minlength=4).tolist() == [400] * 4
+    members = [torch.nonzero(LABELS == j).flatten().sort().values for j in range(4)]
+    for j, n in enumerate(COUNTS):  # within each pass over class j's n_j images, each appears once
+        drawn = idx[y == j]
+        for start in range(0, len(drawn) - n + 1, n):
+            assert torch.equal(drawn[start:start + n].sort().values, members[j])
+    # a batch of 128 (32 whole visits) of 10 classes holds 8 to 20 images of each, in fours (12.8 on average)
+    labels10 = torch.arange(10).repeat_interleave(torch.tensor([500, 300, 200, 120, 80, 50, 30, 20, 10, 5]))
+    s10 = S.build_class_aware([500, 300, 200, 120, 80, 50, 30, 20, 10, 5])
+    per_batch = torch.stack([torch.bincount(labels10[b], minlength=10)
+                             for b in s10.indices(labels10, 0, 1, torch.Generator().manual_seed(0)).split(128)[:-1]])
+    assert per_batch.min() >= 8 and per_batch.max() <= 20 and (per_batch % 4 == 0).all()
+    assert per_batch.float().mean() == 12.8 and per_batch.float().std() > 0
+    with pytest.raises(LongtailError, match="samplers.class_aware.per_visit must be an integer >= 1"):
+        build("class_aware", per_visit=0)
