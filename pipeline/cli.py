@@ -178,11 +178,26 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
     res = rep.generate(found, out, fetch=fetch_artifact, published=published or bool(aliases), published_as=aliases,
                        compare=[c.strip() for c in compare.split(",") if c.strip()] if compare else None,
                        per_run=runs, where=rep.parse_where(where), ignore=ignore,
-                       source=f"{tracking_uri()} (experiment {experiment!r})")
+                       source=f"{tracking_uri()} (experiment {experiment!r})",
+                       command=report_command(out=out, published=published, published_as=published_as, compare=compare,
+                                              runs=runs, where=where, ignore=ignore, experiment=experiment))
     t = res["table"]
     typer.echo("\n".join(rep.error_table(t, "best")))
     typer.echo(f"\n{len(t.runs)} runs, {len(t.rows)} rows x {len(t.columns)} settings; wrote "
                f"{out / 'table.md'}, {out / 'table.csv'} and {len(res['written']) - 2} more file(s) under {out}/")
+
+
+def report_command(*, out, published, published_as, compare, runs, where, ignore, experiment) -> str:
+    """The `longtail report` command line of these options, as table.md states it (defaults left out, the
+    experiment always named): running it against the same store writes the same tables."""
+    import shlex
+
+    args = ["longtail", "report"] + (["--published"] if published else [])
+    for flag, values in (("--published-as", published_as), ("--where", where), ("--ignore", ignore)):
+        for v in values:
+            args += [flag, v]
+    args += (["--compare", compare] if compare else []) + (["--runs", runs] if runs != "first" else [])
+    return shlex.join(args + ["--experiment", experiment, "--out", str(out)])
 
 
 @app.command()

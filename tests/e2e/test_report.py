@@ -10,11 +10,13 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from testkit import ROOT, clean_env
+from testkit.regenerate import data_files, regenerate, stated_command, without_source
 
 from .conftest import FAST, make_repo, mlflow_client, set_params, sh
 
@@ -180,3 +182,23 @@ def test_the_results_fit_diagnosis_reads_the_runs_own_models(swept, monkeypatch)
     bad = subprocess.run([sys.executable, str(script), "no-such-exp"], cwd=repo,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "no-such-exp" in bad.stderr
+
+
+def test_the_command_table_md_states_regenerates_the_tables_from_the_packed_store_alone(swept, tmp_path):
+    """A results page commits its MLflow store (mlflow.db + mlartifacts/, as a .tgz) beside the report, so
+    that the report can be regenerated after the machine that ran it is gone: the command table.md states,
+    run where the store was unpacked (no repo, no params.yaml), writes the same numbers."""
+    repo, _, _ = swept
+    table_md = repo / "reports" / "table.md"
+    assert stated_command(table_md) == ["longtail", "report", "--published", "--compare", "ERM,ERM-DRW",
+                                        "--experiment", "longtail", "--out", "reports"]
+    with tarfile.open(tmp_path / "mlflow-store.tgz", "w:gz") as tar:
+        for name in ("mlflow.db", "mlartifacts"):
+            tar.add(repo / name, arcname=name)
+    out = regenerate(table_md, tmp_path / "mlflow-store.tgz", tmp_path / "elsewhere")
+    before, after = data_files(repo / "reports"), data_files(out)
+    assert {"table.csv", "published.csv", "runs/rep-0/history.csv", "runs/rep-1/per_class.csv"} <= set(before)
+    assert after == before
+    assert without_source((out / "table.md").read_text()).replace(str(out), "reports") == \
+        without_source(table_md.read_text())
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(p.name for p in (repo / "reports" / "figures").iterdir())

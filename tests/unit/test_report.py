@@ -597,3 +597,20 @@ def test_the_source_profile_is_one_column_whatever_ratio_params_yaml_holds():
     assert report.column_label(cols.pop()) == "imagefolder source"
     assert report.column_label(column_of({"dataset": "cifar10", "imbalance": "exp", "ratio": 100})) \
         == "cifar10 exp 100"
+
+
+def test_report_command_states_every_option_that_changes_the_output_and_quotes_it_for_a_shell():
+    import shlex
+
+    from pipeline.cli import report_command
+
+    plain = dict(out=Path("reports"), published=False, published_as=[], compare=None, runs="first", where=[],
+                 ignore=[], experiment="longtail")
+    assert report_command(**plain) == "longtail report --experiment longtail --out reports"
+    cmd = report_command(**{**plain, "out": Path("results/my page"), "published_as": ["imagefolder=cifar10"],
+                            "compare": "ERM,LDAM-DRW", "where": ["longtail.dvc_exp!=c10h-2"], "runs": "all",
+                            "ignore": ["train.device"], "experiment": "exp 2"})
+    assert cmd == ("longtail report --published-as imagefolder=cifar10 --where 'longtail.dvc_exp!=c10h-2' "
+                   "--ignore train.device --compare ERM,LDAM-DRW --runs all --experiment 'exp 2' "
+                   "--out 'results/my page'")
+    assert shlex.split(cmd)[-2:] == ["--out", "results/my page"]
