@@ -47,18 +47,19 @@ def linear_classifier(ctx, name: str) -> nn.Linear:
 
 
 def extract_features(trainer, idx: torch.Tensor | None = None, augmented: bool = False,
-                     train_mode: bool = False) -> torch.Tensor:
+                     train_mode: bool = False, whole_batch: bool = False) -> torch.Tensor:
     """Backbone features (`model.features`) of training images (all, or those at `idx`), float32.
     The model is put in eval mode (BatchNorm uses its running statistics and does not update them),
     or with `train_mode` in train mode (batch statistics; the running statistics update).
-    In train mode the images at `idx` are one batch (BatchNorm's batch statistics are those of the
-    batch, not of evaluation-size pieces of it). Never touches the test set. With `augmented`, the
+    With `whole_batch` the images at `idx` go through the backbone as one batch (a training batch in
+    train mode: BatchNorm's batch statistics are then those of the batch, not of evaluation-size
+    pieces of it). Never touches the test set. With `augmented`, the
     training augmentation (`trainer.augment`) is applied first."""
     d, model = trainer.data, trainer.model
     model.train(train_mode)
     x_all = d.x_train if idx is None else d.x_train[idx.to(d.x_train.device)]
     out = trainer.infer(lambda x: model.features(x).float(), x_all, trainer.augment if augmented else None,
-                        batch_size=len(x_all) if train_mode and idx is not None else None)
+                        batch_size=len(x_all) if whole_batch and len(x_all) else None)
     return torch.zeros(0, 0, device=trainer.device) if out is None else out
 
 
@@ -150,7 +151,7 @@ class ClassifierTraining:
     Epochs are numbered on from the stage-1 end: [trainer.epoch, trainer.epoch + epochs)."""
 
     def __init__(self, name: str, sampler: str, epochs: int, lr: float, batch_size: int, momentum: float,
-                 weight_decay: float, augment: bool, epoch_size: str = "balanced", bn: str = "train"):
+                 weight_decay: float, augment: bool, epoch_size: str = "dataset", bn: str = "train"):
         self.name, self.sampler_name = name, sampler
         key = f"finetunes.{name}."
         self.epochs = check_number(key + "epochs", epochs, min=1, integer=True)
@@ -208,7 +209,7 @@ class ClassifierSteps:
         if self.bank is not None:
             feats = self.bank[idx]
         else:
-            feats = extract_features(t, idx, self.c.augment, self.train_bn)
+            feats = extract_features(t, idx, self.c.augment, self.train_bn, whole_batch=True)
         y = t.data.y_train[idx]
         logits = self.head(feats)
         loss = t.loss(logits, y, None, feats)

@@ -171,7 +171,7 @@ class MetaSampler:
         augment, train_bn = kw.pop("augment"), kw.pop("bn") == "train"
         if augment or train_bn:  # the authors' way: frozen weights, fresh features every batch
             def features(idx):
-                return extract_features(t, idx, augment, train_bn)
+                return extract_features(t, idx, augment, train_bn, whole_batch=True)
 
             def meta_features():
                 return extract_features(t, meta_idx, augment, train_bn)

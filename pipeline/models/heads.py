@@ -38,6 +38,11 @@ class NormalizedLinear(nn.Module):
     def forward(self, x):
         return F.normalize(x - self.center, dim=1) @ self.weight.t() + self.bias
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before the centring had none: centre 0, the plain L2 normalisation it used
+        state_dict.setdefault(prefix + "center", torch.zeros_like(self.center))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def classify(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """Logits in float32, outside any autocast region: under train.precision = bf16 the backbone

@@ -117,9 +117,9 @@ def test_the_strategy_keeps_the_backbone_and_records_the_rates(tmp_path):
 
     real = ms.extract_features
 
-    def counting(t, idx=None, augmented=False, train_mode=False):
+    def counting(t, idx=None, augmented=False, train_mode=False, whole_batch=False):
         calls.append((idx is None, augmented, train_mode))
-        return real(t, idx, augmented, train_mode)
+        return real(t, idx, augmented, train_mode, whole_batch)
 
     ms.extract_features = counting
     try:
