@@ -295,7 +295,9 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
             if resume.exists():
                 os.unlink(resume)
-            if resume.parent.parent == _shared_resume_root() and not any(resume.parent.iterdir()):
+            # a strategy that trains nothing (tau-norm, NCM) wrote no checkpoint: its folder may not exist
+            if (resume.parent.parent == _shared_resume_root() and resume.parent.is_dir()
+                    and not any(resume.parent.iterdir())):
                 resume.parent.rmdir()
         ran = [r for r in trainer.history if r["epoch"] >= (0 if stage == "pretrain" else p.finetune.start_epoch)]
         summary = {"epochs_run": len(ran),

@@ -452,6 +452,27 @@ def test_a_run_killed_in_a_dvc_temp_copy_resumes_in_the_next_copy(prepared, tmp_
 
 
 
+@pytest.mark.parametrize("strategy", ["tau_norm", "ncm"])
+def test_a_strategy_that_trains_nothing_finishes_in_a_dvc_temp_copy(prepared, tmp_path, monkeypatch, strategy):
+    """tau-norm and NCM write no resume checkpoint, so their folder under the project's resume root is
+    never made. The stage's clean-up listed it anyway, so a queued tau-norm run died after its work
+    with "No such file or directory: .longtail/resume/<fingerprint>"."""
+    from pipeline.params import override
+
+    p, ds = prepared
+    p = parse(override(p.raw, {"finetune.strategy": strategy, "finetune.start_epoch": p.train.epochs}))
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.setenv("LONGTAIL_ROOT", str(root))
+    copy_dir = root / ".dvc" / "tmp" / "exps" / "tmp-1"  # where DVC makes a queued run's temp copy
+    copy_dir.mkdir(parents=True)
+    monkeypatch.chdir(copy_dir)
+    paths = dict(dataset=ds, pretrain=copy_dir / "pre.pt", final=copy_dir / "final.pt")
+    training.run("pretrain", p, **paths)
+    training.run("finetune", p, **paths)
+    assert (copy_dir / "final.pt").exists()
+    assert not any((root / ".longtail" / "resume").iterdir())
+
 def test_two_queued_runs_with_the_same_params_do_not_share_a_resume_folder(prepared, tmp_path, monkeypatch, capsys):
     """Two queued experiments with the same params (one queued twice, `-j 2`) have the same fingerprint,
     so the same folder under the project's resume root. The one that finished first used to delete it,
