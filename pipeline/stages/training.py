@@ -295,7 +295,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             io.save_torch(out, {**trainer.state_dict(), "fingerprint": fingerprint, "inputs": inputs, "meta": meta})
             if resume.exists():
                 os.unlink(resume)
-            # a strategy that trains nothing (tau-norm, NCM) wrote no checkpoint: its folder may not exist
+            # a strategy that trains nothing wrote no checkpoint: its folder may not exist
             if (resume.parent.parent == _shared_resume_root() and resume.parent.is_dir()
                     and not any(resume.parent.iterdir())):
                 resume.parent.rmdir()
