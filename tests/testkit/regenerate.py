@@ -31,10 +31,8 @@ def regenerate(table_md: Path, store_tgz: Path, workdir: Path, longtail: str = "
             tar.extractall(workdir, filter="data")
         else:
             tar.extractall(workdir)
-    args = stated_command(table_md)
-    i = args.index("--out")
     out = workdir / "out"
-    args[i + 1] = str(out)
+    args = with_out(stated_command(table_md), str(out))
     args[0] = shutil.which(longtail) or longtail
     r = subprocess.run(args, cwd=workdir, env=clean_env(LONGTAIL_ROOT=str(workdir)), capture_output=True,
                        text=True, timeout=900)
