@@ -1,35 +1,35 @@
 """Balanced Meta-Softmax (Ren et al., NeurIPS 2020; docs/methods.md §4), stage 2: the `meta_sampler` fine-tune
-strategy.
+strategy, as the authors' BalancedMetaSoftmax-Classification code runs it.
 
 Stage 1 is a plain softmax (CE) model over the whole schedule (loss=ce,
-finetune.start_epoch=train.epochs), as in the authors' released recipe: Balanced Softmax and the
-meta sampler act only in this classifier stage.
-Stage 2 re-trains the classifier on the frozen backbone with Balanced Softmax,
-CE(z + log n, y), on batches drawn from a learnable class distribution pi = softmax(phi). Each step:
+finetune.start_epoch=train.epochs); Balanced Softmax and the meta sampler act only in this
+classifier stage. It re-trains a fresh classifier on the frozen backbone with Balanced Softmax,
+CE(z + log n, y), for `iterations` steps (their 2,000) in epochs of floor(N / batch_size) steps.
+Each step:
 
-1. draw a batch with straight-through Gumbel-softmax over phi: class c_b = argmax(phi + g_b)
-   (a sample of pi), weight s_b = [hard one-hot - soft.detach() + soft]_{c_b} (value 1, gradient to
-   phi through soft = softmax((phi + g_b) / temperature)), then a uniform image of class c_b;
-2. one virtual SGD step of the classifier: theta' = theta - lr * grad_theta mean_b s_b BS(x_b, c_b);
-3. meta loss = plain CE of the classifier theta' on a small class-balanced meta set taken from the
-   training set; its gradient w.r.t. phi (through theta') updates phi (Adam, meta_lr);
-4. a real SGD step of the classifier with Balanced Softmax on a batch drawn from the updated pi.
+1. draw a batch from the learned sampler (`SampleRates`): every training image of class c has the
+   unnormalised rate sigmoid(w_c); a straight-through Gumbel-softmax over all N images picks each
+   of the batch's images (value 1, gradient to w through the soft sample);
+2. one virtual step of the classifier on that batch, weighted by the straight-through values: the
+   real optimizer's SGD update (its learning rate, momentum buffer and weight decay), kept
+   differentiable;
+3. meta loss = plain CE of the virtually-updated classifier on a class-balanced meta batch of
+   training images (their class-aware sampler, one image per class visit); its gradient w.r.t. w
+   updates w (Adam, meta_lr);
+4. the real step: Balanced Softmax on the batch of step 1, unweighted (the trainer steps `opt`).
 
-As in the authors' classifier stage, the backbone's weights are frozen but it runs in train mode
-(`bn: train`: BatchNorm uses batch statistics and its running statistics follow the re-sampled
-data) on augmented images (`augment: true`), so every batch's features are computed afresh (no
-gradient reaches the backbone), and the classifier is re-initialised (`reinit: true`; the authors do
-not load the stage-1 classifier). `augment: false` with `bn: eval` computes the features once and
-reuses them (faster, and a different recipe).
-Simplifications: the meta set is part of the training set (its tail classes have too few images
-to hold any out) and its features are computed like the training batch's at each meta step; phi
-starts at the instance-balanced rates log(n_j / N) (`init: class_balanced` starts uniform); one
-virtual step per real step, with the real step's learning rate. Stage 2 always uses Balanced
-Softmax (the paper's loss), whatever `loss` trained stage 1.
+As in their classifier stage, the backbone's weights are frozen but it runs in train mode
+(`bn: train`: BatchNorm uses batch statistics and its running statistics follow the sampled
+data) on augmented images (`augment: true`), and the classifier is re-initialised (`reinit`).
+Their real step runs the backbone again on the batch of step 1: in train mode that gives the
+same features, so they are reused, and `BatchNormReplay` applies the running-statistics update the
+second pass would have made. `augment: false` with `bn: eval` computes the features once.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -40,114 +40,180 @@ from torch.func import functional_call
 from ..checks import check_number
 from ..errors import LongtailError
 from ..engine.contract import StepResult
-from .classifier_stage import (BN_MODES, balanced_subset, cosine_lr, epoch_logger, extract_features,
+from .classifier_stage import (BN_MODES, cosine_lr, epoch_logger, epoch_order, extract_features,
                                reinit_classifier, require_full_stage_one)
+from .samplers import ClassAwareSampler
 
 
-class ClassSampler:
-    """A learnable class distribution pi = softmax(phi)."""
+class SampleRates:
+    """The learned sampler (their `SampleLearner`): one logit w_c per class, and every training image
+    of class c drawn with the unnormalised rate sigmoid(w_c), so class c gets n_c sigmoid(w_c) / sum.
+    Start: rate_c = p_c^-init_pow / (min + max) with p_c = n_c / N, i.e. rate 1/2 for every image
+    (instance-balanced) at init_pow 0, class-balanced at init_pow 1."""
 
-    def __init__(self, class_counts, init: str = "instance", device="cpu"):
-        counts = torch.tensor(class_counts, dtype=torch.float32)
-        start = counts.log() - counts.sum().log() if init == "instance" else torch.zeros(len(counts))
-        self.phi = nn.Parameter(start.to(device))
+    def __init__(self, class_counts, labels: torch.Tensor, init_pow: float = 0.0):
+        counts = torch.tensor(class_counts, dtype=torch.float64)
+        rate = (counts / counts.sum()).pow(-init_pow)
+        rate = rate / (rate.min() + rate.max())
+        self.counts = counts.float().to(labels.device)
+        self.labels = labels
+        self.w = nn.Parameter((rate.log() - (1 - rate).log()).float().to(labels.device))
 
     def rates(self) -> torch.Tensor:
-        return torch.softmax(self.phi.detach(), 0)
+        """sigmoid(w_c): the unnormalised per-image rate of each class (what their log prints)."""
+        return torch.sigmoid(self.w.detach())
 
-    def gumbel(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        u = torch.rand(batch, len(self.phi), generator=generator).clamp_(1e-10, 1 - 1e-7)
-        return (-torch.log(-torch.log(u))).to(self.phi.device)
+    def class_probabilities(self) -> torch.Tensor:
+        """The class distribution of a drawn batch: n_c sigmoid(w_c), normalised."""
+        q = self.counts * self.rates()
+        return q / q.sum()
 
-    def sample_straight_through(self, batch: int, generator, temperature: float):
-        """Classes [B] (samples of pi) and their straight-through weights [B] (value 1, grad to phi)."""
-        soft = torch.softmax((self.phi + self.gumbel(batch, generator)) / temperature, dim=1)
-        cls = soft.detach().argmax(1)
-        hard = F.one_hot(cls, len(self.phi)).to(soft)
-        weight = (hard - soft.detach() + soft).gather(1, cls[:, None]).squeeze(1)
-        return cls, weight
+    def sample(self, batch: int, generator: torch.Generator, temperature: float = 1.0):
+        """Positions [B] of `batch` training images, each drawn with probability proportional to its
+        rate (Gumbel-max over all N images), and their straight-through weights [B]: value 1, gradient
+        to w through the soft sample softmax((log rate + g) / temperature) at the drawn image."""
+        log_rate = F.logsigmoid(self.w)[self.labels]  # [N]
+        u = torch.rand(batch, len(self.labels), generator=generator).clamp_(1e-10, 1 - 1e-7)
+        gumbel = -torch.log(-torch.log(u)).to(log_rate.device)
+        soft = torch.softmax((log_rate + gumbel) / temperature, dim=1)
+        idx = soft.detach().argmax(1)
+        picked = soft.gather(1, idx[:, None]).squeeze(1)
+        return idx, 1 - picked.detach() + picked
+
+
+class BatchNormReplay:
+    """Replays the running-statistics update of train-mode BatchNorm for a batch the backbone has
+    already seen: `recording()` around a forward pass notes each layer's batch statistics (from its
+    running statistics before and after), `apply()` updates the running statistics with them again,
+    as a second forward pass of the same batch would (exactly, up to float rounding)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.stats: list | None = None
+
+    @staticmethod
+    def _factor(m, count) -> float:
+        return 1.0 / float(count) if m.momentum is None else m.momentum  # None: a cumulative average
+
+    @contextmanager
+    def recording(self):
+        before = [(m.running_mean.clone(), m.running_var.clone()) for m in self.layers]
+        yield
+        self.stats = []
+        for m, (mean0, var0) in zip(self.layers, before):
+            f = self._factor(m, m.num_batches_tracked)
+            # after = (1 - f) before + f batch, solved for batch
+            self.stats.append(((m.running_mean - (1 - f) * mean0) / f, (m.running_var - (1 - f) * var0) / f))
 
     @torch.no_grad()
-    def sample(self, batch: int, generator) -> torch.Tensor:
-        return (self.phi + self.gumbel(batch, generator)).argmax(1)
+    def apply(self) -> None:
+        if self.stats is None:
+            raise RuntimeError("BatchNormReplay.apply() without a recorded forward pass")
+        for m, (mean, var) in zip(self.layers, self.stats):
+            m.num_batches_tracked += 1
+            f = self._factor(m, m.num_batches_tracked)
+            m.running_mean.mul_(1 - f).add_(f * mean)
+            m.running_var.mul_(1 - f).add_(f * var)
+        self.stats = None
+
+
+def stage_two_epochs(iterations: int, n: int, batch_size: int) -> tuple[int, int]:
+    """(epochs, steps per epoch) of their schedule: an epoch is floor(N / batch_size) steps (at least
+    1), and the stage runs whole epochs until `iterations` steps are reached."""
+    steps = max(n // batch_size, 1)
+    return math.ceil(iterations / steps), steps
 
 
 class MetaSamplerTraining:
-    """Stage-2 training of the classifier on backbone features, as engine.contract.Steps: an epoch is
-    ceil(N / B) steps; each step a meta step of the sampling logits, then the classifier's Balanced
-    Softmax loss on a batch from the updated pi (the trainer steps `opt`, which it holds as its
-    optimizer). `features(idx)` gives the features of training samples idx (fresh per batch, or
-    rows of a precomputed bank); `meta_features()` those of the meta set, whose labels are
-    `meta_labels`. Stage-2 epoch e has cosine lr at e - first. phi and its Adam state go in the
-    checkpoint."""
+    """Stage-2 training of the classifier on backbone features, as engine.contract.Steps. Each step
+    draws a batch from the learned rates, makes the meta step, then returns the real step's
+    Balanced Softmax loss on that batch (the trainer steps `opt`, which it holds as its optimizer).
+    `features(idx)` gives the features of training samples idx (fresh per batch, or rows of a
+    precomputed bank); `bn_replay` (or None) repeats the BatchNorm update of the batch's forward pass.
+    Meta batches come from `meta_sampler` (their class-aware sampler, one image per class visit),
+    whose cycles restart each epoch. Stage-2 epoch e has cosine lr at e - first. w and its Adam
+    state go in the checkpoint."""
 
     def __init__(self, classifier: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                 meta_features: Callable[[], torch.Tensor], meta_labels: torch.Tensor, class_counts,
-                 generator: torch.Generator, *, epochs: int, lr: float, batch_size: int, momentum: float,
-                 weight_decay: float, meta_lr: float, temperature: float, init: str, first: int = 0):
+                 class_counts, generator: torch.Generator, *, epochs: int, steps_per_epoch: int, lr: float,
+                 batch_size: int, meta_batch_size: int, momentum: float, weight_decay: float, meta_lr: float,
+                 temperature: float, init_pow: float, first: int = 0, bn_replay: BatchNormReplay | None = None,
+                 meta_sampler=None):
         self.classifier, self.features, self.labels = classifier, features, labels
-        self.meta_features, self.meta_labels = meta_features, meta_labels
-        self.generator, self.epochs, self.lr_base, self.batch_size = generator, epochs, lr, batch_size
-        self.first, self.current_lr, self.meta_losses = first, lr, []
-        self.temperature = temperature
-        device = labels.device
-        counts = torch.tensor(class_counts, dtype=torch.long)
-        self.counts = counts.to(device)
-        self.log_prior = counts.float().log().to(device)
-        # positions of each class's samples, class after class: sample k of class j is at starts[j] + k
-        self.by_class = torch.argsort(labels, stable=True)
-        self.starts = (torch.cumsum(counts, 0) - counts).to(device)
-        self.sampler = ClassSampler(class_counts, init, device)
-        self.meta_opt = torch.optim.Adam([self.sampler.phi], lr=meta_lr)
+        self.generator, self.epochs, self.steps_per_epoch = generator, epochs, steps_per_epoch
+        self.lr_base, self.batch_size, self.meta_batch_size = lr, batch_size, meta_batch_size
+        self.first, self.temperature, self.bn_replay = first, temperature, bn_replay
+        self.meta_losses: list[float] = []
+        self.meta_order = torch.zeros(0, dtype=torch.long)
+        self.log_prior = torch.tensor(class_counts, dtype=torch.float32).log().to(labels.device)
+        self.meta_sampler = meta_sampler or ClassAwareSampler(class_counts, per_visit=1)
+        self.sampler = SampleRates(class_counts, labels, init_pow)
+        self.meta_opt = torch.optim.Adam([self.sampler.w], lr=meta_lr)
         self.opt = torch.optim.SGD([p for p in classifier.parameters() if p.requires_grad], lr=lr,
                                    momentum=momentum, weight_decay=weight_decay)
-
-    def _instances(self, cls: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(len(cls), generator=self.generator).to(cls.device)
-        k = (u * self.counts[cls]).long().clamp_max(self.counts[cls] - 1)
-        return self.by_class[self.starts[cls] + k]
 
     def _bs(self, logits, y, reduction="mean"):
         return F.cross_entropy(logits + self.log_prior, y, reduction=reduction)
 
-    def meta_step(self, lr: float) -> float:
-        cls, weight = self.sampler.sample_straight_through(self.batch_size, self.generator, self.temperature)
-        idx = self._instances(cls)
+    def _virtual_step(self, loss: torch.Tensor) -> dict:
+        """The classifier's parameters after one step of `opt` on `loss` (SGD: weight decay, then the
+        momentum buffer; PyTorch's update), differentiable w.r.t. whatever `loss` depends on."""
         params = {k: v for k, v in self.classifier.named_parameters() if v.requires_grad}
-        logits = functional_call(self.classifier, params, (self.features(idx),))
-        virtual = (weight * self._bs(logits, cls, "none")).mean()
-        grads = torch.autograd.grad(virtual, list(params.values()), create_graph=True)
-        updated = {k: v - lr * g for (k, v), g in zip(params.items(), grads)}
-        meta_loss = F.cross_entropy(functional_call(self.classifier, updated, (self.meta_features(),)),
-                                    self.meta_labels)
-        (grad_phi,) = torch.autograd.grad(meta_loss, [self.sampler.phi])
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        group = self.opt.param_groups[0]
+        updated = {}
+        for (k, p), g in zip(params.items(), grads):
+            d = g + group["weight_decay"] * p.detach()
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if group["momentum"] and buf is not None:
+                d = group["momentum"] * buf + d
+            updated[k] = p.detach() - group["lr"] * d
+        return updated
+
+    def meta_step(self, feats: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, meta_idx: torch.Tensor) -> float:
+        params = {k: v for k, v in self.classifier.named_parameters() if v.requires_grad}
+        logits = functional_call(self.classifier, params, (feats,))
+        updated = self._virtual_step((weight * self._bs(logits, y, "none")).mean())
+        meta_logits = functional_call(self.classifier, updated, (self.features(meta_idx),))
+        meta_loss = F.cross_entropy(meta_logits, self.labels[meta_idx])
+        (grad_w,) = torch.autograd.grad(meta_loss, [self.sampler.w])
         self.meta_opt.zero_grad(set_to_none=True)
-        self.sampler.phi.grad = grad_phi
+        self.sampler.w.grad = grad_w
         self.meta_opt.step()
         return meta_loss.item()
 
-    # -- engine.contract.Steps: one meta step then the real step's loss per batch --------------------
+    # -- engine.contract.Steps: the meta step, then the real step's loss, per batch -------------------
     def lr(self, epoch: int) -> float:
-        self.current_lr = cosine_lr(self.lr_base, epoch - self.first, self.epochs)
-        return self.current_lr
+        return cosine_lr(self.lr_base, epoch - self.first, self.epochs)
 
     def batches(self, epoch: int):
         self.meta_losses = []
-        return range((len(self.labels) + self.batch_size - 1) // self.batch_size)
+        self.meta_order = epoch_order(self.meta_sampler, self.labels.cpu(), epoch - self.first, self.epochs,
+                                      self.generator, self.steps_per_epoch * self.meta_batch_size).to(self.labels.device)
+        return range(self.steps_per_epoch)
 
-    def loss(self, _step) -> StepResult:
-        self.meta_losses.append(self.meta_step(self.current_lr))
-        cls = self.sampler.sample(self.batch_size, self.generator)
-        idx = self._instances(cls)
-        logits = self.classifier(self.features(idx))
-        return StepResult(self._bs(logits, cls), logits, (logits.detach().argmax(1) == cls).sum(), len(cls))
+    def loss(self, step: int) -> StepResult:
+        idx, weight = self.sampler.sample(self.batch_size, self.generator, self.temperature)
+        if self.bn_replay is not None:
+            with self.bn_replay.recording():
+                feats = self.features(idx)
+        else:
+            feats = self.features(idx)
+        y = self.labels[idx]
+        meta_idx = self.meta_order[step * self.meta_batch_size:(step + 1) * self.meta_batch_size]
+        self.meta_losses.append(self.meta_step(feats, y, weight, meta_idx))
+        if self.bn_replay is not None:  # their real step's second forward pass of this batch
+            self.bn_replay.apply()
+        logits = self.classifier(feats)
+        return StepResult(self._bs(logits, y), logits, (logits.detach().argmax(1) == y).sum(), len(y))
 
     def state_dict(self) -> dict:
-        return {"phi": self.sampler.phi.detach().clone(), "meta_opt": self.meta_opt.state_dict()}
+        return {"w": self.sampler.w.detach().clone(), "meta_opt": self.meta_opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            self.sampler.phi.copy_(state["phi"])
+            self.sampler.w.copy_(state["w"])
         self.meta_opt.load_state_dict(state["meta_opt"])
 
 
@@ -166,27 +232,20 @@ class MetaSampler:
         init_seed = kw.pop("init_seed")
         if kw.pop("reinit"):
             reinit_classifier(clf, init_seed)
-        meta_idx = balanced_subset(t.data.y_train_cpu, kw.pop("meta_per_class"), kw.pop("meta_seed"))
-        meta_idx = meta_idx.to(t.data.y_train.device)
         augment, train_bn = kw.pop("augment"), kw.pop("bn") == "train"
-        if augment or train_bn:  # the authors' way: frozen weights, fresh features every batch
+        if augment or train_bn:  # the authors' way: frozen weights, fresh features for every batch
             def features(idx):
                 return extract_features(t, idx, augment, train_bn, whole_batch=True)
-
-            def meta_features():
-                return extract_features(t, meta_idx, augment, train_bn)
         else:  # eval-mode BatchNorm, no augmentation: the features never change, compute them once
             bank = extract_features(t)
-            meta_bank = bank[meta_idx.to(bank.device)]
 
             def features(idx):
-                return bank[idx]
-
-            def meta_features():
-                return meta_bank
-        first, epochs = t.epoch, kw["epochs"]
-        training = MetaSamplerTraining(clf, features, t.data.y_train, meta_features, t.data.y_train[meta_idx], counts,
-                                       t.sample_gen, first=first, **kw)
+                return bank[idx.to(bank.device)]
+        epochs, steps = stage_two_epochs(kw.pop("iterations"), len(t.data.y_train), kw["batch_size"])
+        first = t.epoch
+        training = MetaSamplerTraining(clf, features, t.data.y_train, counts, t.sample_gen, epochs=epochs,
+                                       steps_per_epoch=steps, first=first,
+                                       bn_replay=BatchNormReplay(model) if train_bn else None, **kw)
         t.optimizer = training.opt
         t.reset_best()  # the stage-1 snapshot holds another classifier
         on_epoch, on_batch = epoch_logger(ctx, "meta_sampler", first, first + epochs)
@@ -194,40 +253,38 @@ class MetaSampler:
         def log_epoch(row):
             on_epoch(row)
             if ctx.log is not None:
-                rates = training.sampler.rates().tolist()
+                probs = training.sampler.class_probabilities().tolist()
                 meta = sum(training.meta_losses) / max(len(training.meta_losses), 1)
-                ctx.log.log_metrics({"meta_loss": meta, **{f"sampler_rate/{j:03d}": r for j, r in enumerate(rates)}},
+                ctx.log.log_metrics({"meta_loss": meta, **{f"sampler_rate/{j:03d}": r for j, r in enumerate(probs)}},
                                     step=row["epoch"] + 1)  # epoch numbers from 1
 
         ctx.fit(training, first + epochs, on_epoch=log_epoch, on_batch=on_batch)
-        self.rates = training.sampler.rates().tolist()
+        self.rates = training.sampler.class_probabilities().tolist()
         ctx.meta["meta_sampler_rates"] = self.rates
         print("finetune[meta_sampler]: learned class sampling rates "
               + " ".join(f"{r:.3f}" for r in self.rates) + f" (class counts {counts})")
 
 
-def build_meta_sampler(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, momentum: float = 0.9,
-                       weight_decay: float = 5e-4, meta_lr: float = 0.01, temperature: float = 1.0,
-                       meta_per_class: int = 10, meta_seed: int = 0, init: str = "instance",
-                       reinit: bool = True, init_seed: int = 0, augment: bool = True,
-                       bn: str = "train") -> MetaSampler:
-    """Classifier schedule as cRT (10 epochs, SGD momentum 0.9, wd 5e-4, cosine lr from 0.05), a fresh
-    classifier, augmented batches through the frozen backbone in train mode; Adam on the sampling
-    logits; meta set = meta_per_class training images per class (capped at n_j)."""
-    for key, v in (("epochs", epochs), ("batch_size", batch_size), ("meta_per_class", meta_per_class)):
+def build_meta_sampler(*, iterations: int = 2000, lr: float = 0.1, batch_size: int = 512, meta_batch_size: int = 512,
+                       momentum: float = 0.9, weight_decay: float = 5e-4, meta_lr: float = 0.01,
+                       temperature: float = 1.0, init_pow: float = 0.0, reinit: bool = True, init_seed: int = 0,
+                       augment: bool = True, bn: str = "train") -> MetaSampler:
+    """The authors' CIFAR-LT BALMS config: 2,000 steps of batch 512, SGD lr 0.1 (cosine to 0), momentum
+    0.9, wd 5e-4 for a fresh classifier on augmented batches through the frozen backbone in train
+    mode; Adam (lr 0.01) on the sampler's logits from instance-balanced rates; meta batches of 512."""
+    for key, v in (("iterations", iterations), ("batch_size", batch_size), ("meta_batch_size", meta_batch_size)):
         check_number(f"finetunes.meta_sampler.{key}", v, min=1, integer=True)
     for key, v in (("lr", lr), ("meta_lr", meta_lr), ("temperature", temperature)):
         check_number(f"finetunes.meta_sampler.{key}", v, above=0)
     for key, v in (("momentum", momentum), ("weight_decay", weight_decay)):
         check_number(f"finetunes.meta_sampler.{key}", v, min=0)
-    if init not in ("instance", "class_balanced"):
-        raise LongtailError(f"finetunes.meta_sampler.init must be one of instance, class_balanced, got {init!r}")
+    check_number("finetunes.meta_sampler.init_pow", init_pow)
     for key, v in (("reinit", reinit), ("augment", augment)):
         if not isinstance(v, bool):
             raise LongtailError(f"finetunes.meta_sampler.{key} must be true or false, got {v!r}")
     if bn not in BN_MODES:
         raise LongtailError(f"finetunes.meta_sampler.bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
-    return MetaSampler(epochs=epochs, lr=float(lr), batch_size=batch_size, momentum=float(momentum),
-                       weight_decay=float(weight_decay), meta_lr=float(meta_lr), temperature=float(temperature),
-                       meta_per_class=meta_per_class, meta_seed=meta_seed, init=init, reinit=reinit,
+    return MetaSampler(iterations=iterations, lr=float(lr), batch_size=batch_size, meta_batch_size=meta_batch_size,
+                       momentum=float(momentum), weight_decay=float(weight_decay), meta_lr=float(meta_lr),
+                       temperature=float(temperature), init_pow=float(init_pow), reinit=reinit,
                        init_seed=init_seed, augment=augment, bn=bn)

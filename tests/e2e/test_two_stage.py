@@ -58,7 +58,8 @@ def ran(tmp_path_factory):
         record(name, _stages(repo, "finetune", "evaluate"))
     # Balanced Meta-Softmax: Balanced Softmax end to end, then the meta sampler
     _edit(repo, {"loss": "balanced_softmax", "finetune.strategy": "meta_sampler",
-                 "finetunes.meta_sampler.epochs": STAGE2})
+                 "finetunes.meta_sampler.iterations": STAGE2, "finetunes.meta_sampler.batch_size": 4096,
+                 "finetunes.meta_sampler.meta_batch_size": 64})  # one step per epoch
     record("meta_sampler", _stages(repo, "pretrain", "finetune", "evaluate"))
     # BBN: the strategy runs the whole schedule (pretrain runs no epoch)
     _edit(repo, {"loss": "ce", "model.arch": "bbn_resnet32", "finetune.start_epoch": 0, "finetune.strategy": "bbn"})

@@ -1,5 +1,6 @@
 """Balanced Meta-Softmax's meta sampler (Ren et al., NeurIPS 2020)."""
 
+import copy
 import functools
 
 import pytest
@@ -11,8 +12,8 @@ from testkit import named_method_params, project_params, tiny_two_stage
 from testkit.twostage import RecordingLog, assert_same, backbone_state, prepare, pretrained_context
 
 from pipeline.errors import LongtailError
-from pipeline.methods.decoupling import balanced_subset
-from pipeline.methods.meta_sampler import ClassSampler, MetaSamplerTraining, build_meta_sampler
+from pipeline.methods.meta_sampler import (BatchNormReplay, MetaSamplerTraining, SampleRates, build_meta_sampler,
+                                           stage_two_epochs)
 
 COUNTS = [400, 150, 60, 25, 10]
 
@@ -42,16 +43,16 @@ def _toy(seed):
     return x, y, {k: v.detach().clone() for k, v in clf.state_dict().items()}
 
 
-def meta_training(x, y, clf, meta_idx, seed=0, **kw):
-    args = dict(epochs=10, lr=0.05, batch_size=64, momentum=0.9, weight_decay=5e-4, meta_lr=0.03,
-                temperature=1.0, init="instance") | kw
-    return MetaSamplerTraining(clf, lambda idx: x[idx], y, lambda: x[meta_idx], y[meta_idx], COUNTS,
-                               torch.Generator().manual_seed(seed), **args)
+def meta_training(x, y, clf, seed=0, **kw):
+    args = dict(epochs=10, steps_per_epoch=len(y) // 64, lr=0.05, batch_size=64, meta_batch_size=64, momentum=0.9,
+                weight_decay=5e-4, meta_lr=0.03, temperature=1.0, init_pow=0.0) | kw
+    return MetaSamplerTraining(clf, lambda idx: x[idx], y, COUNTS, torch.Generator().manual_seed(seed), **args)
 
 
 def run_epoch(tr, i):
     """One epoch of the steps, stepped as the trainer does."""
-    tr.lr(i)
+    for group in tr.opt.param_groups:
+        group["lr"] = tr.lr(i)
     for b in tr.batches(i):
         out = tr.loss(b)
         tr.opt.zero_grad(set_to_none=True)
@@ -61,12 +62,12 @@ def run_epoch(tr, i):
 
 def test_the_learned_class_rates_move_towards_the_tail():
     x, y, clf = toy_problem()
-    tr = meta_training(x, y, clf, balanced_subset(y, 10, seed=0))
-    start = tr.sampler.rates()
+    tr = meta_training(x, y, clf)
+    start = tr.sampler.class_probabilities()
     assert torch.allclose(start, torch.tensor(COUNTS, dtype=torch.float) / sum(COUNTS))  # instance-balanced
     for i in range(10):
         run_epoch(tr, i)
-    end = tr.sampler.rates()
+    end = tr.sampler.class_probabilities()
     assert end[0] < start[0] - 0.02, (start, end)  # the head is drawn less
     assert end[3] > start[3] and end[4] > start[4], (start, end)  # the two rarest classes more
     assert end[2:].sum() > start[2:].sum() + 0.05, (start, end)
@@ -76,26 +77,124 @@ def test_the_learned_class_rates_move_towards_the_tail():
     assert per_class[4] > 0
 
 
-def test_a_meta_set_of_one_class_pulls_its_rate_up_the_most():
+class OneClass:
+    """A meta sampler (samplers.Sampler's `indices`) that only ever gives images of class `j`."""
+
+    def __init__(self, j):
+        self.j = j
+
+    def indices(self, labels, epoch, epochs, generator):
+        return torch.nonzero(labels == self.j).flatten()
+
+
+def test_a_meta_batch_of_one_class_pulls_its_rate_up_the_most():
     x, y, clf = toy_problem()
-    only_tail = torch.nonzero(y == 3).flatten()
-    tr = meta_training(x, y, clf, only_tail)
-    start = tr.sampler.rates()
+    tr = meta_training(x, y, clf, meta_sampler=OneClass(3))
+    start = tr.sampler.class_probabilities()
     for i in range(5):
         run_epoch(tr, i)
-    gain = tr.sampler.rates() / start
+    gain = tr.sampler.class_probabilities() / start
     assert gain.argmax().item() == 3, gain
 
 
-def test_straight_through_gumbel_samples_pi_and_carries_gradient():
-    s = ClassSampler([50, 30, 15, 5])
-    g = torch.Generator().manual_seed(0)
-    cls, weight = s.sample_straight_through(20000, g, temperature=1.0)
-    assert torch.equal(weight.detach(), torch.ones(20000))  # forward value: a hard one-hot pick
-    freq = torch.bincount(cls, minlength=4).float() / len(cls)
-    assert torch.allclose(freq, s.rates(), atol=0.01)  # Gumbel-max draws samples of softmax(phi)
-    (weight * torch.arange(20000.0)).sum().backward()
-    assert s.phi.grad is not None and s.phi.grad.abs().sum() > 0
+def test_the_meta_batches_are_class_aware_one_image_per_visit():
+    """Their meta loader: the class-aware sampler with one image per class visit, so each meta batch
+    of 64 over 5 classes holds 12 to 14 images of every class (12 or 13 where it starts a cycle)."""
+    x, y, clf = toy_problem()
+    tr = meta_training(x, y, clf)
+    tr.batches(0)
+    assert len(tr.meta_order) == tr.steps_per_epoch * 64
+    for step in range(tr.steps_per_epoch):
+        counts = torch.bincount(y[tr.meta_order[step * 64:(step + 1) * 64]], minlength=5).tolist()
+        assert min(counts) >= 12 and max(counts) <= 14, counts
+        if step == 0:
+            assert sorted(counts) == [12, 13, 13, 13, 13]
+
+
+def test_initial_rates_follow_init_pow():
+    """rate_c = p_c^-pow / (min + max): 1/2 everywhere at pow 0 (instance-balanced draws); at pow 1
+    every class is drawn equally often."""
+    y = torch.cat([torch.full((n,), j) for j, n in enumerate(COUNTS)])
+    flat = SampleRates(COUNTS, y, init_pow=0.0)
+    assert torch.equal(flat.w.detach(), torch.zeros(5))
+    assert torch.allclose(flat.rates(), torch.full((5,), 0.5))
+    balanced = SampleRates(COUNTS, y, init_pow=1.0)
+    assert torch.allclose(balanced.class_probabilities(), torch.full((5,), 0.2), atol=1e-6)
+    # by hand: p = n / 645, 1/p normalised by (1/p_min + 1/p_max) = 645/10 + 645/400 -> 1/p_400 / that
+    assert balanced.rates()[0].item() == pytest.approx((645 / 400) / (645 / 10 + 645 / 400), rel=1e-6)
+
+
+def test_the_straight_through_sample_has_value_one_and_the_soft_samples_gradient():
+    """Drawn images follow the rates, and the weight's gradient is that of the soft sample at the
+    drawn image, d softmax(log r_y + g)_i / d w, computed here by hand."""
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    rates = SampleRates([2, 1, 3], y)
+    with torch.no_grad():
+        rates.w.copy_(torch.tensor([0.5, -1.0, 0.2]))
+    idx, weight = rates.sample(1, torch.Generator().manual_seed(3))
+    assert weight.item() == pytest.approx(1.0)
+    weight.sum().backward()
+    # the same Gumbel noise, and the gradient by hand
+    u = torch.rand(1, 6, generator=torch.Generator().manual_seed(3)).clamp_(1e-10, 1 - 1e-7)
+    g = -torch.log(-torch.log(u))[0]
+    sig = torch.sigmoid(torch.tensor([0.5, -1.0, 0.2]))
+    score = sig.log()[y] + g
+    i = int(score.argmax())
+    assert idx.item() == i
+    soft = torch.softmax(score, 0)
+    # d soft_i / d w_c = soft_i (1 - sigmoid(w_c)) ([y_i = c] - sum_{j: y_j = c} soft_j)
+    by_hand = torch.tensor([soft[i] * (1 - sig[c]) * (float(y[i] == c) - soft[y == c].sum()) for c in range(3)])
+    assert torch.allclose(rates.w.grad, by_hand, atol=1e-6)
+    # and the draws follow the rates: image i is drawn with probability sigmoid(w_y) / sum
+    idx, _ = rates.sample(30000, torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=6).float() / 30000
+    assert torch.allclose(freq, sig[y] / sig[y].sum(), atol=0.01)
+
+
+def test_the_virtual_step_is_the_real_optimizers_step():
+    """With a momentum buffer and weight decay in play, the virtual parameters equal what
+    torch.optim.SGD's own step gives on the same loss."""
+    x, y, clf = toy_problem()
+    tr = meta_training(x, y, clf, lr=0.3, weight_decay=0.01)
+    run_epoch(tr, 0)  # fills the momentum buffers
+    loss = F.cross_entropy(clf(x[:40]), y[:40])
+    virtual = {k: v.detach() for k, v in tr._virtual_step(loss).items()}
+    twin, opt = copy.deepcopy(clf), None
+    opt = torch.optim.SGD(twin.parameters(), lr=0.3, momentum=0.9, weight_decay=0.01)
+    opt.load_state_dict(tr.opt.state_dict())
+    opt.zero_grad()
+    F.cross_entropy(twin(x[:40]), y[:40]).backward()
+    opt.step()
+    for k, v in twin.named_parameters():
+        assert torch.allclose(virtual[k], v.detach(), atol=1e-6), k
+        assert not torch.allclose(virtual[k], dict(clf.named_parameters())[k].detach())
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_replay_equals_a_second_forward_pass(momentum):
+    """Their real step runs the backbone on the virtual step's batch again; the replay gives the
+    same running statistics as that second pass, also after another batch in between."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, momentum=momentum)).train()
+    a, b = torch.randn(16, 3, 8, 8) * 2 + 1, torch.randn(16, 3, 8, 8)
+    twice = copy.deepcopy(net)
+    with torch.no_grad():
+        for batch in (a, b, a):
+            twice(batch)
+        replay = BatchNormReplay(net)
+        with replay.recording():
+            net(a)
+        net(b)
+        replay.apply()
+    for k, v in twice.state_dict().items():
+        assert torch.allclose(net.state_dict()[k].float(), v.float(), atol=1e-5), k
+
+
+def test_the_stage_runs_whole_epochs_of_their_length():
+    """Their CIFAR-10-LT r = 100 stage: 2,000 steps at batch 512 = 84 epochs of 24 steps."""
+    assert stage_two_epochs(2000, 12406, 512) == (84, 24)
+    assert stage_two_epochs(3, 300, 512) == (3, 1)  # a batch larger than the set: one step per epoch
 
 
 def _weights(model) -> dict:
@@ -104,7 +203,8 @@ def _weights(model) -> dict:
 
 def test_the_strategy_keeps_the_backbone_and_records_the_rates(tmp_path):
     """The authors' classifier stage: frozen backbone weights, but train-mode BatchNorm on augmented
-    batches (running statistics follow the re-sampled data), and a fresh classifier."""
+    batches (running statistics follow the sampled data; three updates per step, as their virtual,
+    meta and real forward passes), and a fresh classifier."""
     raw = tiny_two_stage(project_params(), loss="balanced_softmax")
     p, ds = prepare(tmp_path, raw)
     ctx = pretrained_context(p, ds, RecordingLog())
@@ -112,13 +212,16 @@ def test_the_strategy_keeps_the_backbone_and_records_the_rates(tmp_path):
     weights, before = _weights(model), backbone_state(model)
     w0 = model.classifier.weight.detach().clone()
     calls = []
-    strategy = build_meta_sampler(epochs=2)
+    n = len(ctx.trainer.data.y_train)
+    epochs, steps = stage_two_epochs(4 * (n // 32), n, 32)
+    assert (epochs, steps) == (4, n // 32) and steps >= 2
+    strategy = build_meta_sampler(iterations=4 * steps, batch_size=32, meta_batch_size=20)
     import pipeline.methods.meta_sampler as ms
 
     real = ms.extract_features
 
     def counting(t, idx=None, augmented=False, train_mode=False, whole_batch=False):
-        calls.append((idx is None, augmented, train_mode))
+        calls.append((idx is None, augmented, train_mode, whole_batch, len(idx)))
         return real(t, idx, augmented, train_mode, whole_batch)
 
     ms.extract_features = counting
@@ -129,15 +232,17 @@ def test_the_strategy_keeps_the_backbone_and_records_the_rates(tmp_path):
     assert_same(weights, _weights(model))
     bn = [k for k in before if k.endswith("running_mean")]
     assert bn and any(not torch.equal(before[k], model.state_dict()[k]) for k in bn)  # train-mode BatchNorm
-    # fresh augmented train-mode features for every batch and meta set, never a precomputed bank
-    assert calls and all(c == (False, True, True) for c in calls)
-    assert len(calls) >= 2 * 2 * 2  # 2 epochs x >= 2 batches x (virtual + meta + real)
+    tracked = [k for k in before if k.endswith("num_batches_tracked")]
+    assert all(model.state_dict()[k] - before[k] == 3 * epochs * steps for k in tracked)
+    # fresh augmented train-mode features of whole batches: a training batch then a meta batch per step
+    assert [c[:4] for c in calls] == [(False, True, True, True)] * (2 * epochs * steps)
+    assert [c[4] for c in calls] == [32, 20] * (epochs * steps)
     # the classifier was re-initialised (far from the stage-1 one) and then trained
     assert not torch.equal(model.classifier.weight.detach(), w0)
     assert torch.nn.functional.cosine_similarity(model.classifier.weight.detach().flatten(), w0.flatten(), 0) < 0.9
     rates = ctx.meta["meta_sampler_rates"]
     assert len(rates) == 10 and sum(rates) == pytest.approx(1.0)
-    assert [r["epoch"] for r in ctx.trainer.history[-2:]] == [2, 3] and ctx.trainer.epoch == 4
+    assert [r["epoch"] for r in ctx.trainer.history[-4:]] == [2, 3, 4, 5] and ctx.trainer.epoch == 6
     assert {"sampler_rate/009", "meta_loss", "test_acc"} <= ctx.log.keys()
 
 
@@ -147,15 +252,19 @@ def test_fixed_features_recipe_keeps_the_whole_backbone(tmp_path):
     p, ds = prepare(tmp_path, raw)
     ctx = pretrained_context(p, ds, RecordingLog())
     before = backbone_state(ctx.trainer.model)
-    build_meta_sampler(epochs=2, augment=False, bn="eval", reinit=False).run(ctx)
+    build_meta_sampler(iterations=2, batch_size=64, augment=False, bn="eval", reinit=False).run(ctx)
     assert_same(before, backbone_state(ctx.trainer.model))
 
 
 def test_bad_parameters_are_one_line_errors():
     with pytest.raises(LongtailError, match="finetunes.meta_sampler.meta_lr"):
         build_meta_sampler(meta_lr=0)
-    with pytest.raises(LongtailError, match="finetunes.meta_sampler.init"):
-        build_meta_sampler(init="uniform")
+    with pytest.raises(LongtailError, match="finetunes.meta_sampler.init_pow must be a finite number, got nan"):
+        build_meta_sampler(init_pow=float("nan"))
+    with pytest.raises(LongtailError, match="finetunes.meta_sampler.iterations must be >= 1, got 0"):
+        build_meta_sampler(iterations=0)
+    with pytest.raises(LongtailError, match="finetunes.meta_sampler.meta_batch_size must be an integer"):
+        build_meta_sampler(meta_batch_size=1.5)
     with pytest.raises(LongtailError, match="finetunes.meta_sampler.bn must be one of train, eval"):
         build_meta_sampler(bn="frozen")
     with pytest.raises(LongtailError, match="finetunes.meta_sampler.augment"):

@@ -70,7 +70,7 @@ def check_resumes_exactly(make_ctx, build):
 def test_classifier_stage_two_resumes_exactly(prepared, name):
     p, ds = prepared
     build = {"crt": lambda: dc.build_crt(epochs=3), "lws": lambda: dc.build_lws(epochs=3, lr=0.5),
-             "meta_sampler": lambda: build_meta_sampler(epochs=3)}[name]
+             "meta_sampler": lambda: build_meta_sampler(iterations=3, batch_size=4096, meta_batch_size=64)}[name]
     check_resumes_exactly(lambda: pretrained_context(p, ds), build)
 
 
