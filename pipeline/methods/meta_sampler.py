@@ -71,9 +71,10 @@ class SampleRates:
     def sample(self, batch: int, generator: torch.Generator, temperature: float = 1.0):
         """Positions [B] of `batch` training images, each drawn with probability proportional to its
         rate (Gumbel-max over all N images), and their straight-through weights [B]: value 1, gradient
-        to w through the soft sample softmax((log rate + g) / temperature) at the drawn image."""
+        to w through the soft sample softmax((log rate + g) / temperature) at the drawn image. The
+        B x N noise is drawn on the generator's device."""
         log_rate = F.logsigmoid(self.w)[self.labels]  # [N]
-        u = torch.rand(batch, len(self.labels), generator=generator).clamp_(1e-10, 1 - 1e-7)
+        u = torch.rand(batch, len(self.labels), generator=generator, device=generator.device).clamp_(1e-10, 1 - 1e-7)
         gumbel = -torch.log(-torch.log(u)).to(log_rate.device)
         soft = torch.softmax((log_rate + gumbel) / temperature, dim=1)
         idx = soft.detach().argmax(1)
@@ -98,10 +99,13 @@ class BatchNormReplay:
 
     @contextmanager
     def recording(self):
-        before = [(m.running_mean.clone(), m.running_var.clone()) for m in self.layers]
+        before = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.layers]
         yield
         self.stats = []
-        for m, (mean0, var0) in zip(self.layers, before):
+        for m, (mean0, var0, count0) in zip(self.layers, before):
+            if torch.equal(m.num_batches_tracked, count0):  # a layer this forward pass did not run
+                self.stats.append(None)
+                continue
             f = self._factor(m, m.num_batches_tracked)
             # after = (1 - f) before + f batch, solved for batch
             self.stats.append(((m.running_mean - (1 - f) * mean0) / f, (m.running_var - (1 - f) * var0) / f))
@@ -110,7 +114,10 @@ class BatchNormReplay:
     def apply(self) -> None:
         if self.stats is None:
             raise RuntimeError("BatchNormReplay.apply() without a recorded forward pass")
-        for m, (mean, var) in zip(self.layers, self.stats):
+        for m, stats in zip(self.layers, self.stats):
+            if stats is None:
+                continue
+            mean, var = stats
             m.num_batches_tracked += 1
             f = self._factor(m, m.num_batches_tracked)
             m.running_mean.mul_(1 - f).add_(f * mean)
@@ -132,16 +139,18 @@ class MetaSamplerTraining:
     `features(idx)` gives the features of training samples idx (fresh per batch, or rows of a
     precomputed bank); `bn_replay` (or None) repeats the BatchNorm update of the batch's forward pass.
     Meta batches come from `meta_sampler` (their class-aware sampler, one image per class visit),
-    whose cycles restart each epoch. Stage-2 epoch e has cosine lr at e - first. w and its Adam
+    whose cycles restart each epoch, drawn from `generator` (CPU); the sampler's Gumbel noise from
+    `noise_generator` (default `generator`; the trainer's device generator in the pipeline). Stage-2 epoch e has cosine lr at e - first. w and its Adam
     state go in the checkpoint."""
 
     def __init__(self, classifier: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
                  class_counts, generator: torch.Generator, *, epochs: int, steps_per_epoch: int, lr: float,
                  batch_size: int, meta_batch_size: int, momentum: float, weight_decay: float, meta_lr: float,
                  temperature: float, init_pow: float, first: int = 0, bn_replay: BatchNormReplay | None = None,
-                 meta_sampler=None):
+                 meta_sampler=None, noise_generator: torch.Generator | None = None):
         self.classifier, self.features, self.labels = classifier, features, labels
         self.generator, self.epochs, self.steps_per_epoch = generator, epochs, steps_per_epoch
+        self.noise_generator = noise_generator or generator
         self.lr_base, self.batch_size, self.meta_batch_size = lr, batch_size, meta_batch_size
         self.first, self.temperature, self.bn_replay = first, temperature, bn_replay
         self.meta_losses: list[float] = []
@@ -194,7 +203,7 @@ class MetaSamplerTraining:
         return range(self.steps_per_epoch)
 
     def loss(self, step: int) -> StepResult:
-        idx, weight = self.sampler.sample(self.batch_size, self.generator, self.temperature)
+        idx, weight = self.sampler.sample(self.batch_size, self.noise_generator, self.temperature)
         if self.bn_replay is not None:
             with self.bn_replay.recording():
                 feats = self.features(idx)
@@ -245,7 +254,8 @@ class MetaSampler:
         first = t.epoch
         training = MetaSamplerTraining(clf, features, t.data.y_train, counts, t.sample_gen, epochs=epochs,
                                        steps_per_epoch=steps, first=first,
-                                       bn_replay=BatchNormReplay(model) if train_bn else None, **kw)
+                                       bn_replay=BatchNormReplay(model) if train_bn else None,
+                                       noise_generator=t.aug_gen, **kw)
         t.optimizer = training.opt
         t.reset_best()  # the stage-1 snapshot holds another classifier
         on_epoch, on_batch = epoch_logger(ctx, "meta_sampler", first, first + epochs)
