@@ -29,7 +29,7 @@ second pass would have made. `augment: false` with `bn: eval` computes the featu
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -165,10 +165,13 @@ class MetaSamplerTraining:
     def _bs(self, logits, y, reduction="mean"):
         return F.cross_entropy(logits + self.log_prior, y, reduction=reduction)
 
+    def _trainable(self) -> dict:
+        return {k: v for k, v in self.classifier.named_parameters() if v.requires_grad}
+
     def _virtual_step(self, loss: torch.Tensor) -> dict:
         """The classifier's parameters after one step of `opt` on `loss` (SGD: weight decay, then the
         momentum buffer; PyTorch's update), differentiable w.r.t. whatever `loss` depends on."""
-        params = {k: v for k, v in self.classifier.named_parameters() if v.requires_grad}
+        params = self._trainable()
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         group = self.opt.param_groups[0]
         updated = {}
@@ -181,8 +184,7 @@ class MetaSamplerTraining:
         return updated
 
     def meta_step(self, feats: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, meta_idx: torch.Tensor) -> float:
-        params = {k: v for k, v in self.classifier.named_parameters() if v.requires_grad}
-        logits = functional_call(self.classifier, params, (feats,))
+        logits = functional_call(self.classifier, self._trainable(), (feats,))
         updated = self._virtual_step((weight * self._bs(logits, y, "none")).mean())
         meta_logits = functional_call(self.classifier, updated, (self.features(meta_idx),))
         meta_loss = F.cross_entropy(meta_logits, self.labels[meta_idx])
@@ -204,10 +206,7 @@ class MetaSamplerTraining:
 
     def loss(self, step: int) -> StepResult:
         idx, weight = self.sampler.sample(self.batch_size, self.noise_generator, self.temperature)
-        if self.bn_replay is not None:
-            with self.bn_replay.recording():
-                feats = self.features(idx)
-        else:
+        with self.bn_replay.recording() if self.bn_replay is not None else nullcontext():
             feats = self.features(idx)
         y = self.labels[idx]
         meta_idx = self.meta_order[step * self.meta_batch_size:(step + 1) * self.meta_batch_size]
