@@ -80,6 +80,7 @@ class Train:
     loader_workers: int
     precision: str = "auto"  # auto | fp32 | bf16 (pipeline/engine/precision.py)
     clip_grad_norm: float | None = None  # max global gradient L2 norm; None = no clipping
+    nesterov: bool = False  # Nesterov momentum (BBN's authors train with it)
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def parse(raw: dict) -> Params:
         precision=_choice(t.get("precision", "auto"), "train.precision", PRECISIONS),
         clip_grad_norm=(None if t.get("clip_grad_norm") is None
                         else _float(t.get("clip_grad_norm"), "train.clip_grad_norm", lo=0, lo_open=True)),
+        nesterov=_bool(t.get("nesterov", False), "train.nesterov"),
     )
 
     f = _get(raw, "finetune", "")

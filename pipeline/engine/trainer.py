@@ -78,7 +78,7 @@ class Trainer:
         self.stage = stage  # named in errors
         self.policy, self.device, self.pad, self.flip = policy, device, pad, flip
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         self.sample_gen = torch.Generator().manual_seed(seed)  # epoch orders (CPU)
         self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1)  # crops and flips
         self.epoch = 0  # next epoch to run

@@ -14,11 +14,12 @@ and finetune.sampler are not used. The factor 2 is the authors' combiner (`bbn_m
 plain forward mixes the branches with alpha = 0.5, i.e. W [f_c ; f_r], which is what evaluation
 uses (the authors test on the concatenated features). The strategy hands the trainer its steps (`BBNSteps`), so the lr
 schedule (train.lr, warm-up, train.milestones), evaluation, history, best-epoch tracking and the
-resume checkpoints are the trainer's own. The CIFAR setting of the authors' code (lr 0.1, warm-up 5,
-lr x0.01 from epoch 120 and x0.0001 from epoch 160):
+resume checkpoints are the trainer's own. An epoch is floor(N / batch_size) steps: the authors' loader
+drops the last partial batch. The CIFAR setting of the authors' code (Nesterov SGD, lr 0.1, warm-up 5,
+lr x0.01 from their 1-based epoch 120 and x0.0001 from 160, i.e. 0-based 119 and 159):
 
-    model.arch=bbn_resnet32 finetune.strategy=bbn finetune.start_epoch=0
-    train.milestones=[120,160] train.milestone_factors=[0.01,0.0001]
+    model.arch=bbn_resnet32 finetune.strategy=bbn finetune.start_epoch=0 train.nesterov=true
+    train.milestones=[119,159] train.milestone_factors=[0.01,0.0001]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from .. import registry
 from ..engine.contract import StepResult
 from ..engine.schedule import lr_at
+from ..models.heads import classify
 from ..errors import LongtailError
 
 
@@ -94,9 +96,8 @@ class BBNSteps:
             self.log.log_metrics({"bbn_alpha": self.alpha}, step=epoch + 1)  # epoch numbers from 1
         order_c = self.conventional.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
         order_r = self.rebalancing.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
-        n = min(len(order_c), len(order_r))
-        return [(order_c[i:min(i + cfg.batch_size, n)], order_r[i:min(i + cfg.batch_size, n)])
-                for i in range(0, n, cfg.batch_size)]
+        n = min(len(order_c), len(order_r)) // cfg.batch_size * cfg.batch_size  # whole batches only
+        return [(order_c[i:i + cfg.batch_size], order_r[i:i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
 
     def loss(self, batch) -> StepResult:
         t, alpha = self.t, self.alpha
@@ -105,9 +106,8 @@ class BBNSteps:
         with t.autocast():
             f_c = t.model.branch_features(t.prepare(idx_c), "conventional")
             f_r = t.model.branch_features(t.prepare(idx_r), "rebalancing")
-            feats = t.model.mix(f_c, f_r, alpha)
-            logits = t.model.classifier(feats)
-        logits, feats = logits.float(), feats.float()
+            feats = t.model.mix(f_c, f_r, alpha).float()
+        logits = classify(t.model.classifier, feats)  # float32, as every other method's head
         loss = alpha * t.loss(logits, y_c, self.weight, feats) + (1 - alpha) * t.loss(logits, y_r, self.weight, feats)
         pred = logits.detach().argmax(1)
         correct = alpha * (pred == y_c).sum() + (1 - alpha) * (pred == y_r).sum()

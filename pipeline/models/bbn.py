@@ -46,10 +46,11 @@ class BBNResNet(nn.Module):
         self.rebalancing = nn.Sequential(*[BasicBlock(*b) for b in own])
         self.branch_dim = in_planes
         self.feature_dim = 2 * in_planes
-        self.classifier = make_head(head, self.feature_dim, num_classes)
-        for mod in self.modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        for mod in self.modules():  # the backbone's convolutions, as the authors' `_weights_init`
+            if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight)
+        # the head keeps its own initialisation (a linear head: PyTorch's default), as the authors' nn.Linear
+        self.classifier = make_head(head, self.feature_dim, num_classes)
 
     def shared(self, x):
         return self.trunk(F.relu(self.bn1(self.conv1(x))))

@@ -49,9 +49,11 @@ def test_the_training_mix_is_twice_the_weighted_concatenation():
 
 
 def test_the_named_method_uses_the_authors_lr_schedule():
-    """The authors' CIFAR config: lr x0.01 from epoch 120, x0.0001 from epoch 160."""
+    """The authors' CIFAR config: Nesterov SGD; lr x0.01 from their (1-based) epoch 120 and x0.0001 from
+    160, i.e. 0-based 119 and 159."""
     bbn = named_method_params("BBN")
-    assert bbn["train.milestones"] == [120, 160]
+    assert bbn["train.nesterov"] is True
+    assert bbn["train.milestones"] == [119, 159]
     assert bbn["train.milestone_factors"] == [0.01, 0.0001]
 
 
@@ -152,3 +154,61 @@ def test_bbn_refuses_a_plain_model_or_a_pretrain_phase(tmp_path):
     trainer, meta = training.setup(p, ds)
     with pytest.raises(LongtailError, match="set finetune.start_epoch=0"):
         build_bbn().run(training.FinetuneContext(p, trainer, meta, 2, {}, None))
+
+
+def test_the_classifier_keeps_pytorchs_default_init():
+    """The authors' `_weights_init` (kaiming normal) covers the backbone's convolutions only; their
+    classifier is a plain nn.Linear, uniform in +-1/sqrt(fan_in). Kaiming normal on the 128-d head
+    (std 0.125) would put many weights beyond that bound."""
+    torch.manual_seed(0)
+    m = build_bbn_resnet32(10, 3, "linear")
+    bound = 1 / m.feature_dim ** 0.5
+    assert m.classifier.weight.abs().max() <= bound and m.classifier.bias.abs().max() <= bound
+    assert m.conv1.weight.std() > 0.15  # kaiming normal, std sqrt(2 / 27) = 0.27
+
+
+def _bbn_trainer(tmp_path, **train):
+    from pipeline.stages import training
+
+    raw = tiny_two_stage(project_params(), epochs=2)
+    raw["model"] = {"arch": "bbn_resnet32"}
+    raw["finetune"].update(strategy="bbn", start_epoch=0)
+    raw["train"].update(train)
+    p, ds = prepare(tmp_path, raw)
+    trainer, meta = training.setup(p, ds)
+    return p, trainer, meta
+
+
+def test_nesterov_momentum_is_a_train_param(tmp_path):
+    _, plain, _ = _bbn_trainer(tmp_path / "a")
+    _, nesterov, _ = _bbn_trainer(tmp_path / "b", nesterov=True)
+    assert plain.optimizer.param_groups[0]["nesterov"] is False
+    assert nesterov.optimizer.param_groups[0]["nesterov"] is True
+
+
+def test_an_epoch_is_whole_batches_and_the_head_runs_in_float32(tmp_path):
+    """As the authors' loader (drop_last) an epoch has floor(N / batch) full batches; and under bf16
+    the classifier computes its logits outside autocast, as every other method's head."""
+    from pipeline.methods.bbn import BBNSteps
+
+    p, t, meta = _bbn_trainer(tmp_path, precision="bf16")
+    steps = BBNSteps(t, *build_bbn().samplers(SimpleNamespace(meta=meta, params=p)), None)
+    batches = steps.batches(0)
+    n, bs = len(t.data.y_train), p.train.batch_size
+    assert n % bs, "the test needs a partial last batch to drop"
+    assert len(batches) == n // bs and all(len(c) == len(r) == bs for c, r in batches)
+
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled(x.device.type), x.dtype))
+            return self.head(x)
+
+    t.model.classifier = Recording(t.model.classifier)
+    result = steps.loss(batches[0])
+    assert seen == [(False, torch.float32)] and result.logits.dtype == torch.float32
