@@ -139,8 +139,10 @@ def per_class_compare(counts, series: dict, classes, path: Path, title: str = ""
     _class_ticks(ax, x, [str(classes[i]) for i in order])
     ax.set_xlabel("class, by training count (gray: train images)")
     _count_axis(ax, x, [counts[i] for i in order])
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncol=min(len(series), 3), frameon=False, fontsize=8)
-    ax.set_title(title or "per-class error, classes by training count", pad=24)
+    ncol = min(len(series), 3)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncol=ncol, frameon=False, fontsize=8)
+    rows = -(-len(series) // ncol) if series else 1
+    ax.set_title(title or "per-class error, classes by training count", pad=10 + 14 * rows)  # above the legend
     _save(fig, path)
 
 

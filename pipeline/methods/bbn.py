@@ -29,8 +29,8 @@ import torch
 from .. import registry
 from ..engine.contract import StepResult
 from ..engine.schedule import lr_at
-from ..models.heads import classify
 from ..errors import LongtailError
+from ..models.heads import classify
 
 
 def bbn_alpha(epoch: int, epochs: int) -> float:
