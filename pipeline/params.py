@@ -136,7 +136,7 @@ def _float(value, key: str, lo: float | None = None, hi: float | None = None, lo
 
 
 # keys added after params.yaml files (and runs logged from them) without them: a missing one has this value
-OPTIONAL = {"data.image_size": "auto"}
+OPTIONAL = {"data.image_size": "auto", "train.nesterov": False}
 # the keys each fixed section may hold; plugin sections are checked against the installed plugins
 TOP_KEYS = ("dataset", "imbalance", "ratio", "loss", "seed", "schedule", "data", "model", "train", "finetune", "losses",
             "reweightings", "samplers", "finetunes", "tracking", "slurm")
@@ -299,7 +299,7 @@ def parse(raw: dict) -> Params:
         precision=_choice(t.get("precision", "auto"), "train.precision", PRECISIONS),
         clip_grad_norm=(None if t.get("clip_grad_norm") is None
                         else _float(t.get("clip_grad_norm"), "train.clip_grad_norm", lo=0, lo_open=True)),
-        nesterov=_bool(t.get("nesterov", False), "train.nesterov"),
+        nesterov=_bool(t.get("nesterov", OPTIONAL["train.nesterov"]), "train.nesterov"),
     )
 
     f = _get(raw, "finetune", "")

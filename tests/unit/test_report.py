@@ -244,6 +244,18 @@ def test_a_run_logged_before_a_param_existed_shares_the_cell_of_runs_at_its_defa
     assert report.build_table(runs[:2]).rows == ["ERM-DRW"]  # nothing to tell apart: no bracket
 
 
+def test_runs_from_before_train_nesterov_share_a_cell_with_runs_logged_at_its_default(default_params):
+    """train.nesterov came after the first CIFAR-10-LT runs: a run logged with False joins the runs
+    logged without the key; a Nesterov run is a row of its own."""
+    old = flat(default_params, seed=0)
+    del old["train.nesterov"]
+    runs = [run(old, {"best_error": 0.3}, start=0), run(flat(default_params, seed=1), {"best_error": 0.2}, start=1)]
+    t = report.build_table(runs)
+    assert t.rows == ["ERM-DRW"] and t.cells[("ERM-DRW", ("cifar10", "exp", 100.0))].seeds == [0, 1]
+    runs.append(run(flat(default_params, seed=0, **{"train.nesterov": True}), {"best_error": 0.4}, start=2))
+    assert sorted(report.build_table(runs).rows) == ["ERM-DRW [train.nesterov=False]", "ERM-DRW [train.nesterov=True]"]
+
+
 def test_every_row_states_where_it_differs_from_the_common_settings(default_params, tmp_path):
     """Issue 12.13: ERM-DRW at 8 epochs next to LDAM-DRW / HMM-DRW at 12 must not read as a method effect."""
     mm = {"loss": "mm", "losses.mm.variant": "hmm", "losses.mm.as_released": False}
