@@ -120,7 +120,14 @@ def _count_axis(ax, x, counts) -> None:
 
 
 def _class_ticks(ax, x, labels) -> None:
-    ax.set_xticks(x, labels, rotation=60 if len(x) > 12 else 0, fontsize=8 if len(x) <= 40 else 5)
+    """Class names under the bars. Up to 12 classes they stay level, and the figure widens when the
+    longest name would not fit its slot (CIFAR-10's "airplane" ran into "automobile" at 7 inches)."""
+    size = 8 if len(x) <= 40 else 5
+    if len(x) <= 12:
+        fig, share = ax.figure, ax.get_position().width
+        need = max((len(s) for s in labels), default=0) * size * 0.65 / 72 + 0.1  # inches: ~0.65 em a character
+        fig.set_figwidth(max(fig.get_figwidth(), need * len(x) / share))
+    ax.set_xticks(x, labels, rotation=60 if len(x) > 12 else 0, fontsize=size)
 
 
 def per_class_compare(counts, series: dict, classes, path: Path, title: str = "") -> None:

@@ -655,3 +655,19 @@ def test_per_class_compare_keeps_the_title_clear_of_the_legend(tmp_path, monkeyp
     r = fig.canvas.get_renderer()
     legend, title = ax.get_legend().get_window_extent(r), ax.title.get_window_extent(r)
     assert title.y0 >= legend.y1, (title, legend)
+
+
+def test_class_names_under_the_bars_do_not_overlap(tmp_path, monkeypatch):
+    """CIFAR-10's names at the comparison figure's 7-inch width: "airplane" ran into "automobile"."""
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig))
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    figures.per_class_compare(counts, {"a": ([10.0] * 10, None), "b": ([20.0] * 10, None)}, classes, tmp_path / "x.png")
+    fig = kept[0]
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in fig.axes[0].get_xticklabels()]
+    assert len(boxes) == 10
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b), (a, b)
