@@ -281,6 +281,22 @@ def _group(raw_params: dict) -> tuple[str, str]:
     return f"repro-{digest}", commit
 
 
+def _params_digest(raw_params: dict) -> str:
+    return hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _logged_with(run, raw_params: dict) -> bool:
+    """Whether a parent run was logged with these params (as StageRun.log_params writes them)."""
+    logged = run.data.params
+    return all(logged.get(k) == str(v)[:6000] for k, v in _flatten(raw_params).items())
+
+
+def _parent_of(client, exp_id: str, group: str):
+    runs = _retry(client.search_runs, [exp_id], max_results=1,
+                  filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'")
+    return runs[0] if runs else None
+
+
 # what a user compares in the runs table: copied from the evaluate run onto the parent run
 PARENT_METRICS = ("final_top1", "best_top1", "final_many", "final_medium", "final_few", "final_error", "best_error",
                   "final_epoch", "best_epoch")
@@ -327,7 +343,6 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
     stage fails, KILLED when one is interrupted (Ctrl-C, SIGTERM), and is RUNNING in between."""
     client, exp_id = client_and_experiment(experiment)
     group, commit = _group(raw_params)
-    tags = _run_tags(raw_params, group, commit)
     # Everything from here runs inside the try: a stop (Ctrl-C, SIGTERM) that arrives while the runs
     # are being set up still ends them KILLED. A store call runs whole (interrupts.shielded, in
     # _retry); the run creations are shielded with their assignment, so a stop raised as one
@@ -335,12 +350,16 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
     parent_id = run_id = None
     status = "FAILED"
     try:
-        parents = _retry(client.search_runs, [exp_id],
-                         filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'",
-                         max_results=1)
-        if parents:
-            parent_id = parents[0].info.run_id
-            if parents[0].info.status != "RUNNING":
+        parent = _parent_of(client, exp_id, group)
+        if parent is not None and not _logged_with(parent, raw_params):
+            # the name is an earlier, different experiment's (DVC lets a removed experiment's name be
+            # used again): this one gets a group of its own instead of joining that one's runs
+            group = f"{group}~{_params_digest(raw_params)}"
+            parent = _parent_of(client, exp_id, group)
+        tags = _run_tags(raw_params, group, commit)
+        if parent is not None:
+            parent_id = parent.info.run_id
+            if parent.info.status != "RUNNING":
                 _retry(client.update_run, parent_id, status="RUNNING")
         else:
             setting = " ".join(t for t in (tags["dataset"], tags["imbalance"], tags["ratio"]) if t)
@@ -437,7 +456,7 @@ def finished_runs(stage: str = "evaluate", experiment: str = DEFAULT_EXPERIMENT)
 
 
 def parent_summary(group: str, experiment: str = DEFAULT_EXPERIMENT) -> dict | None:
-    """The parent run of one pipeline execution (a DVC experiment name) as a flat dict: its tags
+    """The parent run of one pipeline execution (a DVC experiment name: the newest of that name) as a flat dict: its tags
     (method, dataset, imbalance, ratio, seed) and its metrics; None when it is not in the store."""
     from mlflow.tracking import MlflowClient
 
@@ -448,8 +467,10 @@ def parent_summary(group: str, experiment: str = DEFAULT_EXPERIMENT) -> dict | N
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], max_results=1,
-                              filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'")
+    runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.`longtail.dvc_exp` = '{group}' and tags.`longtail.parent` = 'true'")
+    runs = runs or client.search_runs([exp.experiment_id], max_results=1,
+                                      filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'")
     if not runs:
         return None
     r = runs[0]

@@ -116,3 +116,33 @@ def test_run_tags_are_strings_a_tracking_server_accepts(default_params):
     assert tags["ratio"] == "100.0" and tags["seed"] == "3"
     for k, v in tags.items():
         RunTag(k, v).to_proto()  # what the REST store does with each tag
+
+
+def test_a_reused_experiment_name_with_other_params_gets_runs_of_its_own(tmp_path, monkeypatch, default_params):
+    """DVC lets a removed experiment's name be queued again. A Logit-adjust run named like an old cRT
+    run was nested under the cRT parent (the parent's method, its stage names and its metrics would
+    have mixed both); now it gets its own group, while the same params (a resumed run) rejoin theirs."""
+    from mlflow.tracking import MlflowClient
+
+    _use(monkeypatch, tmp_path, tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "c10y-0")
+    crt = {**default_params, "loss": "ce", "finetune": {**default_params["finetune"], "strategy": "crt"}}
+    la = {**default_params, "loss": "logit_adjust", "finetune": {**default_params["finetune"], "reweighting": "none"}}
+    with tracking.stage_run("pretrain", crt):
+        pass
+    with tracking.stage_run("pretrain", la):
+        pass
+    with tracking.stage_run("finetune", la):
+        pass
+    client = MlflowClient(tracking.tracking_uri())
+    exp = tracking.ensure_experiment()
+    parents = client.search_runs([exp], "tags.`longtail.parent` = 'true'", order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2
+    old, new = parents
+    assert old.data.tags["longtail.group"] == "c10y-0" and old.data.params["loss"] == "ce"
+    assert new.data.tags["longtail.group"].startswith("c10y-0~") and new.data.params["loss"] == "logit_adjust"
+    stages = client.search_runs([exp], "tags.`longtail.stage` != ''")
+    by_parent = sorted((r.data.tags["mlflow.parentRunId"] == new.info.run_id, r.info.run_name) for r in stages)
+    group = new.data.tags["longtail.group"]
+    assert by_parent == [(False, "c10y-0/pretrain"), (True, f"{group}/finetune"), (True, f"{group}/pretrain")]
+    assert tracking.parent_summary("c10y-0")["method"] == "Logit-adjust"  # the newest of that name
