@@ -52,7 +52,7 @@ def per_class(counts, acc_final, acc_best, classes, path: Path) -> None:
     ax.bar(x - 0.2, [100 * (acc_final[i] or 0) for i in order], 0.4, label="final epoch")
     ax.bar(x + 0.2, [100 * (acc_best[i] or 0) for i in order], 0.4, label="best epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_xticks(x, [str(classes[i]) for i in order], rotation=60 if len(x) > 12 else 0, fontsize=8)
+    _class_ticks(ax, x, [str(classes[i]) for i in order])
     ax2 = ax.twinx()
     ax2.plot(x, [counts[i] for i in order], "k.-", label="train images")
     ax2.set_yscale("log")

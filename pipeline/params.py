@@ -201,6 +201,12 @@ def _bool(value, key: str) -> bool:
     return value
 
 
+def _nesterov(value) -> bool:
+    if not isinstance(value, bool):
+        raise LongtailError(f"train.nesterov must be true or false, got {value!r}")
+    return value
+
+
 def _plugin(group: str, name, key: str) -> str:
     if not isinstance(name, str):
         raise LongtailError(f"{key} must be a plugin name, got {name!r}")
@@ -299,8 +305,10 @@ def parse(raw: dict) -> Params:
         precision=_choice(t.get("precision", "auto"), "train.precision", PRECISIONS),
         clip_grad_norm=(None if t.get("clip_grad_norm") is None
                         else _float(t.get("clip_grad_norm"), "train.clip_grad_norm", lo=0, lo_open=True)),
-        nesterov=_bool(t.get("nesterov", OPTIONAL["train.nesterov"]), "train.nesterov"),
+        nesterov=_nesterov(t.get("nesterov", OPTIONAL["train.nesterov"])),
     )
+    if train.nesterov and train.momentum == 0:
+        raise LongtailError("train.nesterov=true needs momentum: set train.momentum above 0 (now 0) or train.nesterov=false")
 
     f = _get(raw, "finetune", "")
     finetune = Finetune(

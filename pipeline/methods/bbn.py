@@ -96,7 +96,8 @@ class BBNSteps:
             self.log.log_metrics({"bbn_alpha": self.alpha}, step=epoch + 1)  # epoch numbers from 1
         order_c = self.conventional.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
         order_r = self.rebalancing.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
-        n = min(len(order_c), len(order_r)) // cfg.batch_size * cfg.batch_size  # whole batches only
+        n = min(len(order_c), len(order_r))
+        n = n // cfg.batch_size * cfg.batch_size or n  # whole batches only (one partial one if N < batch)
         return [(order_c[i:i + cfg.batch_size], order_r[i:i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
 
     def loss(self, batch) -> StepResult:

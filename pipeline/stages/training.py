@@ -25,7 +25,7 @@ from ..engine import distributed
 from ..engine.progress import Progress
 from ..engine.trainer import Trainer
 from ..errors import LongtailError
-from ..params import Params
+from ..params import OPTIONAL, Params
 
 DATASET = Path("data/prepared/dataset.npz")
 PRETRAIN = Path("models/pretrain.pt")
@@ -74,6 +74,10 @@ def _inputs(stage: str, p: Params) -> dict:
     inputs = p.section(*STAGE_KEYS[stage])
     if stage == "pretrain":  # pretrain only runs up to the fine-tune start: one stage 1 serves every strategy
         inputs["finetune"] = {"start_epoch": p.finetune.start_epoch}
+    for dotted, default in OPTIONAL.items():  # a key newer than a checkpoint, at its default: as if absent
+        section, _, key = dotted.partition(".")
+        if isinstance(inputs.get(section), dict) and inputs[section].get(key, default) == default:
+            inputs[section].pop(key, None)
     return json.loads(json.dumps(inputs, sort_keys=True, default=str))
 
 

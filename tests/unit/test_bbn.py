@@ -212,3 +212,14 @@ def test_an_epoch_is_whole_batches_and_the_head_runs_in_float32(tmp_path):
     t.model.classifier = Recording(t.model.classifier)
     result = steps.loss(batches[0])
     assert seen == [(False, torch.float32)] and result.logits.dtype == torch.float32
+
+
+def test_fewer_images_than_a_batch_still_make_one_step(tmp_path):
+    """Whole batches only, but a training set smaller than one batch gives one partial batch rather
+    than an epoch of no steps (which would leave the model untrained without a word)."""
+    from pipeline.methods.bbn import BBNSteps
+
+    p, t, meta = _bbn_trainer(tmp_path, batch_size=100000)
+    steps = BBNSteps(t, *build_bbn().samplers(SimpleNamespace(meta=meta, params=p)), None)
+    batches = steps.batches(0)
+    assert len(batches) == 1 and len(batches[0][0]) == len(t.data.y_train)

@@ -131,6 +131,8 @@ from pipeline.params import check_plugins, override  # noqa: E402
     ({"tracking.experiment": "  "}, "tracking.experiment must be an MLflow experiment name"),
     ({"tracking.experiment": None}, "tracking.experiment must be an MLflow experiment name"),
     ({"tracking.experiment": 123}, "tracking.experiment must be an MLflow experiment name"),
+    ({"train.nesterov": "yes"}, "train.nesterov must be true or false, got 'yes'"),
+    ({"train.nesterov": True, "train.momentum": 0}, "train.nesterov=true needs momentum: set train.momentum above 0"),
 ])
 def test_parse_rejects_with_the_dotted_key(default_params, overrides, message):
     with pytest.raises(LongtailError) as err:

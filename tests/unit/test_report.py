@@ -657,13 +657,19 @@ def test_per_class_compare_keeps_the_title_clear_of_the_legend(tmp_path, monkeyp
     assert title.y0 >= legend.y1, (title, legend)
 
 
-def test_class_names_under_the_bars_do_not_overlap(tmp_path, monkeypatch):
-    """CIFAR-10's names at the comparison figure's 7-inch width: "airplane" ran into "automobile"."""
+@pytest.mark.parametrize("figure", ["per_class_compare", "per_class"])
+def test_class_names_under_the_bars_do_not_overlap(tmp_path, monkeypatch, figure):
+    """CIFAR-10's names at a 7-inch width: "airplane" ran into "automobile" (the report's comparison and
+    each run's per-class figure)."""
     kept = []
     monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig))
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-    figures.per_class_compare(counts, {"a": ([10.0] * 10, None), "b": ([20.0] * 10, None)}, classes, tmp_path / "x.png")
+    if figure == "per_class":
+        figures.per_class(counts, [0.5] * 10, [0.6] * 10, classes, tmp_path / "x.png")
+    else:
+        figures.per_class_compare(counts, {"a": ([10.0] * 10, None), "b": ([20.0] * 10, None)}, classes,
+                                  tmp_path / "x.png")
     fig = kept[0]
     fig.canvas.draw()
     r = fig.canvas.get_renderer()

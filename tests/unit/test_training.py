@@ -596,3 +596,15 @@ def test_a_loss_can_initialise_the_classifier_of_a_new_model(tmp_path, default_p
     assert not torch.allclose(trained, bias)  # stage 1 trained it
     ce_trainer, _ = training.setup(parse(tiny_pretrain_finetune(default_params)), ds)
     assert not torch.allclose(ce_trainer.model.classifier.bias.detach(), bias)  # only the loss that asks
+
+
+def test_a_checkpoint_from_before_train_nesterov_still_matches(prepared, default_params):
+    """train.nesterov came after checkpoints that were made without it: at its default (off) the
+    fingerprint is the one those have, so they still load and resume; on, it is other params."""
+    p, ds = prepared
+    raw = tiny_pretrain_finetune(default_params)
+    old = {**raw, "train": {k: v for k, v in raw["train"].items() if k != "nesterov"}}
+    on = override(raw, {"train.nesterov": True})
+    for stage in ("pretrain", "finetune"):
+        assert training._fingerprint(stage, parse(old), ds) == training._fingerprint(stage, p, ds)
+        assert training._fingerprint(stage, parse(on), ds) != training._fingerprint(stage, p, ds)
