@@ -277,12 +277,11 @@ def _group(raw_params: dict) -> tuple[str, str]:
     commit = _git_commit()
     if exp_name:
         return exp_name, commit
-    digest = hashlib.sha256((json.dumps(raw_params, sort_keys=True) + commit).encode()).hexdigest()[:12]
-    return f"repro-{digest}", commit
+    return f"repro-{_params_digest(raw_params, commit)[:12]}", commit
 
 
-def _params_digest(raw_params: dict) -> str:
-    return hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+def _params_digest(raw_params: dict, salt: str = "") -> str:
+    return hashlib.sha256((json.dumps(raw_params, sort_keys=True, default=str) + salt).encode()).hexdigest()
 
 
 def _logged_with(run, raw_params: dict) -> bool:
@@ -354,7 +353,7 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
         if parent is not None and not _logged_with(parent, raw_params):
             # the name is an earlier, different experiment's (DVC lets a removed experiment's name be
             # used again): this one gets a group of its own instead of joining that one's runs
-            group = f"{group}~{_params_digest(raw_params)}"
+            group = f"{group}~{_params_digest(raw_params)[:8]}"
             parent = _parent_of(client, exp_id, group)
         tags = _run_tags(raw_params, group, commit)
         if parent is not None:
@@ -469,11 +468,9 @@ def parent_summary(group: str, experiment: str = DEFAULT_EXPERIMENT) -> dict | N
         return None
     runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.`longtail.dvc_exp` = '{group}' and tags.`longtail.parent` = 'true'")
-    runs = runs or client.search_runs([exp.experiment_id], max_results=1,
-                                      filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`longtail.parent` = 'true'")
-    if not runs:
+    r = runs[0] if runs else _parent_of(client, exp.experiment_id, group)
+    if r is None:
         return None
-    r = runs[0]
     return {**{k: r.data.tags.get(k) for k in ("method", "dataset", "imbalance", "ratio", "seed")},
             **r.data.metrics, "status": r.info.status, "experiment_id": exp.experiment_id}
 
