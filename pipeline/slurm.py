@@ -328,9 +328,10 @@ def experiment_states(sweep: Sweep, queue: dict[str, str] | None = None, log_lin
 
 # -- MLflow --------------------------------------------------------------------------------------
 
-def close_stale_runs(group: str, experiment: str, finished: bool = False) -> int:
-    """End the MLflow runs of one experiment (tag longtail.group) that a killed job left RUNNING: a stage
-    run still RUNNING was killed (KILLED); the parent run is KILLED too, or FINISHED once the
+def close_stale_runs(name: str, experiment: str, finished: bool = False) -> int:
+    """End the MLflow runs of one experiment (the group of the newest pipeline execution named `name`:
+    `name~<digest>` when the name was used again for other params) that a killed job left RUNNING: a
+    stage run still RUNNING was killed (KILLED); the parent run is KILLED too, or FINISHED once the
     experiment finished (also when a killed attempt had ended it). Returns how many were changed."""
     from . import tracking
     from mlflow.tracking import MlflowClient
@@ -342,6 +343,8 @@ def close_stale_runs(group: str, experiment: str, finished: bool = False) -> int
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return 0
+    parent = tracking.newest_parent(client, exp.experiment_id, name)
+    group = parent.data.tags.get(tracking.GROUP_TAG, name) if parent is not None else name
     runs = tracking._retry(client.search_runs, [exp.experiment_id], max_results=1000,
                            filter_string=f"tags.`{tracking.GROUP_TAG}` = '{group}'")
     changed = 0

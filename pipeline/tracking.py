@@ -296,6 +296,14 @@ def _parent_of(client, exp_id: str, group: str):
     return runs[0] if runs else None
 
 
+def newest_parent(client, exp_id: str, name: str):
+    """The parent run of the newest pipeline execution of a DVC experiment name. Its group is the name,
+    or `name~<digest>` when the name was used again for other params (stage_run)."""
+    runs = _retry(client.search_runs, [exp_id], max_results=1, order_by=["attributes.start_time DESC"],
+                  filter_string=f"tags.`longtail.dvc_exp` = '{name}' and tags.`longtail.parent` = 'true'")
+    return runs[0] if runs else _parent_of(client, exp_id, name)
+
+
 # what a user compares in the runs table: copied from the evaluate run onto the parent run
 PARENT_METRICS = ("final_top1", "best_top1", "final_many", "final_medium", "final_few", "final_error", "best_error",
                   "final_epoch", "best_epoch")
@@ -466,9 +474,7 @@ def parent_summary(group: str, experiment: str = DEFAULT_EXPERIMENT) -> dict | N
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`longtail.dvc_exp` = '{group}' and tags.`longtail.parent` = 'true'")
-    r = runs[0] if runs else _parent_of(client, exp.experiment_id, group)
+    r = newest_parent(client, exp.experiment_id, group)
     if r is None:
         return None
     return {**{k: r.data.tags.get(k) for k in ("method", "dataset", "imbalance", "ratio", "seed")},

@@ -146,3 +146,40 @@ def test_a_reused_experiment_name_with_other_params_gets_runs_of_its_own(tmp_pat
     group = new.data.tags["longtail.group"]
     assert by_parent == [(False, "c10y-0/pretrain"), (True, f"{group}/finetune"), (True, f"{group}/pretrain")]
     assert tracking.parent_summary("c10y-0")["method"] == "Logit-adjust"  # the newest of that name
+
+
+def test_slurm_clean_up_of_a_killed_job_finds_the_runs_of_a_reused_name(tmp_path, monkeypatch, default_params):
+    """A SLURM job killed mid-stage leaves its runs RUNNING, and the next attempt ends them
+    (slurm.close_stale_runs, by DVC experiment name). When that name had been used before for other
+    params, the killed job's runs are in the group `name~<digest>`: the clean-up looked only at the
+    group `name`, so it left them RUNNING (and would have marked the old experiment's parent
+    FINISHED when the new one finished)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import slurm
+
+    _use(monkeypatch, tmp_path, tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "c10y-0")
+    crt = {**default_params, "loss": "ce", "finetune": {**default_params["finetune"], "strategy": "crt"}}
+    la = {**default_params, "loss": "logit_adjust", "finetune": {**default_params["finetune"], "reweighting": "none"}}
+    with pytest.raises(KeyboardInterrupt):  # the old experiment: stopped, its parent KILLED
+        with tracking.stage_run("pretrain", crt):
+            raise KeyboardInterrupt
+    killed_job = tracking.stage_run("pretrain", la)
+    killed_job.__enter__()  # never exited: what a job killed by SIGKILL leaves behind
+    client = MlflowClient(tracking.tracking_uri())
+    exp = tracking.ensure_experiment()
+
+    def statuses():
+        runs = client.search_runs([exp], "", order_by=["attributes.start_time ASC"])
+        return [(r.data.tags["longtail.group"].split("~")[0] + ("~" if "~" in r.data.tags["longtail.group"] else ""),
+                 r.data.tags.get("longtail.stage", "parent"), r.info.status) for r in runs]
+
+    assert statuses() == [("c10y-0", "parent", "KILLED"), ("c10y-0", "pretrain", "KILLED"),
+                          ("c10y-0~", "parent", "RUNNING"), ("c10y-0~", "pretrain", "RUNNING")]
+    assert slurm.close_stale_runs("c10y-0", tracking.DEFAULT_EXPERIMENT) == 2
+    assert statuses() == [("c10y-0", "parent", "KILLED"), ("c10y-0", "pretrain", "KILLED"),
+                          ("c10y-0~", "parent", "KILLED"), ("c10y-0~", "pretrain", "KILLED")]
+    assert slurm.close_stale_runs("c10y-0", tracking.DEFAULT_EXPERIMENT, finished=True) == 1
+    assert statuses()[:2] == [("c10y-0", "parent", "KILLED"), ("c10y-0", "pretrain", "KILLED")]
+    assert statuses()[2] == ("c10y-0~", "parent", "FINISHED")
