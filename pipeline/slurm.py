@@ -334,15 +334,11 @@ def close_stale_runs(name: str, experiment: str, finished: bool = False) -> int:
     stage run still RUNNING was killed (KILLED); the parent run is KILLED too, or FINISHED once the
     experiment finished (also when a killed attempt had ended it). Returns how many were changed."""
     from . import tracking
-    from mlflow.tracking import MlflowClient
 
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    found = tracking.existing_experiment(experiment)
+    if found is None:
         return 0
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return 0
+    client, exp = found
     parent = tracking.newest_parent(client, exp.experiment_id, name)
     group = parent.data.tags.get(tracking.GROUP_TAG, name) if parent is not None else name
     runs = tracking._retry(client.search_runs, [exp.experiment_id], max_results=1000,

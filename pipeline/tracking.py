@@ -438,18 +438,26 @@ def ensure_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:
 
 # -- reading (longtail report) -------------------------------------------------------------------
 
-def finished_runs(stage: str = "evaluate", experiment: str = DEFAULT_EXPERIMENT) -> list[dict]:
-    """Every FINISHED run of one stage, as plain dicts: run_id, group, start_time, params, metrics,
-    tags. An sqlite store that does not exist yet reads as empty (and is not created)."""
+def existing_experiment(experiment: str = DEFAULT_EXPERIMENT):
+    """(client, experiment) of a store and experiment that already exist, else None; an sqlite store
+    that does not exist yet is not created."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return []
+        return None
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    return None if exp is None else (client, exp)
+
+
+def finished_runs(stage: str = "evaluate", experiment: str = DEFAULT_EXPERIMENT) -> list[dict]:
+    """Every FINISHED run of one stage, as plain dicts: run_id, group, start_time, params, metrics,
+    tags. An sqlite store that does not exist yet reads as empty (and is not created)."""
+    found = existing_experiment(experiment)
+    if found is None:
         return []
+    client, exp = found
     out, token = [], None
     while True:
         page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token,
@@ -465,15 +473,10 @@ def finished_runs(stage: str = "evaluate", experiment: str = DEFAULT_EXPERIMENT)
 def parent_summary(group: str, experiment: str = DEFAULT_EXPERIMENT) -> dict | None:
     """The parent run of one pipeline execution (a DVC experiment name: the newest of that name) as a flat dict: its tags
     (method, dataset, imbalance, ratio, seed) and its metrics; None when it is not in the store."""
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    found = existing_experiment(experiment)
+    if found is None:
         return None
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
+    client, exp = found
     r = newest_parent(client, exp.experiment_id, group)
     if r is None:
         return None
