@@ -1,5 +1,8 @@
 """Per-class fit of finished runs: accuracy on the (un-augmented) training images and on the test images,
-after stage 1 (models/pretrain.pt) and after stage 2 (models/final.pt).
+after stage 1 (models/pretrain.pt) and after stage 2 (models/final.pt). A stage that trained no epoch
+(BBN's stage 1) gets a note instead of rows. For a bilateral-branch model (BBN) two more rows per split
+score each branch alone: W_c f_c + b and W_r f_r + b, the two halves of the test-time logits
+W [f_c ; f_r] + b (so they show which branch the mixed prediction leans on).
 
 Reads each DVC experiment's checkpoints from the DVC cache of the repository it runs in, through the
 pipeline's own checkpoint loader (no unpickling), so the figures come from the very models the table
@@ -49,6 +52,20 @@ def per_class_accuracy(model, x, y, mean, std, k):
     return [float((pred[y == c] == c).mean()) for c in range(k)]
 
 
+def branch_logits(model, x, mean, std) -> dict[str, torch.Tensor]:
+    """Each branch's half of a bilateral-branch model's test-time logits, with the shared bias:
+    W_c f_c + b and W_r f_r + b, whose sum minus b is the model's own output W [f_c ; f_r] + b."""
+    w, b, k = model.classifier.weight, model.classifier.bias, model.branch_dim
+    halves = {"conventional branch only": (0, k), "re-balancing branch only": (k, 2 * k)}
+    names = {"conventional branch only": "conventional", "re-balancing branch only": "rebalancing"}
+    out = {}
+    with torch.no_grad():
+        for label, (lo, hi) in halves.items():
+            out[label] = batched(lambda t, n=names[label], lo=lo, hi=hi: model.branch_features(t, n).float()
+                                 @ w[:, lo:hi].T + b, x, mean, std, 500)
+    return out
+
+
 def main(exps: list[str]) -> None:
     torch.set_num_threads(1)
     loaded = {}
@@ -65,8 +82,12 @@ def main(exps: list[str]) -> None:
         print("| model | split | " + " | ".join(f"{c} ({n})" for c, n in zip(ds.classes, ds.class_counts))
               + " | mean |")
         print("|---|---|" + "---|" * (k + 1))
+        notes = []
         for path, label in STAGES.items():
             state = io.load_checkpoint(cached(outs[path]), path, require=("model", "meta"))
+            if not state.get("history"):
+                notes.append(f"{label}: no epoch trained (`{path}` is the initial model), so no rows.")
+                continue
             meta = state["meta"]
             model = build_plugin("models", meta["arch"], k, meta["in_channels"], meta["head"],
                                  params=meta["model_params"], param_key="model")
@@ -75,7 +96,15 @@ def main(exps: list[str]) -> None:
             for split, x, y in (("train", data.x_train, y_train), ("test", data.x_test, y_test)):
                 acc = per_class_accuracy(model, x, y, data.mean, data.std, k)
                 print(f"| {label} | {split} | " + " | ".join(f"{a:.1%}" for a in acc) + f" | {np.mean(acc):.1%} |")
+                if hasattr(model, "branch_features"):
+                    for branch, logits in branch_logits(model, x, data.mean, data.std).items():
+                        pred = logits.argmax(1).numpy()
+                        acc = [float((pred[y == c] == c).mean()) for c in range(k)]
+                        print(f"| {label}, {branch} | {split} | " + " | ".join(f"{a:.1%}" for a in acc)
+                              + f" | {np.mean(acc):.1%} |")
             sys.stdout.flush()
+        for note in notes:
+            print(f"\n{note}")
 
 
 if __name__ == "__main__":
