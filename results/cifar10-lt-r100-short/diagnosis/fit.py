@@ -1,8 +1,8 @@
 """Per-class fit of finished runs: accuracy on the (un-augmented) training images and on the test images,
 after stage 1 (models/pretrain.pt) and after stage 2 (models/final.pt). A stage that trained no epoch
 (BBN's stage 1) gets a note instead of rows. For a bilateral-branch model (BBN) two more rows per split
-score each branch alone: W_c f_c + b and W_r f_r + b, the two halves of the test-time logits
-W [f_c ; f_r] + b (so they show which branch the mixed prediction leans on).
+score each branch alone: W_c f_c + b and W_r f_r + b, each branch's share of the test-time logits
+W [f_c ; f_r] + b plus the shared bias (so they show what each branch predicts on its own).
 
 Reads each DVC experiment's checkpoints from the DVC cache of the repository it runs in, through the
 pipeline's own checkpoint loader (no unpickling), so the figures come from the very models the table
@@ -55,7 +55,8 @@ def per_class_accuracy(model, x, y, mean, std, k):
 def branch_logits(model, x, mean, std) -> dict[str, torch.Tensor]:
     """Each branch's half of a bilateral-branch model's test-time logits, with the shared bias:
     W_c f_c + b and W_r f_r + b, whose sum minus b is the model's own output W [f_c ; f_r] + b."""
-    w, b, k = model.classifier.weight, model.classifier.bias, model.branch_dim
+    w, k = model.classifier.weight, model.branch_dim
+    b = model.classifier.bias if model.classifier.bias is not None else torch.zeros(w.shape[0])
     halves = {"conventional branch only": (0, k), "re-balancing branch only": (k, 2 * k)}
     names = {"conventional branch only": "conventional", "re-balancing branch only": "rebalancing"}
     out = {}
