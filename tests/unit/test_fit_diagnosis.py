@@ -1,6 +1,6 @@
-"""results/cifar10-lt-r100-short/diagnosis/fit.py scores each branch of a BBN model alone: its two halves
-must add up to the model's own test-time logits, so the branch rows split the very prediction the table
-reports."""
+"""results/cifar10-lt-r100-short/diagnosis/fit.py scores each branch of a BBN model alone: the two branches'
+shares (each with the shared bias) must add up to the model's own test-time logits plus that bias once, so
+the branch rows split the very prediction the table reports."""
 
 import importlib.util
 
@@ -19,7 +19,7 @@ def _fit_module():
     return module
 
 
-def test_the_two_branch_halves_add_up_to_the_bbn_models_own_logits():
+def test_the_two_branch_shares_add_up_to_the_bbn_models_own_logits():
     torch.manual_seed(0)
     model = build("models", "bbn_resnet32", 10, 3, "linear", params={}, param_key="model").eval()
     with torch.no_grad():

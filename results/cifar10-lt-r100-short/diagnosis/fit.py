@@ -49,22 +49,24 @@ def cached(md5: str) -> Path:
 def per_class_accuracy(model, x, y, mean, std, k):
     with torch.no_grad():
         pred = batched(lambda t: model(t).float(), x, mean, std, 500).argmax(1).numpy()
+    return class_accuracy(pred, y, k)
+
+
+def class_accuracy(pred, y, k):
     return [float((pred[y == c] == c).mean()) for c in range(k)]
 
 
 def branch_logits(model, x, mean, std) -> dict[str, torch.Tensor]:
-    """Each branch's half of a bilateral-branch model's test-time logits, with the shared bias:
+    """Each branch's share of a bilateral-branch model's test-time logits, with the shared bias:
     W_c f_c + b and W_r f_r + b, whose sum minus b is the model's own output W [f_c ; f_r] + b."""
     w, k = model.classifier.weight, model.branch_dim
     b = model.classifier.bias if model.classifier.bias is not None else torch.zeros(w.shape[0])
-    halves = {"conventional branch only": (0, k), "re-balancing branch only": (k, 2 * k)}
-    names = {"conventional branch only": "conventional", "re-balancing branch only": "rebalancing"}
-    out = {}
+    shares = {"conventional branch only": ("conventional", w[:, :k]),
+              "re-balancing branch only": ("rebalancing", w[:, k:])}
     with torch.no_grad():
-        for label, (lo, hi) in halves.items():
-            out[label] = batched(lambda t, n=names[label], lo=lo, hi=hi: model.branch_features(t, n).float()
-                                 @ w[:, lo:hi].T + b, x, mean, std, 500)
-    return out
+        return {label: batched(lambda t, n=branch, wb=wb: model.branch_features(t, n).float() @ wb.T + b,
+                               x, mean, std, 500)
+                for label, (branch, wb) in shares.items()}
 
 
 def main(exps: list[str]) -> None:
@@ -99,8 +101,7 @@ def main(exps: list[str]) -> None:
                 print(f"| {label} | {split} | " + " | ".join(f"{a:.1%}" for a in acc) + f" | {np.mean(acc):.1%} |")
                 if hasattr(model, "branch_features"):
                     for branch, logits in branch_logits(model, x, data.mean, data.std).items():
-                        pred = logits.argmax(1).numpy()
-                        acc = [float((pred[y == c] == c).mean()) for c in range(k)]
+                        acc = class_accuracy(logits.argmax(1).numpy(), y, k)
                         print(f"| {label}, {branch} | {split} | " + " | ".join(f"{a:.1%}" for a in acc)
                               + f" | {np.mean(acc):.1%} |")
             sys.stdout.flush()
