@@ -8,6 +8,7 @@ import torch
 
 from testkit import ROOT
 
+from pipeline.engine.inference import batched
 from pipeline.registry import build
 
 
@@ -28,7 +29,6 @@ def test_the_two_branch_shares_add_up_to_the_bbn_models_own_logits():
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     halves = _fit_module().branch_logits(model, x, mean, std)
     assert list(halves) == ["conventional branch only", "re-balancing branch only"]
-    from pipeline.engine.inference import batched
     with torch.no_grad():
         whole = batched(lambda t: model(t).float(), x, mean, std, 500)
     c, r = halves.values()
