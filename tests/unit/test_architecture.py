@@ -22,7 +22,7 @@ def test_no_method_is_named_in_the_engine_or_the_stages():
     assert not hits, "\n".join(hits)
 
 
-# -- issue 11.4: one home per fact. Each fact below is written in exactly one module of pipeline/.
+# -- one home per fact. Each fact below is written in exactly one module of pipeline/.
 
 def _code_lines(pattern: str) -> list[str]:
     """'path:line: text' of every line of pipeline/**/*.py matching `pattern` (comments included)."""
@@ -58,7 +58,7 @@ def test_one_yaml_reader():
     assert hits and not _only_in(hits, "pipeline/checks.py"), "\n".join(hits)
 
 
-# -- issue 11.5: each DVC stage depends on the project code it runs
+# -- each DVC stage depends on the project code it runs
 
 # what a stage runs: its module, and the built-in plugins it loads through entry points
 STAGE_CODE = {"build_dataset": ["pipeline/stages/build_dataset.py"],
@@ -118,7 +118,7 @@ def test_each_stage_depends_on_the_code_it_runs():
         assert not untracked, f"dvc.yaml: stage {stage} runs {untracked} but does not depend on it"
 
 
-# -- issue 11.1: the fine-tune contract is written down, and strategies keep to it
+# -- the fine-tune contract is written down, and strategies keep to it
 
 def test_strategies_use_only_the_trainer_surface_the_contract_names():
     from pipeline.engine import contract
@@ -132,7 +132,7 @@ def test_strategies_use_only_the_trainer_surface_the_contract_names():
     assert not outside, f"trainer attributes used by strategies but not in engine/contract.py: {outside}"
 
 
-# -- issue 11.4: the project's own docs/methods.md, which the method modules cite by section
+# -- the project's own docs/methods.md, which the method modules cite by section
 
 def test_method_modules_cite_their_section_of_the_projects_methods_doc():
     import ast

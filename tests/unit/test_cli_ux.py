@@ -99,7 +99,7 @@ def test_store_creation_prints_no_mlflow_info_lines(tmp_path):
 
 
 def test_demo_reads_its_summary_from_the_experiment_its_params_name(monkeypatch, tmp_path, default_params):
-    """Issue 11.4: the demo looked in the default experiment ("longtail", written a second time) even
+    """The demo looked in the default experiment ("longtail", written a second time) even
     when the committed params.yaml names another one."""
     from pipeline import tracking
 

@@ -1,4 +1,4 @@
-"""Issue 16: users get from the official CIFAR archive to an image folder, and no user-facing text names
+"""Users get from the official CIFAR archive to an image folder, and no user-facing text names
 this project's build machines (../shared)."""
 
 import os

@@ -1,4 +1,4 @@
-"""The shared pieces issue 11.4 merged: one batched-inference loop (engine/inference.py, behind
+"""The shared pieces: one batched-inference loop (engine/inference.py, behind
 Trainer.predict/infer, the evaluate stage and the classifier stage's features) and one classifier
 re-initialisation (cRT and BALMS)."""
 

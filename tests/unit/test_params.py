@@ -95,7 +95,7 @@ def test_the_duplicate_key_check_keeps_merge_keys_and_plain_yaml_errors():
         yaml_load("{a: 1, a: 2}")
 
 
-# -- issue 14.3/4/8/9/13 and issue 11.2: every key and number checked, plugin params bound before any work
+# -- every key and number checked, plugin params bound before any work
 
 from pipeline.checks import yaml_load, yaml_value  # noqa: E402
 from pipeline.methods import decoupling, meta_sampler, reweighting  # noqa: E402
@@ -182,7 +182,7 @@ def test_plugin_params_are_bound_and_built_before_any_work(default_params, overr
     (lambda: bbn_model.build_bbn_resnet32(10, branch_blocks=1.5), "model.branch_blocks must be an integer, got 1.5"),
 ])
 def test_built_in_plugins_check_numbers_with_the_one_validator(build, message):
-    """Issue 11.4: one number validator (checks.check_number) for the built-in plugins too, so a
+    """One number validator (checks.check_number) for the built-in plugins too, so a
     non-finite value is refused everywhere, with the same wording."""
     with pytest.raises(LongtailError) as err:
         build()
@@ -222,7 +222,7 @@ def test_scientific_notation_is_a_number(tmp_path):
     ("  weight_decay: .inf", "train.weight_decay must be a finite number, got inf"),
 ])
 def test_nan_and_inf_as_typed_in_params_yaml_are_rejected(tmp_path, typed, message):
-    """Issue 14.4 as a user types it: YAML's .nan / .inf, read from the file."""
+    """YAML's .nan / .inf, read from the file."""
     text = (ROOT / "params.yaml").read_text()
     key = typed.split(":")[0]
     line = next(x for x in text.splitlines() if x.startswith(key + ":"))
@@ -251,7 +251,7 @@ def test_discovery_runs_once_per_process(default_params, monkeypatch):
 ])
 def test_longtail_check_rejects_a_bad_crt_value_in_one_line_before_any_work(default_params, overrides, message,
                                                                              tmp_path, monkeypatch, capsys):
-    """Issue 11.2 (done when): `longtail check` fails on either value with one line, exit 2, writing nothing;
+    """`longtail check` fails on either value with one line, exit 2, writing nothing;
     the fine-tune strategy (crt) is not even selected, so nothing later would have caught it first. Every
     stage command checks the same way before it starts (no dataset, model, store or lock is made)."""
     import sys

@@ -257,7 +257,7 @@ def test_runs_from_before_train_nesterov_share_a_cell_with_runs_logged_at_its_de
 
 
 def test_every_row_states_where_it_differs_from_the_common_settings(default_params, tmp_path):
-    """Issue 12.13: ERM-DRW at 8 epochs next to LDAM-DRW / HMM-DRW at 12 must not read as a method effect."""
+    """ERM-DRW at 8 epochs next to LDAM-DRW / HMM-DRW at 12 must not read as a method effect."""
     mm = {"loss": "mm", "losses.mm.variant": "hmm", "losses.mm.as_released": False}
     runs = [run(flat(default_params, seed=0, **{"train.epochs": 8}), {"best_error": 0.3}, start=1),
             run(flat(default_params, seed=0, loss="ldam", **{"train.epochs": 12}), {"best_error": 0.3}, start=2),
@@ -286,7 +286,7 @@ def test_a_row_no_method_names_states_what_sets_its_loss_s_named_methods_apart(d
 
 
 def test_each_row_states_the_hyper_parameters_of_its_plugins(stored_runs, tmp_path):
-    """Issue 10: the table says which loss hyper-parameters a row ran with (e.g. MM's s, max_m, gamma),
+    """The table says which loss hyper-parameters a row ran with (e.g. MM's s, max_m, gamma),
     and only those of the plugins the row selected."""
     report.generate(stored_runs, tmp_path)
     section = (tmp_path / "table.md").read_text().split("## Hyper-parameters of each row")[1]
@@ -449,7 +449,7 @@ def test_sweep_grid(default_params):
     ({"losses": ["ce"], "extra": [("loss", "ldam")]}, "-S loss clashes with the grid"),
     ({"extra": [("train.epochz", "3")]}, "no key 'train.epochz'"),
     ({"extra": [("train.epochs", "0")]}, "seed=0: train.epochs must be >= 1"),
-    # plugin parameters are bound and built (issue 11.2), also for a strategy nobody selected yet
+    # plugin parameters are bound and built, also for a strategy nobody selected yet
     ({"extra": [("finetunes.crt.sampler", "class_balancd")]},
      "finetunes.crt.sampler: unknown samplers plugin 'class_balancd' (did you mean class_balanced?)"),
     ({"extra": [("finetunes.crt.epochs", "-1")]}, "finetunes.crt.epochs must be >= 1, got -1"),

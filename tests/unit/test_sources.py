@@ -226,7 +226,7 @@ def test_source_n_max():
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
-    """Issue 14.12: Pillow's RGB conversion clipped 16-bit grey at 255 (an almost white image)."""
+    """Pillow's RGB conversion clipped 16-bit grey at 255 (an almost white image)."""
     _tree(tmp_path)
     img = tmp_path / "train" / "ant" / "00.png"
     w, h = Image.open(img).size
@@ -237,7 +237,7 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
 
 @pytest.mark.parametrize("array", [np.full((8, 8), 0.5, np.float32), np.full((8, 8), 70000, np.int32)])
 def test_32_bit_images_are_rejected_with_a_message(tmp_path, array):
-    """Issue 14.12: 32-bit grey (Pillow modes F and I) has no 8-bit reading to scale to; one line names it."""
+    """32-bit grey (Pillow modes F and I) has no 8-bit reading to scale to; one line names it."""
     path = tmp_path / "x.tif"
     Image.fromarray(array).save(path)
     with pytest.raises(LongtailError) as err:
@@ -258,7 +258,7 @@ def _build_refuses(tmp_path, monkeypatch, default_params, source, ratio, message
 
 
 def test_a_class_without_images_names_the_dataset(tmp_path, default_params, monkeypatch):
-    """Issue 14.13: a source with an empty class (here: a digits class removed) names dataset and class."""
+    """A source with an empty class (here: a digits class removed) names dataset and class."""
     raw = sources.load_digits()
     keep = raw.y_train != 3
     empty = sources.RawData(raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test, raw.classes, raw.mean,

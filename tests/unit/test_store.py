@@ -98,7 +98,7 @@ def test_missing_file(tmp_path):
         load_dataset(tmp_path / "nope.npz")
 
 
-# -- issue 14.2 / 14.7: checkpoints cannot run code; the atomic writer fsyncs
+# -- checkpoints cannot run code; the atomic writer fsyncs
 
 class _Payload:
     def __reduce__(self):
@@ -122,7 +122,7 @@ def test_a_checkpoint_with_a_code_payload_is_refused(tmp_path):
 
 
 def test_every_torch_load_is_the_safe_one():
-    """Issue 14.2, kept so: the only torch.load of the code (pipeline/, the bundled plugins) is
+    """The only torch.load of the code (pipeline/, the bundled plugins) is
     io.load_checkpoint's, with weights_only=True; every checkpoint goes through it."""
     import ast
 
@@ -161,7 +161,7 @@ def test_atomic_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
 
 
 def test_the_sweep_record_and_a_rewritten_params_yaml_are_written_atomically(tmp_path, monkeypatch):
-    """Issue 14.7: the SLURM sweep record (what a re-submission reads) and the user's params.yaml, which
+    """The SLURM sweep record (what a re-submission reads) and the user's params.yaml, which
     `longtail plugins add/new` rewrite, go through the one atomic writer too (fsync, rename, fsync)."""
     from pipeline import scaffold, slurm
 

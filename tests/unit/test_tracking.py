@@ -105,7 +105,7 @@ def test_plugin_versions_name_the_third_party_distributions_a_run_selects(defaul
 
 
 def test_run_tags_are_strings_a_tracking_server_accepts(default_params):
-    """Issue 13: against `mlflow server` (the REST store) every SLURM job failed in build_dataset: the
+    """Against `mlflow server` (the REST store) every SLURM job failed in build_dataset: the
     ratio and seed tags were numbers, and RunTag.to_proto refuses a non-string value ("bad argument
     type"); the sqlite store had converted them silently."""
     from mlflow.entities import RunTag

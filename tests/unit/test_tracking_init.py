@@ -1,4 +1,4 @@
-"""Issue 14.1: any number of processes may create the MLflow store and experiment at once."""
+"""Any number of processes may create the MLflow store and experiment at once."""
 
 import multiprocessing
 import os
@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import tracking
 
-REPS = int(os.environ.get("LONGTAIL_STORE_RACE_REPS", "1"))  # the issue's acceptance run: 10
+REPS = int(os.environ.get("LONGTAIL_STORE_RACE_REPS", "1"))  # 10 for a thorough check
 
 
 def _start(uri, barrier, errors):
@@ -41,7 +41,7 @@ def test_four_processes_start_on_a_new_store_at_once(tmp_path, rep):
 
 
 def test_a_run_left_running_by_a_kill_is_marked_killed_on_resume(tmp_path, monkeypatch):
-    """Issue 14.6: the resumed stage's run replaces the killed one (which it re-logs, see test_training)."""
+    """The resumed stage's run replaces the killed one (which it re-logs, see test_training)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

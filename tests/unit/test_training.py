@@ -74,7 +74,7 @@ def test_finetune_needs_a_matching_pretrain_checkpoint(prepared, tmp_path):
         training.run("finetune", p, **files)
 
 
-# -- issue 14.5/6/7/13: resume and fine-tune never mix settings; corrupt resume files are set aside
+# -- resume and fine-tune never mix settings; corrupt resume files are set aside
 
 def _killed_after_one_epoch(p, ds, resume_dir):
     trainer, meta = training.setup(p, ds)
@@ -99,7 +99,7 @@ class _Killed(Exception):
 
 def test_a_run_killed_in_another_dvc_experiment_is_ended_by_the_one_that_resumes_it(prepared, tmp_path,
                                                                                    monkeypatch):
-    """Issue 14.6: `dvc exp run` names every run anew, so the killed run is in another group than the
+    """`dvc exp run` names every run anew, so the killed run is in another group than the
     resumed one; the resume checkpoint names it, and the resumed stage marks it (and its parent) KILLED."""
     from mlflow.tracking import MlflowClient
 
@@ -180,7 +180,7 @@ def test_finetune_refuses_a_pretrain_made_with_other_params(prepared, tmp_path, 
 
 
 def test_evaluate_refuses_a_final_checkpoint_made_with_other_params(prepared, tmp_path, default_params):
-    """Issue 14.5: every load checks the fingerprint; `longtail evaluate` after a params edit must not
+    """Every load checks the fingerprint; `longtail evaluate` after a params edit must not
     report a stale model under the new params (tags, eval.json)."""
     from pipeline.errors import LongtailError
     from pipeline.stages import evaluate
@@ -249,7 +249,7 @@ def test_a_second_stage_command_in_one_workspace_names_the_holder(tmp_path):
 
 
 def test_every_stage_command_takes_the_workspace_lock(tmp_path, default_params, monkeypatch):
-    """Issue 14.5c through the CLI: each stage command fails at once, before any work, while another
+    """Each stage command fails at once, before any work, while another
     one holds the workspace; what it checks first is params.yaml (valid here)."""
     import subprocess
     import sys
@@ -540,7 +540,7 @@ def test_every_rank_of_a_distributed_run_uses_rank_0s_resume_folder(tmp_path, mo
 
 
 def test_a_slurm_workspace_keeps_its_resume_checkpoint_in_itself(tmp_path, monkeypatch):
-    """Issue 13: a SLURM job runs in its own workspace under the project (LONGTAIL_ROOT = the project, for
+    """A SLURM job runs in its own workspace under the project (LONGTAIL_ROOT = the project, for
     its store). That workspace outlives a killed job, so its checkpoint stays in it; only DVC temp copies
     (under <project>/.dvc/tmp) use the project's shared resume folder."""
     root = tmp_path / "project"
