@@ -8,7 +8,7 @@ Reads each DVC experiment's checkpoints from the DVC cache of the repository it 
 pipeline's own checkpoint loader (no unpickling), so the figures come from the very models the table
 reports. Run from the repository root that holds the experiments:
 
-    python results/cifar10-lt-r100-short/diagnosis/fit.py c10-0 c10b-0 c10h-0 > fit.md
+    python results/cifar10-lt-r100-short/diagnosis/fit.py c10-0 c10b-0 c10h-0
 """
 from __future__ import annotations
 
