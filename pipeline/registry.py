@@ -59,14 +59,32 @@ def _entry_points(group: str):
     return _cached("eps", group, lambda: tuple(entry_points(group=f"longtail.{group}")))
 
 
+def _find_spec(module: str):
+    """importlib.util.find_spec without importing the parent packages (which would run their code, and
+    raise whatever it raises): each submodule is looked up in its parent's search locations."""
+    parts = module.split(".")
+    spec = None
+    for i in range(len(parts)):
+        name, parent = ".".join(parts[:i + 1]), ".".join(parts[:i])
+        if not parent or parent in sys.modules:
+            spec = importlib.util.find_spec(name)  # imports nothing: top level, or the parent is imported
+        elif spec is None or spec.submodule_search_locations is None:
+            return None  # the parent is missing or not a package
+        else:
+            path = list(spec.submodule_search_locations)
+            spec = next((s for finder in sys.meta_path if hasattr(finder, "find_spec")
+                         for s in [finder.find_spec(name, path)] if s is not None), None)
+    return spec
+
+
 def _static_problem(value: str) -> str:
     """Find what makes an entry point unloadable without running its code."""
     module, _, attr = value.partition(":")
     if not module or not attr:
         return f"entry point {value!r} is not of the form 'module:function'"
     try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as exc:
+        spec = _find_spec(module)
+    except Exception as exc:  # a finder's own failure: the plugin is unusable, listing goes on
         return f"module {module!r} cannot be found ({exc.__class__.__name__}: {exc})"
     if spec is None:
         return f"module {module!r} is not installed"
@@ -125,17 +143,23 @@ def check_name(group: str, name: str) -> None:
         raise LongtailError(f"{group} plugin {name!r} ({matches[0].dist}) is broken: {matches[0].problem}")
 
 
+def _entry_point(group: str, name: str):
+    """The entry point of an installed plugin, and how errors name it: "losses plugin 'x' (dist, mod:fn)"."""
+    (ep,) = [ep for ep in _entry_points(group) if ep.name == name][:1]
+    return ep, f"{group} plugin {name!r} ({ep.dist.name if ep.dist else '?'}, {ep.value})"
+
+
 def load(group: str, name: str):
     """Import and return a plugin's build function; any failure is one clear line."""
     check_name(group, name)
-    (ep,) = [ep for ep in _entry_points(group) if ep.name == name][:1]
+    ep, which = _entry_point(group, name)
     try:
-        return ep.load()
+        fn = ep.load()
     except Exception as exc:  # a broken third-party package must not crash with a traceback
-        dist = ep.dist.name if ep.dist else "?"
-        raise LongtailError(
-            f"{group} plugin {name!r} ({dist}, {ep.value}) failed to import: {exc.__class__.__name__}: {exc}"
-        ) from exc
+        raise LongtailError(f"{which} failed to import: {exc.__class__.__name__}: {exc}") from exc
+    if not callable(fn):
+        raise LongtailError(f"{which} is not callable: {ep.value} is of type {type(fn).__name__}, not a build function")
+    return fn
 
 
 def bind(fn, args: tuple, params: dict, param_key: str) -> None:
@@ -165,7 +189,12 @@ def build(group: str, name: str, *args, params: dict | None = None, param_key: s
     fn = load(group, name)
     params = dict(params or {})
     bind(fn, args, params, param_key or f"{group}.{name}")
-    return fn(*args, **params)
+    try:
+        return fn(*args, **params)
+    except LongtailError:
+        raise  # the plugin's own check of its params: already one line
+    except Exception as exc:  # a plugin's crash must not be a traceback either
+        raise LongtailError(f"{_entry_point(group, name)[1]} failed to build: {exc.__class__.__name__}: {exc}") from exc
 
 
 def defaults(group: str, name: str) -> dict:

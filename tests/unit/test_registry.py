@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from pipeline import registry
 from pipeline.errors import LongtailError
@@ -85,3 +86,84 @@ def test_cli_plugins_list_is_fast_and_torch_free():
     # the child's own CPU time (wall time depends on what else runs: the tests run in parallel);
     # importing torch alone costs about 4 s of it
     assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 5
+
+
+@pytest.fixture
+def faulty_plugins(tmp_path, monkeypatch, default_params):
+    """Plugins that fail only when run: a package whose __init__ raises, a build that raises, a build
+    that is not callable; and one that checks its own params. params.yaml here selects ce."""
+    (tmp_path / "brokenpkg").mkdir()
+    _fake_dist(tmp_path, "faultplug",
+               "[longtail.losses]\nbrokenloss = brokenpkg.loss:build\nnotthere = brokenpkg.loss:nothere\n"
+               "nomod = brokenpkg.nomod:build\nvalerr = oddmod:build_valerr\nnotcall = oddmod:build\n"
+               "strict = oddmod:build_strict\n",
+               {"brokenpkg/__init__": "raise RuntimeError('brokenpkg needs CUDA 13')\n",
+                "brokenpkg/loss": "def build(class_counts):\n    pass\n",
+                "oddmod": "from pipeline.plugin_kit import check_number\n\nbuild = 5\n\n\n"
+                          "def build_valerr(class_counts):\n    raise ValueError('this loss needs at least 100 classes')\n\n\n"
+                          "def build_strict(class_counts, gamma=1.0):\n    check_number('losses.strict.gamma', gamma, min=0)\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(default_params))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    for mod in ("brokenpkg", "brokenpkg.loss", "oddmod"):
+        sys.modules.pop(mod, None)
+
+
+def _cli(monkeypatch, capsys, *command) -> tuple[int, str, str]:
+    """Run `longtail COMMAND` in this process: (exit code, stdout, stderr)."""
+    from pipeline import cli
+
+    monkeypatch.setattr(sys, "argv", ["longtail", *command])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_plugins_list_marks_broken_plugins_without_running_their_packages(faulty_plugins, monkeypatch, capsys):
+    """A package whose __init__ raises crashed `plugins list` (find_spec of brokenpkg.loss imported
+    brokenpkg): listing now finds submodules without running any package's code, so it can tell a missing
+    module or function but not an __init__ that raises (`plugins check` and selecting it tell that)."""
+    code, out, _ = _cli(monkeypatch, capsys, "plugins", "list", "losses")
+    problems = {line.split()[0]: line.partition("  BROKEN: ")[2] for line in out.splitlines()[1:]}
+    assert code == 1 and "brokenpkg" not in sys.modules
+    assert problems["brokenloss"] == "" and problems["valerr"] == "" and problems["notcall"] == ""
+    assert problems["notthere"] == "module 'brokenpkg.loss' defines no 'nothere'"
+    assert problems["nomod"] == "module 'brokenpkg.nomod' is not installed"
+
+
+def test_plugins_check_marks_an_import_failure_and_a_non_callable_build(faulty_plugins, monkeypatch, capsys):
+    code, out, _ = _cli(monkeypatch, capsys, "plugins", "check")
+    problems = {line.split()[0]: line.partition("  BROKEN: ")[2] for line in out.splitlines() if line.startswith("  ")}
+    assert code == 1
+    assert problems["brokenloss"] == ("losses plugin 'brokenloss' (faultplug, brokenpkg.loss:build) failed to import: "
+                                      "RuntimeError: brokenpkg needs CUDA 13")
+    assert problems["notcall"] == ("losses plugin 'notcall' (faultplug, oddmod:build) is not callable: "
+                                   "oddmod:build is of type int, not a build function")
+    assert problems["valerr"] == ""  # its build needs class counts: only a run (or `longtail check`) tells
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, None),  # the broken plugins are not selected: ignored
+    ({"loss": "brokenloss"}, "losses plugin 'brokenloss' (faultplug, brokenpkg.loss:build) failed to import: "
+                             "RuntimeError: brokenpkg needs CUDA 13"),
+    ({"loss": "valerr"}, "losses plugin 'valerr' (faultplug, oddmod:build_valerr) failed to build: "
+                         "ValueError: this loss needs at least 100 classes"),
+    ({"loss": "notcall"}, "losses plugin 'notcall' (faultplug, oddmod:build) is not callable: "
+                          "oddmod:build is of type int, not a build function"),
+    # a plugin's own LongtailError, and a key its build does not take, keep their messages
+    ({"loss": "strict", "losses.strict.gamma": -1}, "losses.strict.gamma must be >= 0, got -1"),
+    ({"loss": "strict", "losses.strict.gama": 1},
+     "unknown key losses.strict.gama in params.yaml (did you mean losses.strict.gamma?)"),
+])
+def test_check_reports_a_selected_plugins_failure_in_one_line(faulty_plugins, default_params, monkeypatch, capsys,
+                                                              overrides, message):
+    from pipeline.params import override
+
+    (faulty_plugins / "params.yaml").write_text(yaml.safe_dump(override(default_params, overrides)))
+    code, out, err = _cli(monkeypatch, capsys, "check")
+    if message is None:
+        assert code == 0 and out.startswith("params.yaml: ok"), err
+    else:
+        assert (code, err) == (2, f"error: {message}\n")
