@@ -1,9 +1,12 @@
 """The one home of the value checks and the YAML value reader that params, plugins and `-S` share.
 
-- `check_number`: finite numbers only (NaN and inf are never valid settings), with bounds.
+- `check_number`: finite numbers only (NaN and inf are never valid settings), with bounds;
+  `check_seed`: a seed every consumer of it accepts.
 - `closest`: "did you mean train.epochs?" for a misspelled key.
 - `yaml_load` / `yaml_value`: YAML as users type it. PyYAML follows YAML 1.1, which reads `1e-3`
   (no dot) as a string; here it is a float, as in YAML 1.2 and in DVC's `-S`.
+- `yaml_file`: a YAML file read and parsed, every problem (not UTF-8, a folder, unreadable, bad YAML)
+  in one line.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from pathlib import Path
 
 import yaml
 
@@ -22,40 +26,68 @@ def check_number(key, value, *, min=None, above=None, max=None, below=None, inte
     kind = "an integer" if integer else "a finite number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise LongtailError(f"{key} must be {kind}, got {value!r}")
+    if isinstance(value, int) and abs(value) >= 10 ** MAX_DIGITS:  # no float holds it (nor any setting needs it)
+        raise LongtailError(f"{key} must be {'an integer' if integer else 'a number'} of at most {MAX_DIGITS} "
+                            f"digits, got {shown(value)}")
     if not math.isfinite(value):
         raise LongtailError(f"{key} must be {kind}, got {value!r}")
     if min is not None and value < min:
-        raise LongtailError(f"{key} must be >= {min}, got {value:g}")
+        raise LongtailError(f"{key} must be >= {min}, got {shown(value)}")
     if above is not None and value <= above:
-        raise LongtailError(f"{key} must be > {above}, got {value:g}")
+        raise LongtailError(f"{key} must be > {above}, got {shown(value)}")
     if max is not None and value > max:
-        raise LongtailError(f"{key} must be <= {max}, got {value:g}")
+        raise LongtailError(f"{key} must be <= {max}, got {shown(value)}")
     if below is not None and value >= below:
-        raise LongtailError(f"{key} must be < {below}, got {value:g}")
+        raise LongtailError(f"{key} must be < {below}, got {shown(value)}")
     return int(value) if integer else float(value)
 
 
-def closest(key: str, valid, prefix: str = "") -> str:
-    """' (did you mean train.epochs?)' for the nearest valid key, or ' (valid: a, b, c)'."""
+MAX_DIGITS = 308  # a float's range (1.8e308): a longer integer is no number a setting can use
+# Seeds feed torch generators (up to 2**64 - 1) as seed, seed + 1 and seed * 100003 + epoch
+# (pipeline/engine), and may feed numpy's RandomState (below 2**32): this range suits all of them.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(key, value) -> int:
+    """A random seed: an integer in 0..SEED_MAX, or LongtailError('seed must be <= 4294967295, got ...')."""
+    return check_number(key, value, min=0, max=SEED_MAX, integer=True)
+
+
+def shown(value) -> str:
+    """A number as a message shows it: floats as %g (1e-05), integers in full, a very long one by its length."""
+    if not isinstance(value, int):
+        return f"{value:g}"
+    try:
+        text = str(abs(value))
+    except ValueError:  # longer than Python prints (sys.get_int_max_str_digits)
+        return f"an integer of over {MAX_DIGITS} digits"
+    return ("-" if value < 0 else "") + text if len(text) <= 40 else f"a {len(text)}-digit integer"
+
+
+def closest(key, valid, prefix: str = "") -> str:
+    """' (did you mean train.epochs?)' for the nearest valid key, or ' (valid: a, b, c)'. A key that
+    YAML read as true, false or null (on, off, yes, no, null, ~) says so: quoted, it is text."""
     valid = sorted(map(str, valid))
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) if isinstance(key, str) else []
     if match:
         return f" (did you mean {prefix}{match[0]}?)"
-    return f" (valid: {', '.join(valid) or 'none'})"
+    hint = ("; YAML reads on, off, yes, no, null and ~ as true, false or null: quote a key to keep it text"
+            if key is None or isinstance(key, bool) else "")
+    return f" (valid: {', '.join(valid) or 'none'}{hint})"
 
 
-def unknown_key(path: str, key: str, valid) -> LongtailError:
+def unknown_key(path: str, key, valid) -> LongtailError:
     prefix = f"{path}." if path else ""
     return LongtailError(f"unknown key {prefix}{key} in params.yaml{closest(key, valid, prefix)}")
 
 
 def find_non_finite(node, path: str = ""):
-    """The dotted key of the first NaN/inf number anywhere in a params tree, or None."""
+    """(dotted key, value) of the first NaN/inf number anywhere in a params tree, or None."""
     if isinstance(node, float) and not math.isfinite(node):
-        return path or "(top level)"
+        return path or "(top level)", node
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for k, v in items:
-        found = find_non_finite(v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k))
+        found = find_non_finite(v, f"{path}[{k}]" if isinstance(node, list) else f"{path}.{k}" if path else str(k))
         if found:
             return found
     return None
@@ -118,6 +150,23 @@ def yaml_text(text: str, what: str):
         return yaml_load(text)
     except yaml.YAMLError as exc:
         raise LongtailError(f"{what} is not valid YAML ({yaml_problem(exc)})") from None
+
+
+def yaml_file(path, what: str | None = None):
+    """A YAML file's contents (yaml_load), or one LongtailError line naming `what` (default: the path)
+    and why: not UTF-8 text, a folder, unreadable, or not valid YAML."""
+    path, what = Path(path), what or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise LongtailError(f"{what} is not UTF-8 text (line {line}: byte 0x{e.object[e.start]:02x}); "
+                            "save it as UTF-8") from None
+    except IsADirectoryError:
+        raise LongtailError(f"{what} is a directory, not a YAML file") from None
+    except OSError as e:
+        raise LongtailError(f"{what} cannot be read ({e.strerror or e})") from None
+    return yaml_text(text, what)
 
 
 def yaml_value(text: str):

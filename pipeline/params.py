@@ -15,13 +15,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import registry
-from .checks import check_number, find_non_finite, unknown_key, yaml_text
-from .data import DATASETS, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
+from .checks import check_number, check_seed, find_non_finite, unknown_key, yaml_file
+from .data import DATASETS, IMAGE_SIDES, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
 from .errors import LongtailError, full_stage_one_error
 from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_IMAGE_SIZE = 1024  # data.image_size's limit (one 1024 px RGB image is 3 MB in the prepared dataset)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def _get(d: dict, key: str, path: str):
         raise LongtailError(f"{path} must be a mapping, got {type(d).__name__}")
     if key not in d:
         prefix = f"{path}." if path else ""
-        near = difflib.get_close_matches(key, [str(k) for k in d], n=1, cutoff=0.75)
+        known = TOP_KEYS if not path else SECTION_KEYS.get(path, ())  # a valid key there is no misspelling
+        near = difflib.get_close_matches(key, [str(k) for k in d if k not in known], n=1, cutoff=0.75)
         hint = f" ({prefix}{near[0]} is there: did you mean {prefix}{key}?)" if near else ""
         raise LongtailError(f"missing key {prefix}{key} in params.yaml{hint}")
     return d[key]
@@ -233,12 +235,12 @@ def parse(raw: dict) -> Params:
         raise LongtailError("params.yaml must be a mapping of keys to values")
     bad = find_non_finite(raw)
     if bad:
-        raise LongtailError(f"{bad} must be a finite number, got {_at(raw, bad)!r}")
+        raise LongtailError(f"{bad[0]} must be a finite number, got {bad[1]!r}")
     _check_keys(raw)
     dataset = _choice(_get(raw, "dataset", ""), "dataset", DATASETS)
     imbalance = _choice(_get(raw, "imbalance", ""), "imbalance", IMBALANCES)
     ratio = _float(_get(raw, "ratio", ""), "ratio", lo=1)
-    seed = _int(_get(raw, "seed", ""), "seed", lo=0)
+    seed = check_seed("seed", _get(raw, "seed", ""))
     loss = _plugin("losses", _get(raw, "loss", ""), "loss")
 
     d = _get(raw, "data", "")
@@ -247,13 +249,16 @@ def parse(raw: dict) -> Params:
         raise LongtailError(f"data.root must be a folder path (e.g. data/raw), got {root!r}")
     data = Data(root=root, n_max=_auto(_get(d, "n_max", "data"), "data.n_max", lambda v, k: _int(v, k, lo=1)),
                 image_size=_auto(d.get("image_size", OPTIONAL["data.image_size"]), "data.image_size",
-                                 lambda v, k: _int(v, k, lo=1)))
+                                 lambda v, k: _int(v, k, lo=1, hi=MAX_IMAGE_SIZE)))
     if data.image_size is not None and dataset != "imagefolder":
         raise LongtailError(f"data.image_size ({data.image_size}) applies to dataset imagefolder only; {dataset} "
                             "has one image size already (valid: auto)")
     if imbalance == SOURCE_PROFILE and data.n_max is not None:
         raise LongtailError(f"data.n_max ({data.n_max}) does not apply to imbalance source, which keeps every "
                             "training image of the source (valid: auto; or imbalance exp / step to cut a profile)")
+    if dataset in SOURCE_SIZES and (data.n_max or 0) > (available := SOURCE_SIZES[dataset][1]):  # as build says
+        raise LongtailError(f"data.n_max ({data.n_max}) is more than the {available} images per class that "
+                            f"{dataset} has (valid: 1..{available} or auto)")
 
     m = _get(raw, "model", "")
     arch = _plugin("models", _get(m, "arch", "model"), "model.arch")
@@ -307,6 +312,8 @@ def parse(raw: dict) -> Params:
                         else _float(t.get("clip_grad_norm"), "train.clip_grad_norm", lo=0, lo_open=True)),
         nesterov=_nesterov(t.get("nesterov", OPTIONAL["train.nesterov"])),
     )
+    if train.pad is not None:
+        _check_pad(train.pad, dataset, data.image_size)
     if train.nesterov and train.momentum == 0:
         raise LongtailError("train.nesterov=true needs momentum: set train.momentum above 0 (now 0) or train.nesterov=false")
 
@@ -351,11 +358,14 @@ def parse(raw: dict) -> Params:
     )
 
 
-def _at(raw, dotted: str):
-    node = raw
-    for part in dotted.replace("[", ".").replace("]", "").split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
+def _check_pad(pad: int, dataset: str, image_size: int | None) -> None:
+    """train.pad below the image side: the source's, data.image_size, or else data.image_size's limit."""
+    side = IMAGE_SIDES.get(dataset) or image_size or MAX_IMAGE_SIZE
+    where = (f"the image side, {side} px for {dataset}" if dataset in IMAGE_SIDES
+             else f"the image side, {side} px by data.image_size" if image_size
+             else f"{side} px, the largest image side data.image_size fits")
+    if pad >= side:
+        raise LongtailError(f"train.pad ({pad}) must be below {where} (valid: 0..{side - 1} or auto)")
 
 
 def experiment_name(raw: dict | None) -> str:
@@ -454,4 +464,4 @@ def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise LongtailError(f"params file {path} not found (run from the project root, or pass --params)")
-    return parse(yaml_text(path.read_text(), f"params file {path}"))
+    return parse(yaml_file(path, f"params file {path}"))

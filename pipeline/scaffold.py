@@ -129,14 +129,11 @@ def new_loss(name: str, dest: Path, params_file: Path | None = None) -> Path:
 
 def _params_mapping(params_file: Path, section: str) -> dict:
     """params.yaml as a mapping whose `section` is a mapping, or one line saying why it is not one."""
-    from .checks import yaml_text
+    from .checks import yaml_file
 
     if not params_file.is_file():
         raise LongtailError(f"params file {params_file} is not a file")
-    try:
-        raw = yaml_text(params_file.read_text(), f"params file {params_file}") or {}
-    except UnicodeDecodeError as e:
-        raise LongtailError(f"params file {params_file} is not valid YAML ({e})") from None
+    raw = yaml_file(params_file, f"params file {params_file}") or {}
     if not isinstance(raw, dict):
         raise LongtailError(f"params file {params_file} must be a mapping of keys, got a {type(raw).__name__}")
     if not isinstance(raw.get(section) or {}, dict):
@@ -150,8 +147,8 @@ def add_section(params_file: Path, section: str, name: str, values: dict, commen
     the same name in another section (samplers.sqrt, finetunes.crt) does not count."""
     import yaml
 
-    text = params_file.read_text()
-    raw = _params_mapping(params_file, section)
+    raw = _params_mapping(params_file, section)  # first: it names a file that is not UTF-8 text in one line
+    text = params_file.read_text(encoding="utf-8")
     if name in (raw.get(section) or {}):
         return False
     flow = yaml.safe_dump(values, default_flow_style=True, width=10**6).strip() if values else "{}"

@@ -7,6 +7,8 @@ IMBALANCES = ("exp", "step", "source")
 SOURCE_PROFILE = "source"
 # classes and images per class of the sources whose size is fixed (validation builds plugins with these counts)
 SOURCE_SIZES = {"cifar10": (10, 5000), "cifar100": (100, 500)}
+# the image side (px) of the sources whose images all have one size
+IMAGE_SIDES = {"cifar10": 32, "cifar100": 32, "digits": 8}
 
 
 def profile_label(imbalance: str, ratio) -> str:

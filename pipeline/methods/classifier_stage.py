@@ -154,6 +154,8 @@ class ClassifierTraining:
                  weight_decay: float, augment: bool, epoch_size: str = "dataset", bn: str = "train"):
         self.name, self.sampler_name = name, sampler
         key = f"finetunes.{name}."
+        if not isinstance(sampler, str):  # check_plugins checks the name of a string (finetunes.crt.sampler)
+            raise LongtailError(f"{key}sampler must be a plugin name, got {sampler!r}")
         self.epochs = check_number(key + "epochs", epochs, min=1, integer=True)
         self.lr = check_number(key + "lr", lr, above=0)
         self.batch_size = check_number(key + "batch_size", batch_size, min=1, integer=True)

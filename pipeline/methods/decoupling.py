@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import io
-from ..checks import check_number
+from ..checks import check_number, check_seed
 from ..errors import LongtailError
 from ..models.heads import make_head
 from .classifier_stage import (ClassifierTraining, _common, balanced_accuracy,
@@ -71,7 +71,7 @@ def build_crt(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 128, mome
     bn: train = the backbone in train mode, BatchNorm running statistics update (the authors' code);
     eval = they stay as stage 1 left them."""
     return ClassifierRetraining(_common("crt", sampler, epochs, lr, batch_size, momentum, weight_decay, augment,
-                                        epoch_size, bn), init_seed)
+                                        epoch_size, bn), check_seed("finetunes.crt.init_seed", init_seed))
 
 
 # -- tau-normalisation ----------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def build_tau_norm(*, tau=1.0, grid=DEFAULT_TAU_GRID, holdout_per_class: int = 2
         raise LongtailError(f"finetunes.tau_norm.grid must be a non-empty list of numbers >= 0, got {grid!r}")
     grid = [check_number(f"finetunes.tau_norm.grid[{i}]", v, min=0) for i, v in enumerate(grid)]
     check_number("finetunes.tau_norm.holdout_per_class", holdout_per_class, min=1, integer=True)
-    check_number("finetunes.tau_norm.holdout_seed", holdout_seed, integer=True)
+    check_seed("finetunes.tau_norm.holdout_seed", holdout_seed)
     return TauNorm(tau, grid, holdout_per_class, holdout_seed, sweep_file)
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..checks import check_number
+from ..checks import check_number, check_seed
 from ..errors import LongtailError
 from ..engine.contract import StepResult
 from .classifier_stage import (BN_MODES, cosine_lr, epoch_logger, epoch_order, extract_features,
@@ -296,4 +296,4 @@ def build_meta_sampler(*, iterations: int = 2000, lr: float = 0.1, batch_size: i
     return MetaSampler(iterations=iterations, lr=float(lr), batch_size=batch_size, meta_batch_size=meta_batch_size,
                        momentum=float(momentum), weight_decay=float(weight_decay), meta_lr=float(meta_lr),
                        temperature=float(temperature), init_pow=float(init_pow), reinit=reinit,
-                       init_seed=init_seed, augment=augment, bn=bn)
+                       init_seed=check_seed("finetunes.meta_sampler.init_seed", init_seed), augment=augment, bn=bn)

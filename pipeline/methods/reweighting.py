@@ -22,9 +22,12 @@ def build_none(class_counts: list[int]) -> list[float]:
 
 
 def build_inverse(class_counts: list[int], power: float = 1.0) -> list[float]:
-    """Inverse class frequency: w_j proportional to n_j^-power (power 1/2: square-root variant), mean 1."""
+    """Inverse class frequency: w_j proportional to n_j^-power (power 1/2: square-root variant), mean 1.
+    Computed as (n_min / n_j)^power, which is 1 for the smallest class, so no power underflows them all."""
     power = check_number("reweightings.inverse.power", power, min=0)
-    w = [n ** -power for n in _counts(class_counts)]
+    counts = _counts(class_counts)
+    n_min = min(counts)
+    w = [(n_min / n) ** power for n in counts]
     return [v * len(w) / sum(w) for v in w]
 
 

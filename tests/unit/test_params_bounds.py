@@ -1,0 +1,189 @@
+"""Fault-injection pass on params values: seeds, sizes, powers and key types that the check passed and a
+stage (or the check itself) then crashed on with a traceback. Each is now one line naming the key."""
+
+import pytest
+import yaml
+
+from testkit import tiny_pretrain_finetune
+
+from pipeline.checks import SEED_MAX
+from pipeline.errors import LongtailError
+from pipeline.methods import reweighting
+from pipeline.params import SECTION_KEYS, TOP_KEYS, check_plugins, load, override, parse
+
+YAML_KEYS = "YAML reads on, off, yes, no, null and ~ as true, false or null: quote a key to keep it text"
+C10_R100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+@pytest.fixture
+def tiny(default_params) -> dict:
+    """The tiny digits settings of the training tests."""
+    return tiny_pretrain_finetune(default_params)
+
+
+def _refused(raw: dict, counts=None) -> str:
+    with pytest.raises(LongtailError) as err:
+        check_plugins(parse(raw), class_counts=counts)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # the trainer seeds torch generators with seed + 1: 2**64 - 1 passed and then overflowed there
+    ({"seed": 2**64 - 1}, "seed must be <= 4294967295, got 18446744073709551615"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+    ({"finetunes.tau_norm.holdout_seed": 2**64}, "finetunes.tau_norm.holdout_seed must be <= 4294967295, "
+                                                 "got 18446744073709551616"),
+    ({"finetunes.crt.init_seed": 2**64}, "finetunes.crt.init_seed must be <= 4294967295, got 18446744073709551616"),
+    ({"finetunes.crt.init_seed": -1}, "finetunes.crt.init_seed must be >= 0, got -1"),
+])
+def test_a_seed_out_of_the_range_every_generator_takes_is_refused(tiny, overrides, message):
+    assert _refused(override(tiny, overrides)) == message
+
+
+def test_the_largest_seed_is_taken_by_every_generator_that_a_seed_feeds(tiny):
+    """SEED_MAX is accepted by the check and by what seeds feed: torch generators as seed, seed + 1 and
+    the reference loader's seed * 100003 + epoch, the classifier stage's generators, numpy's RandomState."""
+    import numpy as np
+    import torch
+
+    from pipeline.methods.classifier_stage import balanced_subset, reinit_classifier
+
+    check_plugins(parse(override(tiny, {"seed": SEED_MAX, "finetunes.crt.init_seed": SEED_MAX,
+                                        "finetunes.tau_norm.holdout_seed": SEED_MAX})))
+    for seed in (SEED_MAX, SEED_MAX + 1, SEED_MAX * 100003 + 10**6):
+        torch.Generator().manual_seed(seed)
+    np.random.RandomState(SEED_MAX)
+    reinit_classifier(torch.nn.Linear(4, 2), SEED_MAX)
+    assert len(balanced_subset(torch.tensor([0, 1, 1]), 1, SEED_MAX)) == 2
+
+
+def test_a_large_inverse_power_does_not_divide_by_zero(default_params):
+    """Every n ** -200 underflowed to 0 and the mean-1 normalisation divided by zero in `longtail check`."""
+    w = reweighting.build_inverse(C10_R100, power=200)
+    assert w[-1] == pytest.approx(len(w)) and sum(w) == pytest.approx(len(w))
+    assert reweighting.build_inverse([1, 4]) == pytest.approx([1.6, 0.4])  # as before for a usual power
+    check_plugins(parse(override(default_params, {"reweightings.inverse.power": 200})), class_counts=C10_R100)
+
+
+def _write(path, raw: dict, extra: str = "") -> None:
+    path.write_bytes(yaml.safe_dump(raw).encode() + extra.encode("latin-1"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("\non: 1\n", f"unknown key True in params.yaml (valid: {', '.join(sorted(TOP_KEYS))}; {YAML_KEYS})"),
+    ("\nnull: 1\n", f"unknown key None in params.yaml (valid: {', '.join(sorted(TOP_KEYS))}; {YAML_KEYS})"),
+    ("\n1: x\n", f"unknown key 1 in params.yaml (valid: {', '.join(sorted(TOP_KEYS))})"),
+    ("\ntracking:\n  yes: 1\n", f"unknown key tracking.True in params.yaml (valid: experiment; {YAML_KEYS})"),
+    ("\nlosses:\n  ce: {5: .nan}\n", "losses.ce.5 must be a finite number, got nan"),  # was a KeyError
+])
+def test_a_key_that_yaml_reads_as_no_string_is_named(tmp_path, tiny, extra, message):
+    """YAML 1.1 reads on / yes / no / null as true / false / null: difflib's TypeError was shown."""
+    tiny.pop("tracking"), tiny.pop("losses")
+    _write(tmp_path / "params.yaml", tiny, extra)
+    with pytest.raises(LongtailError) as err:
+        load(tmp_path / "params.yaml")
+    assert str(err.value) == message
+
+
+def test_a_number_key_in_a_section_is_named(tiny):
+    raw = override(tiny, {})
+    raw["train"][5] = 6
+    with pytest.raises(LongtailError) as err:
+        parse(raw)
+    assert str(err.value) == f"unknown key train.5 in params.yaml (valid: {', '.join(sorted(SECTION_KEYS['train']))})"
+
+
+def test_a_params_file_that_is_not_utf8_or_is_a_folder_is_one_line(tmp_path, tiny):
+    """`path.read_text()` raised UnicodeDecodeError / IsADirectoryError."""
+    path = tmp_path / "params.yaml"
+    _write(path, tiny, "# r\xe9glages\n")
+    line = path.read_bytes().count(b"\n")
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert str(err.value) == f"params file {path} is not UTF-8 text (line {line}: byte 0xe9); save it as UTF-8"
+    with pytest.raises(LongtailError) as err:
+        load(tmp_path)
+    assert str(err.value) == f"params file {tmp_path} is a directory, not a YAML file"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": "imagefolder", "data.n_max": "auto", "data.image_size": 2**31},
+     "data.image_size must be <= 1024, got 2147483648 (or auto)"),
+    ({"train.pad": 100000}, "train.pad (100000) must be below the image side, 8 px for digits (valid: 0..7 or auto)"),
+    ({"dataset": "cifar10", "train.pad": 32}, "train.pad (32) must be below the image side, 32 px for cifar10 "
+                                              "(valid: 0..31 or auto)"),
+    ({"dataset": "imagefolder", "data.image_size": 64, "train.pad": 64},
+     "train.pad (64) must be below the image side, 64 px by data.image_size (valid: 0..63 or auto)"),
+    ({"dataset": "imagefolder", "train.pad": 5000},
+     "train.pad (5000) must be below 1024 px, the largest image side data.image_size fits (valid: 0..1023 or auto)"),
+    # the check said ok; build-dataset refused it (or a sweep queued it)
+    ({"dataset": "cifar10", "data.n_max": 6000},
+     "data.n_max (6000) is more than the 5000 images per class that cifar10 has (valid: 1..5000 or auto)"),
+    ({"dataset": "cifar100", "data.n_max": 501},
+     "data.n_max (501) is more than the 500 images per class that cifar100 has (valid: 1..500 or auto)"),
+    # math.isfinite(int) overflowed
+    ({"train.epochs": 10**400}, "train.epochs must be an integer of at most 308 digits, got a 401-digit integer"),
+    ({"train.lr": -10**400}, "train.lr must be a number of at most 308 digits, got a 401-digit integer"),
+    ({"losses.focal.gamma": 10**400}, "losses.focal.gamma must be a number of at most 308 digits, "
+                                      "got a 401-digit integer"),
+    # a non-string fine-tune sampler passed the check and failed after stage 1 as "unknown train.sampler None"
+    ({"finetune.strategy": "crt", "finetune.start_epoch": 4, "finetunes.crt.sampler": None},
+     "finetunes.crt.sampler must be a plugin name, got None"),
+    ({"finetune.strategy": "crt", "finetune.start_epoch": 4, "finetunes.crt.sampler": 5},
+     "finetunes.crt.sampler must be a plugin name, got 5"),
+    ({"finetunes.lws.sampler": None}, "finetunes.lws.sampler must be a plugin name, got None"),
+])
+def test_values_that_crashed_a_stage_are_refused_by_the_check(tiny, overrides, message):
+    assert _refused(override(tiny, overrides), counts=[50, 5]) == message
+
+
+def test_a_side_at_the_limit_and_a_pad_below_the_side_are_taken(tiny):
+    p = parse(override(tiny, {"dataset": "imagefolder", "data.image_size": 1024, "train.pad": 1023}))
+    assert (p.data.image_size, p.train.pad) == (1024, 1023)
+    assert parse(override(tiny, {"dataset": "cifar10", "data.n_max": 5000, "train.pad": 31})).data.n_max == 5000
+
+
+def test_an_image_that_cannot_be_fitted_is_one_line(tmp_path):
+    """fit_square ran outside the decode errors' `try`: an OverflowError traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.sources import _decode
+
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(LongtailError) as err:
+        _decode(str(tmp_path / "a.png"), 2**31)
+    assert str(err.value).startswith(f"cannot decode image {tmp_path / 'a.png'} (OverflowError: ")
+
+
+def test_a_missing_section_suggests_no_other_valid_key(tiny):
+    """`tracking` is close to `train` but is a section of its own: it is no misspelling of train."""
+    del tiny["train"]
+    with pytest.raises(LongtailError) as err:
+        parse(tiny)
+    assert str(err.value) == "missing key train in params.yaml"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda path, raw: _write(path, raw, "\non: 1\n"), "error: unknown key True in params.yaml (valid: "),
+    (lambda path, raw: _write(path, raw, "# r\xe9glages\n"), "error: params file params.yaml is not UTF-8 text (line "),
+    (lambda path, raw: _write(path, override(raw, {"seed": 2**64 - 1})),
+     "error: seed must be <= 4294967295, got 18446744073709551615"),
+    (lambda path, raw: _write(path, override(raw, {"finetune.strategy": "crt", "finetune.start_epoch": 4,
+                                                   "finetunes.crt.sampler": None})),
+     "error: finetunes.crt.sampler must be a plugin name, got None"),
+])
+def test_longtail_check_says_each_in_one_line(tmp_path, tiny, monkeypatch, capsys, edit, message):
+    import sys
+
+    from pipeline import cli
+
+    tiny.pop("tracking")
+    edit(tmp_path / "params.yaml", tiny)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["longtail", "check"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), err
