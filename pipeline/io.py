@@ -11,6 +11,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import interrupts
+
 
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -66,6 +68,42 @@ def atomic_folder(path: str | Path):
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_outputs(folder: str | Path, last: str | Path):
+    """An output set that appears whole or not at all: the files a block writes into `folder`, and the
+    file `last` (a stage's metrics), which marks the set complete. Yield (a hidden staging folder next
+    to `folder`, a staging path named like `last` in a hidden folder next to it). If the block succeeds,
+    the old `last` is removed, the staged files replace theirs in `folder` (other files there stay) and
+    `last` comes last, with Ctrl-C and SIGTERM held back until all is moved (interrupts.shielded). On
+    any error or interrupt in the block, nothing is moved: the previous set stays whole. A crash
+    inside the moves themselves (kill -9, a power cut) can leave the new files without `last`."""
+    folder, last = Path(folder), Path(last)
+    staging = []
+    try:
+        for target in (folder, last):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)))
+        staged_last = staging[1] / last.name
+        yield staging[0], staged_last
+        with interrupts.shielded():
+            files = sorted(f for f in staging[0].iterdir() if f.is_file())
+            for f in (*files, staged_last):
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            if last.exists():
+                last.unlink()
+                _fsync_dir(last.parent)  # gone for good before any new file is in place
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                os.replace(f, folder / f.name)
+            _fsync_dir(folder)
+            os.replace(staged_last, last)
+            _fsync_dir(last.parent)
+    finally:
+        for tmp in staging:
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import interrupts
 from .data import SOURCE_PROFILE
+from .errors import LongtailError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -51,6 +52,42 @@ def project_root() -> Path:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of an sqlite store URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _check_store(uri: str, write: bool = True) -> None:
+    """A store path that MLflow cannot open fails here at once: MLflow retries opening it for about
+    two minutes, with a warning at each try, before it gives up with a traceback."""
+    db = _sqlite_file(uri)
+    if db is None:
+        return
+    if db.is_dir():
+        raise LongtailError(f"the MLflow store {uri} is a directory, not a database file")
+    if not write:
+        return
+    folder = next(f for f in db.parents if f.exists())  # its folder, or the nearest one above that exists
+    if not folder.is_dir():
+        raise LongtailError(f"the MLflow store {uri} cannot be made: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):  # sqlite writes a journal beside it
+        raise LongtailError(f"the MLflow store {uri} cannot be written: its folder {folder} is not writable")
+
+
+def _active(exp, name: str):
+    """An experiment deleted in the MLflow UI still answers get_experiment_by_name, and nothing can be
+    logged to it (or read from it): say so and how to go on."""
+    if exp is not None and exp.lifecycle_stage != "active":
+        import shlex
+
+        uri = tracking_uri()
+        restore = f"MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow experiments restore --experiment-id "
+        restore += str(exp.experiment_id)
+        raise LongtailError(f"the MLflow experiment {name!r} is deleted in the store {uri}: restore it (`{restore}`) "
+                            "or set another tracking.experiment in params.yaml (`longtail report`: --experiment NAME)")
+    return exp
 
 
 def _git_commit() -> str:
@@ -157,13 +194,27 @@ class StageRun:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path).resolve()
-        with _at_root():
+        with _at_root(), self._writing_artifact("/".join(filter(None, (artifact_path, path.name)))):
             _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_table(self, columns: dict, artifact_file: str) -> None:
         """One table (columns of equal length) as an MLflow table artifact (the UI's table view)."""
-        with _at_root():
+        with _at_root(), self._writing_artifact(artifact_file):
             _retry(self.client.log_table, self.run_id, columns, artifact_file)
+
+    @contextmanager
+    def _writing_artifact(self, name: str):
+        """An artifact store that cannot be written (a full disk, a denied folder, a file where a folder
+        should be) fails the stage with one line naming the run's artifact location and the OS error."""
+        try:
+            yield
+        except OSError as exc:
+            where = _retry(self.client.get_run, self.run_id).info.artifact_uri
+            if "://" not in where:  # a local store's, relative to the project root
+                where = str(project_root() / where)
+            why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc) or type(exc).__name__
+            raise LongtailError(f"cannot write the artifact {name} to the MLflow artifact store {where} ({why}): "
+                                "free or fix that location, or run the stage with --no-track") from None
 
     def end_killed(self, run_id: str | None) -> None:
         """The run that wrote the resume checkpoint this run continues was killed (a kill -9 never ends
@@ -250,13 +301,14 @@ def client_and_experiment(name: str):
     """(MlflowClient, experiment id), creating the store and the experiment under the init lock."""
     from mlflow.tracking import MlflowClient
 
+    _check_store(tracking_uri())
     with _init_lock():  # each store call (the first creates / migrates the schema) runs whole, in _retry
         client = MlflowClient(tracking_uri=tracking_uri())
         return client, _experiment_id(client, name)
 
 
 def _experiment_id(client, name: str) -> str:
-    exp = _retry(client.get_experiment_by_name, name)
+    exp = _active(_retry(client.get_experiment_by_name, name), name)
     if exp is None:
         # a local store keeps artifacts in the project (made relative by _portable); a tracking server
         # uses its own (shared) artifact root
@@ -444,10 +496,12 @@ def existing_experiment(experiment: str = DEFAULT_EXPERIMENT):
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    _check_store(uri, write=False)
+    db = _sqlite_file(uri)
+    if db is not None and not db.exists():
         return None
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
+    exp = _active(client.get_experiment_by_name(experiment), experiment)
     return None if exp is None else (client, exp)
 
 

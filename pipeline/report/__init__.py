@@ -27,8 +27,8 @@ from .published import Published, compare_published, parse_published_as, publish
 from .render import _md_table, csv_rows, error_table, plain_value, settings_table, shots_table
 from .table import Table, build_table, column_label, parse_where
 
-__all__ = ["MethodNames", "Published", "Table", "build_table", "column_label", "compare_published", "csv_rows",
-           "error_table", "generate", "norm", "parse_published_as", "parse_where", "shots_table"]
+__all__ = ["MethodNames", "Published", "Table", "build_table", "check_out", "column_label", "compare_published",
+           "csv_rows", "error_table", "generate", "norm", "parse_published_as", "parse_where", "shots_table"]
 
 
 def _code(text: str) -> str:
@@ -38,11 +38,22 @@ def _code(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def check_out(out: Path) -> None:
+    """--out must be a folder, or one to make: a file there (or in its place above it) fails before any work."""
+    for f in (out, *out.parents):
+        if f.exists():
+            if not f.is_dir():
+                raise LongtailError(f"--out {out} is a file, not a folder" if f == out
+                                    else f"--out {out}: {f} is a file, not a folder")
+            return
+
+
 def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False, compare: list[str] | None = None,
              per_run: str = "first", where=(), ignore=(), source: str = "", published_as: dict | None = None,
              command: str = "longtail report") -> dict:
     """Write table.md, table.csv (and published.csv, figures/, runs/) under `out`; return a summary.
     `command` is the command line that wrote them: table.md states it, so the page can be regenerated."""
+    check_out(out)
     if per_run not in ("first", "all", "none"):
         raise LongtailError(f"--runs must be one of first, all, none, got {per_run!r}")
     names = MethodNames.load()

@@ -76,44 +76,46 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     plugins = plugin_versions(p.raw)
     if plugins:  # third-party plugin packages live outside the repository: record what ran
         result["provenance"] = {"plugins": plugins}
-    io.write_json(metrics, result)
-
     classes = ds.classes
-    io.write_csv(plots / "per_class.csv", ["class", "name", "train_images", "acc_final", "acc_best"],
-               [[i, classes[i], ds.class_counts[i], rep_final["per_class"][i], rep_best["per_class"][i]]
-                for i in range(len(classes))])
-    io.write_csv(plots / "history.csv", ["epoch", "lr", "train_loss", "train_acc", "test_acc"],
-               [[r["epoch"] + 1, r["lr"], r["train_loss"], r["train_acc"], r.get("test_acc", "")] for r in history])
-    io.write_csv(plots / "confusion.csv", ["actual", "predicted"],
-               [[classes[a], classes[b]] for a, b in zip(y.tolist(), final_pred.tolist())])
-    figures.curves(history, p.finetune.start_epoch, plots / "curves.png")
-    figures.per_class(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
-                      plots / "per_class.png")
-    figures.confusion(rep_final["confusion"], classes, plots / "confusion.png")
-    figures.acc_vs_count(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
-                         plots / "acc_vs_count.png")
-    # per-sample margins z_y - max_{j != y} z_j of the final model (cosine units for cosine heads)
-    margins = sample_margins(final_logits, y)
-    io.write_csv(plots / "margins.csv", ["class", "margin"], [[int(c), f"{m:.6g}"] for c, m in zip(y.tolist(), margins)])
-    figures.margins([margins[y == c] for c in range(len(classes))], ds.class_counts, classes, plots / "margins.png",
-                    unit="cosine" if str(meta.get("head")) == "cosine" else "logits")
+    # all or nothing, eval.json last: a failed or interrupted run (MLflow logging included, so that the
+    # files and a FINISHED run always go together) leaves the previous outputs whole
+    with io.atomic_outputs(plots, metrics) as (out, eval_json):
+        io.write_json(eval_json, result)
+        io.write_csv(out / "per_class.csv", ["class", "name", "train_images", "acc_final", "acc_best"],
+                     [[i, classes[i], ds.class_counts[i], rep_final["per_class"][i], rep_best["per_class"][i]]
+                      for i in range(len(classes))])
+        io.write_csv(out / "history.csv", ["epoch", "lr", "train_loss", "train_acc", "test_acc"],
+                     [[r["epoch"] + 1, r["lr"], r["train_loss"], r["train_acc"], r.get("test_acc", "")]
+                      for r in history])
+        io.write_csv(out / "confusion.csv", ["actual", "predicted"],
+                     [[classes[a], classes[b]] for a, b in zip(y.tolist(), final_pred.tolist())])
+        figures.curves(history, p.finetune.start_epoch, out / "curves.png")
+        figures.per_class(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
+                          out / "per_class.png")
+        figures.confusion(rep_final["confusion"], classes, out / "confusion.png")
+        figures.acc_vs_count(ds.class_counts, rep_final["per_class"], rep_best["per_class"], classes,
+                             out / "acc_vs_count.png")
+        # per-sample margins z_y - max_{j != y} z_j of the final model (cosine units for cosine heads)
+        margins = sample_margins(final_logits, y)
+        io.write_csv(out / "margins.csv", ["class", "margin"],
+                     [[int(c), f"{m:.6g}"] for c, m in zip(y.tolist(), margins)])
+        figures.margins([margins[y == c] for c in range(len(classes))], ds.class_counts, classes,
+                        out / "margins.png", unit="cosine" if str(meta.get("head")) == "cosine" else "logits")
 
-    if log is not None:
-        flat = {f"{which}_{k}": v for which, rep in (("final", result["final"]), ("best", result["best"]))
-                for k, v in rep.items() if v is not None}
-        flat.update({f"class_acc_final/{i:03d}": a for i, a in enumerate(rep_final["per_class"]) if a is not None})
-        flat.update({f"class_acc_best/{i:03d}": a for i, a in enumerate(rep_best["per_class"]) if a is not None})
-        log.log_metrics(flat)
-        log.log_table({"class": list(range(len(classes))), "name": [str(c) for c in classes],
-                       "train_images": list(ds.class_counts),
-                       "acc_final": rep_final["per_class"], "acc_best": rep_best["per_class"]},
-                      "evaluation/per_class_table.json")
-        if log.parent is not None:  # the whole schedule (pretrain + finetune) on the pipeline's run
-            log.parent.log_history(history)
-        for f in (metrics, plots / "per_class.csv", plots / "history.csv", plots / "curves.png",
-                  plots / "per_class.png", plots / "confusion.png", plots / "confusion.csv", plots / "acc_vs_count.png",
-                  plots / "margins.csv", plots / "margins.png"):
-            log.log_artifact(f, "evaluation")
+        if log is not None:
+            flat = {f"{which}_{k}": v for which, rep in (("final", result["final"]), ("best", result["best"]))
+                    for k, v in rep.items() if v is not None}
+            flat.update({f"class_acc_final/{i:03d}": a for i, a in enumerate(rep_final["per_class"]) if a is not None})
+            flat.update({f"class_acc_best/{i:03d}": a for i, a in enumerate(rep_best["per_class"]) if a is not None})
+            log.log_metrics(flat)
+            log.log_table({"class": list(range(len(classes))), "name": [str(c) for c in classes],
+                           "train_images": list(ds.class_counts),
+                           "acc_final": rep_final["per_class"], "acc_best": rep_best["per_class"]},
+                          "evaluation/per_class_table.json")
+            if log.parent is not None:  # the whole schedule (pretrain + finetune) on the pipeline's run
+                log.parent.log_history(history)
+            for f in (eval_json, *sorted(out.iterdir())):
+                log.log_artifact(f, "evaluation")
     print(f"evaluate: final epoch {result['final']['epoch']}: top-1 {100 * rep_final['top1']:.2f}% "
           f"(many {_pct(rep_final['many'])} / medium {_pct(rep_final['medium'])} / few {_pct(rep_final['few'])}); "
           f"best epoch {result['best']['epoch']}: top-1 {100 * rep_best['top1']:.2f}%")

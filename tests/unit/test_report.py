@@ -302,6 +302,21 @@ def test_no_runs_is_a_one_line_error(tmp_path):
         report.generate([], tmp_path)
 
 
+def test_an_out_that_is_a_file_is_named_before_any_work(stored_runs, tmp_path, monkeypatch):
+    """`longtail report -o params.yaml` gave a FileExistsError traceback from out.mkdir, after the tables
+    were built; it is refused first (with no runs too), and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("seed: 0\n")
+    for out, message in ((Path("params.yaml"), "--out params.yaml is a file, not a folder"),
+                         (Path("params.yaml/r"), "--out params.yaml/r: params.yaml is a file, not a folder")):
+        for runs in (stored_runs, []):
+            with pytest.raises(LongtailError) as err:
+                report.generate(runs, out)
+            assert str(err.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    assert Path("params.yaml").read_text() == "seed: 0\n"
+
+
 # ---------------------------------------------------------------------------------- published
 
 def test_published_figures_have_citations_and_known_names(names):

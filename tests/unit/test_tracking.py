@@ -183,3 +183,87 @@ def test_slurm_clean_up_of_a_killed_job_finds_the_runs_of_a_reused_name(tmp_path
     assert slurm.close_stale_runs("c10y-0", tracking.DEFAULT_EXPERIMENT, finished=True) == 1
     assert statuses()[:2] == [("c10y-0", "parent", "KILLED"), ("c10y-0", "pretrain", "KILLED")]
     assert statuses()[2] == ("c10y-0~", "parent", "FINISHED")
+
+
+# -- a store or an experiment MLflow cannot use: one line, at once
+
+def test_an_experiment_deleted_in_the_ui_is_named_with_how_to_go_on(tmp_path, monkeypatch, default_params):
+    """Deleting the experiment in the MLflow UI broke every stage with MLflow's 'The experiment 1 must be in
+    the 'active' state' traceback, and `longtail report` said there were no runs."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import LongtailError
+
+    _use(monkeypatch, tmp_path, tmp_path)
+    uri = tracking.tracking_uri()
+    exp_id = tracking.ensure_experiment()
+    MlflowClient(uri).delete_experiment(exp_id)
+    message = (f"the MLflow experiment 'longtail' is deleted in the store {uri}: restore it "
+               f"(`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {exp_id}`) "
+               "or set another tracking.experiment in params.yaml (`longtail report`: --experiment NAME)")
+    with pytest.raises(LongtailError) as stage:
+        with tracking.stage_run("build-dataset", default_params):
+            pass
+    with pytest.raises(LongtailError) as report:  # longtail report --experiment longtail
+        tracking.finished_runs("evaluate", "longtail")
+    assert str(stage.value) == str(report.value) == message
+    assert MlflowClient(uri).search_runs([exp_id]) == []  # no run was started in it
+
+
+def test_a_store_mlflow_cannot_open_fails_at_once(tmp_path, monkeypatch, default_params):
+    """`mkdir mlflow.db` (or a store URI naming a folder): every stage and `longtail report` stalled for
+    about 110 s while MLflow retried, printing some 40 warnings, then failed with a traceback."""
+    import os
+    import time
+    from pathlib import Path
+
+    from pipeline.errors import LongtailError
+
+    _use(monkeypatch, tmp_path, tmp_path)
+    (tmp_path / "mlflow.db").mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = time.monotonic()
+    for call in (tracking.ensure_experiment, tracking.finished_runs):  # a stage; longtail report
+        with pytest.raises(LongtailError) as err:
+            call()
+        assert str(err.value) == f"the MLflow store {uri} is a directory, not a database file"
+    assert time.monotonic() - start < 5
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}")
+    with pytest.raises(LongtailError) as err:
+        tracking.ensure_experiment()
+    assert str(err.value) == (f"the MLflow store sqlite:///{tmp_path / 'file' / 'mlflow.db'} cannot be made: "
+                              f"{tmp_path / 'file'} is a file, not a folder")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real = os.access  # the test runs as root in CI images, where no folder is read-only: ask access() instead
+    monkeypatch.setattr(tracking.os, "access", lambda p, mode: real(p, mode) and Path(p) != folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+    with pytest.raises(LongtailError) as err:
+        tracking.ensure_experiment()
+    assert str(err.value) == (f"the MLflow store sqlite:///{folder / 'mlflow.db'} cannot be written: "
+                              f"its folder {folder} is not writable")
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_an_artifact_store_that_cannot_be_written_fails_the_stage_in_one_line(tmp_path, monkeypatch, default_params):
+    """A file named mlartifacts where the artifact folder goes (or a full disk, a denied folder): log_artifact
+    let MLflow's NotADirectoryError / OSError through as a traceback."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import LongtailError
+
+    _use(monkeypatch, tmp_path, tmp_path)
+    (tmp_path / "mlartifacts").write_text("")
+    (tmp_path / "x.txt").write_text("x")
+    for name, write in (("evaluation/x.txt", lambda log: log.log_artifact(tmp_path / "x.txt", "evaluation")),
+                        ("evaluation/per_class_table.json",
+                         lambda log: log.log_table({"class": [0]}, "evaluation/per_class_table.json"))):
+        with pytest.raises(LongtailError) as err:
+            with tracking.stage_run("evaluate", default_params) as log:
+                write(log)
+        exp_id = tracking.ensure_experiment()
+        assert str(err.value) == (f"cannot write the artifact {name} to the MLflow artifact store "
+                                  f"{tmp_path}/mlartifacts/{exp_id}/{log.run_id}/artifacts (Not a directory: "
+                                  f"mlartifacts/{exp_id}): free or fix that location, or run the stage with --no-track")
+        assert MlflowClient(tracking.tracking_uri()).get_run(log.run_id).info.status == "FAILED"
