@@ -117,9 +117,11 @@ def check(params: Path = ParamsOpt):
     """Validate params.yaml (keys, values, plugin names) without running anything."""
     from .data import profile_label
     from .params import check_plugins, load
+    from .slurm import check_section
 
     p = load(params)
     check_plugins(p)
+    check_section(p.raw.get("slurm"))  # the job settings of `sweep --executor slurm` (slurm.py checks them)
     t = p.train
     typer.echo(f"{params}: ok (dataset={p.dataset}, {profile_label(p.imbalance, p.ratio)}, loss={p.loss}, schedule={p.schedule}: "
                f"epochs={t.epochs}, warm-up {t.warmup_epochs}, lr milestones {list(t.milestones)}, "
@@ -167,13 +169,14 @@ def report(out: Path = typer.Option(Path("reports"), "--out", "-o", help="output
     from .tracking import fetch_artifact, finished_runs, tracking_uri
 
     if experiment is None:
-        from .checks import yaml_text
+        from .checks import yaml_file
         from .params import experiment_name
 
         params_file = Path("params.yaml")
-        experiment = experiment_name(yaml_text(params_file.read_text(), f"params file {params_file}")
+        experiment = experiment_name(yaml_file(params_file, f"params file {params_file}")
                                      if params_file.exists() else {})
     aliases = rep.parse_published_as(published_as)
+    rep.check_out(out)
     found = finished_runs("evaluate", experiment)
     res = rep.generate(found, out, fetch=fetch_artifact, published=published or bool(aliases), published_as=aliases,
                        compare=[c.strip() for c in compare.split(",") if c.strip()] if compare else None,
@@ -237,11 +240,11 @@ def sweep(loss: Optional[str] = typer.Option(None, "--loss", help="losses, comma
         from . import slurm
 
         slurm.check_executor(executor)
-        from .checks import yaml_text
+        from .checks import yaml_file
         from .params import experiment_name
 
-        slurm.status(name, experiment_name(yaml_text(params.read_text(), f"params file {params}") if params.exists()
-                                           else {}), echo=typer.echo)
+        slurm.status(name, experiment_name(yaml_file(params, f"params file {params}") if params.exists() else {}),
+                     echo=typer.echo)
         return
     flags = {"partition": partition, "time": time_limit, "gpus": gpus, "cpus": cpus, "mem": mem, "parallel": parallel}
     if executor == "local" and (any(v is not None for v in flags.values()) or sbatch):

@@ -3,6 +3,7 @@ committed params.yaml with only the demo's own overrides, then a compact summary
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import yaml
 
-from .checks import yaml_text
+from .checks import yaml_file, yaml_text
 from .data import profile_label
 from .errors import LongtailError
 from .method_names import flatten
@@ -52,6 +53,27 @@ def committed_params(path: str = "params.yaml") -> dict:
     return yaml_text(res.stdout, f"the committed {path}") or {}
 
 
+def user_sets(extra: list[str]) -> list[str]:
+    """The KEY=VALUE of each -S / --set-param among the `dvc exp run` arguments (of params.yaml; another
+    params file's are left to DVC)."""
+    out, args = [], iter(extra)
+    for a in args:
+        if a in ("-S", "--set-param"):
+            value = next(args, "")
+        elif a.startswith("--set-param="):
+            value = a.partition("=")[2]
+        elif a.startswith("-S"):
+            value = a[2:]
+        else:
+            continue
+        file, sep, rest = value.partition(":")
+        if not sep or "=" in file:
+            out.append(value)
+        elif file == "params.yaml":
+            out.append(rest)
+    return out
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -82,14 +104,17 @@ def _run_filtered(cmd: list[str]) -> int:
 
 
 def run(extra: list[str], temp: bool, echo) -> int:
-    try:
-        with open("params.yaml") as fh:
-            workspace = yaml_text(fh.read(), "params file params.yaml") or {}
-    except FileNotFoundError:
-        raise LongtailError("params.yaml not found: run `longtail demo` at the project root") from None
+    if not os.path.exists("params.yaml"):
+        raise LongtailError("params.yaml not found: run `longtail demo` at the project root")
+    workspace = yaml_file("params.yaml", "params file params.yaml") or {}
     committed = committed_params()
     restore = restore_args(committed, workspace)
     overrides = OVERRIDES + digits_overrides(committed)
+    mine = user_sets(extra)
+    if mine:  # checked as `longtail sweep` checks them, before DVC runs anything
+        from .sweep import check_sets, parse_set
+
+        check_sets(committed, parse_set(overrides + mine))
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     sets = [a for kv in restore + overrides for a in ("-S", kv)]
     cmd = ["dvc", "exp", "run", "-n", name, *sets, *(["--temp"] if temp else []), *extra]

@@ -30,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -91,7 +91,7 @@ class SlurmOptions:
         return ", ".join(parts)
 
 
-def parse_time(value) -> int:
+def parse_time(value, name: str = "slurm.time") -> int:
     """Minutes from 90, "90", "1:30:00" (H:MM:SS) or "2-00:00:00" (D-HH:MM:SS)."""
     text = str(value).strip()
     m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{1,2}):(\d{1,2})", text)
@@ -101,49 +101,87 @@ def parse_time(value) -> int:
     elif re.fullmatch(r"\d+", text):
         minutes = int(text)
     else:
-        raise LongtailError(f"slurm time must be minutes (e.g. 240) or [D-]HH:MM:SS, got {value!r}")
+        raise LongtailError(f"{name} must be minutes (e.g. 240) or [D-]HH:MM:SS, got {value!r}")
     if minutes < 1:
-        raise LongtailError(f"slurm time must be at least 1 minute, got {value!r}")
+        raise LongtailError(f"{name} must be at least 1 minute, got {value!r}")
     return minutes
 
 
-def _count(key: str, value, low: int) -> int:
+def _count(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, str) and value.isdigit()):
-        raise LongtailError(f"slurm {key} must be a whole number >= {low}, got {value!r}")
+        raise LongtailError(f"{name} must be a whole number >= {low}, got {value!r}")
     if int(value) < low:
-        raise LongtailError(f"slurm {key} must be a whole number >= {low}, got {value!r}")
+        raise LongtailError(f"{name} must be a whole number >= {low}, got {value!r}")
     return int(value)
+
+
+LOWEST = {"gpus": 0, "cpus": 1, "parallel": 0}
+SET_BY_LONGTAIL = ("array", "output", "error", "job_name", "signal", "open_mode")
+
+
+def _sbatch_option(key, value, name: str) -> None:
+    """One extra sbatch option (`name`: how it was given); longtail's own options are refused."""
+    if not isinstance(key, str) or not key.strip("- "):
+        raise LongtailError(f"{name}: an sbatch option is named by a word without dashes (e.g. account), got {key!r}")
+    if key.strip("- ").replace("-", "_") in SET_BY_LONGTAIL:
+        raise LongtailError(f"{name}: sbatch option --{key.strip('- ')} is set by longtail itself; leave it out")
+    if isinstance(value, (list, dict)) or value is None or value is False \
+            or isinstance(value, float) and not math.isfinite(value):
+        raise LongtailError(f"{name} must be an sbatch option's value (a string, a number, or true for a flag), "
+                            f"got {value!r}")
+
+
+def _setting(key: str, value, name: str):
+    """One job setting, checked and as SlurmOptions holds it; `name` is how it was given (slurm.time, --time)."""
+    if key == "time":
+        return parse_time(value, name)
+    if key in LOWEST:
+        return _count(name, value, LOWEST[key])
+    if key == "partition":
+        if value is not None and (not isinstance(value, str) or not re.fullmatch(r"[\w.,-]+", value)):
+            raise LongtailError(f"{name} must be a partition name (or null for the cluster's default), got {value!r}")
+        return value
+    if key == "mem":
+        if value is not None and not re.fullmatch(r"\d+[KMGT]?", str(value)):
+            raise LongtailError(f"{name} must be like 16G or 4000M (or null for the partition's default), "
+                                f"got {value!r}")
+        return None if value is None else str(value)
+    if value is None:  # options
+        return {}
+    if not isinstance(value, dict):
+        raise LongtailError(f"{name} must be a mapping of sbatch options (e.g. {{account: mylab, qos: normal}}), "
+                            f"got {value!r}")
+    for k, v in value.items():
+        _sbatch_option(k, v, f"{name}.{k}")
+    return dict(value)
+
+
+def check_section(section) -> dict:
+    """params.yaml's `slurm:` section, each value checked (`longtail check` runs this too): the settings it gives."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise LongtailError(f"slurm must be a mapping of SLURM job settings ({', '.join(DEFAULTS)}), got {section!r}")
+    unknown = sorted(str(k) for k in set(section) - set(DEFAULTS))
+    if unknown:
+        raise LongtailError(f"slurm.{unknown[0]}: unknown key (valid: {', '.join(DEFAULTS)})")
+    return {k: _setting(k, v, f"slurm.{k}") for k, v in section.items()}
 
 
 def options(section: dict | None, flags: dict, extra: list[str] = ()) -> SlurmOptions:
     """params.yaml `slurm:` (defaults), overridden by the flags that were given (not None) and by
     --sbatch KEY=VALUE options."""
-    section = dict(section or {})
-    unknown = sorted(set(section) - set(DEFAULTS))
-    if unknown:
-        raise LongtailError(f"slurm.{unknown[0]}: unknown key (valid: {', '.join(DEFAULTS)})")
-    merged = {**DEFAULTS, **section, **{k: v for k, v in flags.items() if v is not None}}
-    extra_opts = dict(merged["options"] or {})
-    if not isinstance(extra_opts, dict):
-        raise LongtailError(f"slurm.options must be a mapping of sbatch options, got {merged['options']!r}")
+    given = {**DEFAULTS, **check_section(section),
+             **{k: _setting(k, v, f"--{k}") for k, v in flags.items() if v is not None}}
+    given["options"] = dict(given["options"])
     for item in extra:
         key, sep, value = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise LongtailError(f"--sbatch takes KEY=VALUE (an sbatch option without dashes), got {item!r}")
-        extra_opts[key] = value
-    for key in extra_opts:
-        if key.replace("-", "_") in ("array", "output", "error", "job_name", "signal", "open_mode"):
-            raise LongtailError(f"sbatch option --{key} is set by longtail itself; leave it out")
-    part = merged["partition"]
-    if part is not None and (not isinstance(part, str) or not re.fullmatch(r"[\w.,-]+", part)):
-        raise LongtailError(f"slurm partition must be a partition name, got {part!r}")
-    mem = merged["mem"]
-    if mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(mem)):
-        raise LongtailError(f"slurm mem must be like 16G or 4000M, got {mem!r}")
-    return SlurmOptions(partition=part, time=parse_time(merged["time"]), gpus=_count("gpus", merged["gpus"], 0),
-                        cpus=_count("cpus", merged["cpus"], 1), mem=None if mem is None else str(mem),
-                        parallel=_count("parallel", merged["parallel"], 0), options=extra_opts)
+        _sbatch_option(key, value, f"--sbatch {key}")
+        given["options"][key] = value
+    return SlurmOptions(**given)
 
 
 # -- the project and its sweeps ------------------------------------------------------------------
@@ -265,9 +303,14 @@ def _job_paths(sweep: Sweep, job_id: str):
 NOISE = re.compile(r"submitit WARNING .* Bypassing signal|View (run|experiment) .*at: https?://")
 
 
-def _tail(path: Path, lines: int) -> list[str]:
-    """The end of a job's log, up to where submitit prints the job's exception (the reason line
-    already says it), without submitit's signal notes and MLflow's run links."""
+RAISED = "Submitted job triggered an exception"  # what submitit logs before the job's traceback
+RETURNED = "Job completed successfully"
+NOT_THE_EXCEPTION = re.compile(r"\s|Traceback \(most recent call last\)|During handling of|The above exception|"
+                               r"slurmstepd: |srun: |submitit (INFO|WARNING|ERROR) ")
+
+
+def _rows(path: Path) -> list[str]:
+    """The non-blank lines of the last 64 kB of a job's log ([] when there is none)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -275,26 +318,32 @@ def _tail(path: Path, lines: int) -> list[str]:
             text = fh.read().decode(errors="replace")
     except OSError:
         return []
-    rows = [r.rstrip() for r in text.replace("\r", "\n").splitlines() if r.strip()]
-    cut = [i for i, r in enumerate(rows) if "Submitted job triggered an exception" in r]
+    return [r.rstrip() for r in text.replace("\r", "\n").splitlines() if r.strip()]
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    """The end of a job's log, up to where submitit prints the job's exception (the reason line
+    already says it), without submitit's signal notes and MLflow's run links."""
+    rows = _rows(path)
+    cut = [i for i, r in enumerate(rows) if RAISED in r]
     if cut:
         rows = rows[:cut[0]]
     return [r for r in rows if not NOISE.search(r)][-lines:] if lines else []
 
 
 def _failure(sweep: Sweep, job_id: str) -> str:
-    """Why a job that left the queue without its experiment ended: its result, else a kill."""
-    try:
-        with open(_job_paths(sweep, job_id).result_pickle, "rb") as fh:
-            kind, value = pickle.load(fh)
-        if kind == "error":
-            last = [r for r in str(value).strip().splitlines() if r.strip()]
-            return last[-1].strip() if last else "raised an error"
-        return "ended without putting the experiment into the project"
-    except FileNotFoundError:
+    """Why a job that left the queue without its experiment ended, read from its log: the last line of
+    the traceback submitit prints, else a kill. (Never from submitit's result pickle: unpickling a file
+    runs whatever code it names.)"""
+    paths = _job_paths(sweep, job_id)
+    rows = _rows(paths.stdout) + _rows(paths.stderr)  # the job's stderr is in stdout (stderr_to_stdout)
+    ends = [i for i, r in enumerate(rows) if RAISED in r or RETURNED in r]
+    if not ends:
         return "killed before it finished (scancel, time limit, preemption or node failure)"
-    except Exception as exc:  # a half-written pickle
-        return f"unreadable result ({type(exc).__name__})"
+    if RETURNED in rows[ends[-1]]:
+        return "ended without putting the experiment into the project"
+    last = [r.strip() for r in rows[ends[-1] + 1:] if not NOT_THE_EXCEPTION.match(r) and not NOISE.search(r)]
+    return last[-1] if last else "raised an error (see its log)"
 
 
 @dataclass
@@ -368,7 +417,7 @@ def ensure_server_experiment(experiment: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(experiment) is None:
+    if tracking._active(client.get_experiment_by_name(experiment), experiment) is None:  # deleted: one line
         try:
             client.create_experiment(experiment)
         except Exception:  # created meanwhile by someone else

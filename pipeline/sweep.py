@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 import subprocess
 import sys
@@ -32,7 +33,7 @@ class Combo:
     label: str  # what the combination varies, for printing
 
     def args(self) -> list[str]:
-        return [a for k, v in self.sets for a in ("-S", f"{k}={v}")]
+        return [a for k, v in self.sets for a in ("-S", k if k.startswith("~") else f"{k}={v}")]
 
 
 def split_list(text: str | None, what: str) -> list[str]:
@@ -51,18 +52,22 @@ def _text(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return f"{v:g}" if v == int(v) and abs(v) < 1e15 else repr(v)
+        return f"{v:g}" if math.isfinite(v) and v == int(v) and abs(v) < 1e15 else repr(v)
     if isinstance(v, (list, dict)):
         return yaml.safe_dump(v, default_flow_style=True).strip()
     return str(v)
+
+
+SET_FORMS = "KEY=VALUE (a params.yaml key with dots), +KEY=VALUE to add a key, ~KEY to remove an optional one"
 
 
 def parse_set(items) -> list[tuple[str, str]]:
     out = []
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip("+~ "):
-            raise LongtailError(f"-S takes KEY=VALUE (a params.yaml key with dots), got {item!r}")
+        remove = key.strip().startswith("~")  # ~KEY, with no "=": DVC refuses ~KEY= and ~KEY=VALUE
+        if bool(sep) == remove or not key.strip("+~ "):
+            raise LongtailError(f"-S takes {SET_FORMS}, got {item!r}")
         out.append((key.strip(), value))
     return out
 
@@ -83,6 +88,48 @@ def _set(raw: dict, key: str, value) -> None:
     node[path[-1]] = value
 
 
+def _remove(raw: dict, key: str) -> None:
+    path = key.lstrip("~").split(".")
+    if not _has(raw, ".".join(path)):
+        raise LongtailError(f"-S {key}: params.yaml has no key {'.'.join(path)!r} to remove")
+    node = raw
+    for k in path[:-1]:
+        node = node[k]
+    del node[path[-1]]
+
+
+def apply_sets(base: dict, sets) -> dict:
+    """A copy of a params mapping with -S overrides applied in order, as DVC applies them."""
+    raw = copy.deepcopy(base)
+    for k, v in sets:
+        if k.startswith("~"):
+            _remove(raw, k)
+        else:
+            _set(raw, k, _value(v))
+    return raw
+
+
+def check_sets(base: dict, sets, raw: dict | None = None) -> dict:
+    """The params that -S overrides give (`raw`, when already applied), validated as `longtail check`
+    does; a removal (~KEY) of a key the params need is named as the override at fault."""
+    from .params import check_plugins, parse
+
+    raw = apply_sets(base, sets) if raw is None else raw
+    try:
+        check_plugins(parse(raw))
+    except LongtailError as exc:
+        removed = [k for k, _ in sets if k.startswith("~")]
+        if removed:
+            try:
+                check_plugins(parse(apply_sets(base, [kv for kv in sets if not kv[0].startswith("~")])))
+            except LongtailError:
+                raise exc from None
+            raise LongtailError(f"-S {' '.join(removed)}: cannot remove a key the params need ({exc}); "
+                                f"-S takes {SET_FORMS}") from None
+        raise
+    return raw
+
+
 def _has(raw: dict, key: str) -> bool:
     node = raw
     for k in key.split("."):
@@ -98,7 +145,7 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
     from . import registry
     from .method_names import MethodNames
     from .data import SOURCE_PROFILE
-    from .params import DATASETS, IMBALANCES, check_plugins, parse
+    from .params import DATASETS, IMBALANCES
 
     if losses and methods:
         raise LongtailError("give --loss or --method, not both (a method fixes its loss)")
@@ -122,8 +169,9 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
             v = float(r)
         except ValueError:
             raise LongtailError(f"--ratio values must be numbers >= 1, got {r!r}") from None
-        if not v >= 1:
-            raise LongtailError(f"--ratio values must be numbers >= 1, got {r!r}")
+        if not math.isfinite(v) or v < 1:
+            kind = "numbers" if math.isfinite(v) else "finite numbers"
+            raise LongtailError(f"--ratio values must be {kind} >= 1, got {r!r}")
         ratio_values.append(_text(v))
     extra = list(extra)
     profiles = imbalances or [str(v) for k, v in extra if k.lstrip("+") == "imbalance"] or [base.get("imbalance")]
@@ -144,7 +192,7 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
             axes.append([(f"{key}={v}", [(key, v)]) for v in values])
     seed_axis = [(f"seed={s}", [("seed", str(s))]) for s in range(seeds)]
     grid_keys = {k for axis in (*axes, seed_axis) for _, choice in axis for k, _ in choice}
-    clash = sorted({k.lstrip("+") for k, _ in extra} & {k.lstrip("+") for k in grid_keys})
+    clash = sorted({k.lstrip("+~") for k, _ in extra} & {k.lstrip("+") for k in grid_keys})
     if clash:
         raise LongtailError(f"-S {clash[0]} clashes with the grid (set by --method/--loss/--dataset/--imbalance/"
                             f"--ratio/--seeds): leave it to the grid")
@@ -156,15 +204,12 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
         choice = (*rest, seed_choice)
         sets = [kv for _, part in choice for kv in part] + extra
         label = " ".join(lbl for lbl, _ in choice)
-        raw = copy.deepcopy(base)
-        for k, v in sets:
-            if not k.startswith("~"):
-                _set(raw, k, _value(v))
+        raw = apply_sets(base, sets)
         key = json.dumps({k: v for k, v in raw.items() if k != "seed"}, sort_keys=True, default=str)
         if key not in checked:  # the seeds 0..n-1 are valid; validate each other combination once
             checked.add(key)
             try:
-                check_plugins(parse(raw))
+                check_sets(base, sets, raw)
             except LongtailError as exc:
                 raise LongtailError(f"{label}: {exc}") from None
         combos.append(Combo(sets, label))

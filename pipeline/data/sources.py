@@ -7,6 +7,7 @@ import io
 import multiprocessing
 import os
 import pickle
+import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -113,6 +114,17 @@ def _read_cifar_members(name: str, root: str):
     return None, None
 
 
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of path that does not exist yet (path itself, or one of its parents), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
 def _download_cifar(name: str, root: str) -> None:
     import torchvision.datasets  # only here: the data layer never needs torchvision otherwise
 
@@ -155,9 +167,12 @@ def load_cifar(name: str, root: str) -> RawData:
         if root.endswith(ARCHIVE_SUFFIXES) and not os.path.exists(root):
             # a path to an archive that is not there: torchvision would make a folder of that name
             raise CifarNotFound(name, root, None)
+        made = _first_missing(root)  # torchvision makes the folder before it downloads
         try:
             _download_cifar(name, root)
         except Exception as e:
+            if made is not None:  # a failed download leaves nothing behind at a mistyped root
+                shutil.rmtree(made, ignore_errors=True)
             raise CifarNotFound(name, root, f"{type(e).__name__}: {e}") from None
         blobs, where = _read_cifar_members(name, root)
         if blobs is None:
@@ -196,11 +211,11 @@ def _decode(path: str, size: int | None = None) -> np.ndarray:
                 raise LongtailError(f"image {path} has 32-bit pixels (mode {im.mode}); save it as 8- or 16-bit")
             else:
                 a = np.asarray(im.convert("RGB"))
+            return a if size is None else fit_square(a, size)
     except LongtailError:
         raise
     except Exception as e:
         raise LongtailError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
-    return a if size is None else fit_square(a, size)
 
 
 def fit_square(a: np.ndarray, size: int) -> np.ndarray:

@@ -176,6 +176,37 @@ def test_export_images_without_the_archive_names_its_own_option(tmp_path, monkey
     assert not (tmp_path / "images").exists()
 
 
+def test_a_failed_download_leaves_no_folder_at_a_mistyped_root(tmp_path, monkeypatch):
+    """A mistyped data.root (or `export-images --root /nonexistent`) was handed to torchvision's download, which
+    makes the folder before it fails offline: an empty folder was left at the mistyped path. The error is the same
+    one line as before, and every folder the failed download made is removed (a download into a new folder,
+    online, still works: the default data/raw does not exist in a fresh clone)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    def torchvision_offline(name, root):  # what torchvision's download does without a network
+        os.makedirs(root, exist_ok=True)
+        raise OSError("no network")
+
+    monkeypatch.setattr(sources, "_download_cifar", torchvision_offline)
+    typo = tmp_path / "data" / "rwa"
+    with pytest.raises(LongtailError) as err:
+        sources.load_source("cifar10", str(typo))
+    assert str(err.value).startswith(f"cifar10 not found under {typo} and torchvision's download failed "
+                                     f"(OSError: no network); put the official cifar-10-python.tar.gz")
+    missing = tmp_path / "nonexistent"
+    r = CliRunner().invoke(app, ["export-images", str(tmp_path / "out"), "--dataset", "cifar100",
+                                 "--root", str(missing)])
+    assert isinstance(r.exception, LongtailError) and "(--root /path/to/cifar-100-python.tar.gz)" in str(r.exception)
+    assert os.listdir(tmp_path) == []  # neither root (nor data/ above it), nor the export's target
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(LongtailError):
+        sources.load_source("cifar10", str(kept))
+    assert kept.is_dir()  # a folder that was there before stays
+
+
 def test_an_interrupted_export_leaves_no_folder_and_bad_targets_are_one_line(tmp_path, monkeypatch):
     """Fault-injection pass: Ctrl-C during export-images left a half-written tree that the re-run then refused;
     a file as the target gave a NotADirectoryError traceback; an unknown dataset listed imagefolder as valid."""
