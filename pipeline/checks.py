@@ -3,8 +3,9 @@
 - `check_number`: finite numbers only (NaN and inf are never valid settings), with bounds;
   `check_seed`: a seed every consumer of it accepts.
 - `closest`: "did you mean train.epochs?" for a misspelled key.
-- `yaml_load` / `yaml_value`: YAML as users type it. PyYAML follows YAML 1.1, which reads `1e-3`
-  (no dot) as a string; here it is a float, as in YAML 1.2 and in DVC's `-S`.
+- `yaml_load` / `yaml_value`: YAML as users type it and DVC reads it. PyYAML follows YAML 1.1, which
+  reads `1e-3` (no dot) as a string, `1:30:00` as 5400 and `on` / `yes` as booleans; here numbers and
+  booleans are YAML 1.2's, as in DVC's params.yaml and `-S`.
 - `yaml_file`: a YAML file read and parsed, every problem (not UTF-8, a folder, unreadable, bad YAML)
   in one line.
 """
@@ -71,7 +72,7 @@ def closest(key, valid, prefix: str = "") -> str:
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) if isinstance(key, str) else []
     if match:
         return f" (did you mean {prefix}{match[0]}?)"
-    hint = ("; YAML reads on, off, yes, no, null and ~ as true, false or null: quote a key to keep it text"
+    hint = ("; YAML reads null, ~ and an empty key as null and true / false as booleans: quote a key to keep it text"
             if key is None or isinstance(key, bool) else "")
     return f" (valid: {', '.join(valid) or 'none'}{hint})"
 
@@ -128,6 +129,25 @@ for _ch in "-+0123456789.":
     Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in Loader.yaml_implicit_resolvers.get(_ch, [])
                                            if tag != "tag:yaml.org,2002:float"]
 Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+# YAML 1.2 integers and booleans, as DVC (ruamel) reads params.yaml: 1:30:00 is text (1.1: 5400, base 60),
+# 010 is ten (1.1: octal 8), and on / off / yes / no are text (1.1: booleans)
+_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+for _ch in list(Loader.yaml_implicit_resolvers):
+    Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in Loader.yaml_implicit_resolvers[_ch]
+                                           if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")]
+Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
+
+
+def _construct_int(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    base = 8 if text.startswith("0o") else 16 if text.startswith("0x") else 10
+    return int(text[2:] if base != 10 else text, base)
+
+
+Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+Loader.add_constructor("tag:yaml.org,2002:bool", lambda loader, node: loader.construct_scalar(node) in ("true", "True", "TRUE"))
 
 
 def yaml_load(text: str):

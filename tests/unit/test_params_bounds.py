@@ -11,7 +11,7 @@ from pipeline.errors import LongtailError
 from pipeline.methods import reweighting
 from pipeline.params import SECTION_KEYS, TOP_KEYS, check_plugins, load, override, parse
 
-YAML_KEYS = "YAML reads on, off, yes, no, null and ~ as true, false or null: quote a key to keep it text"
+YAML_KEYS = "YAML reads null, ~ and an empty key as null and true / false as booleans: quote a key to keep it text"
 C10_R100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
@@ -71,14 +71,15 @@ def _write(path, raw: dict, extra: str = "") -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("\non: 1\n", f"unknown key True in params.yaml (valid: {', '.join(sorted(TOP_KEYS))}; {YAML_KEYS})"),
+    ("\ntrue: 1\n", f"unknown key True in params.yaml (valid: {', '.join(sorted(TOP_KEYS))}; {YAML_KEYS})"),
+    ("\non: 1\n", "unknown key on in params.yaml (valid: " + ", ".join(sorted(TOP_KEYS)) + ")"),  # YAML 1.2, as DVC
     ("\nnull: 1\n", f"unknown key None in params.yaml (valid: {', '.join(sorted(TOP_KEYS))}; {YAML_KEYS})"),
     ("\n1: x\n", f"unknown key 1 in params.yaml (valid: {', '.join(sorted(TOP_KEYS))})"),
-    ("\ntracking:\n  yes: 1\n", f"unknown key tracking.True in params.yaml (valid: experiment; {YAML_KEYS})"),
+    ("\ntracking:\n  False: 1\n", f"unknown key tracking.False in params.yaml (valid: experiment; {YAML_KEYS})"),
     ("\nlosses:\n  ce: {5: .nan}\n", "losses.ce.5 must be a finite number, got nan"),  # was a KeyError
 ])
 def test_a_key_that_yaml_reads_as_no_string_is_named(tmp_path, tiny, extra, message):
-    """YAML 1.1 reads on / yes / no / null as true / false / null: difflib's TypeError was shown."""
+    """A key YAML reads as no string (true, null, 1) gave difflib's TypeError."""
     tiny.pop("tracking"), tiny.pop("losses")
     _write(tmp_path / "params.yaml", tiny, extra)
     with pytest.raises(LongtailError) as err:
@@ -166,7 +167,7 @@ def test_a_missing_section_suggests_no_other_valid_key(tiny):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda path, raw: _write(path, raw, "\non: 1\n"), "error: unknown key True in params.yaml (valid: "),
+    (lambda path, raw: _write(path, raw, "\ntrue: 1\n"), "error: unknown key True in params.yaml (valid: "),
     (lambda path, raw: _write(path, raw, "# r\xe9glages\n"), "error: params file params.yaml is not UTF-8 text (line "),
     (lambda path, raw: _write(path, override(raw, {"seed": 2**64 - 1})),
      "error: seed must be <= 4294967295, got 18446744073709551615"),
@@ -187,3 +188,24 @@ def test_longtail_check_says_each_in_one_line(tmp_path, tiny, monkeypatch, capsy
         cli.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), err
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1:30:00", "1:30:00"),  # YAML 1.1: 5400 (base 60), so slurm.time would have been 5400 minutes
+    ("010", 10), ("0o10", 8), ("0x1f", 31), ("-3", -3), ("1_000", 1000),
+    ("on", "on"), ("yes", "yes"), ("no", "no"), ("off", "off"),  # YAML 1.1: booleans
+    ("true", True), ("False", False), ("1e-3", 1e-3), ("~", None),
+])
+def test_params_values_are_read_as_dvc_reads_them(text, value):
+    """DVC reads params.yaml as YAML 1.2 (ruamel); the stages read it the same way, so a value means one thing."""
+    from pipeline.checks import yaml_load
+
+    got = yaml_load(f"a: {text}\n")["a"]
+    assert got == value and type(got) is type(value)
+
+
+def test_an_unquoted_slurm_time_is_the_time_it_says():
+    from pipeline.checks import yaml_load
+    from pipeline.slurm import parse_time
+
+    assert parse_time(yaml_load("time: 1:30:00\n")["time"]) == 90
