@@ -67,7 +67,7 @@ def shown(value) -> str:
 
 def closest(key, valid, prefix: str = "") -> str:
     """' (did you mean train.epochs?)' for the nearest valid key, or ' (valid: a, b, c)'. A key that
-    YAML read as true, false or null (on, off, yes, no, null, ~) says so: quoted, it is text."""
+    YAML read as true, false or null (true, false, null, ~) says so: quoted, it is text."""
     valid = sorted(map(str, valid))
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) if isinstance(key, str) else []
     if match:
@@ -131,7 +131,7 @@ for _ch in "-+0123456789.":
 Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 # YAML 1.2 integers and booleans, as DVC (ruamel) reads params.yaml: 1:30:00 is text (1.1: 5400, base 60),
 # 010 is ten (1.1: octal 8), and on / off / yes / no are text (1.1: booleans)
-_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+_INT = re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$")
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 for _ch in list(Loader.yaml_implicit_resolvers):
     Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in Loader.yaml_implicit_resolvers[_ch]
@@ -142,8 +142,14 @@ Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
 
 def _construct_int(loader, node) -> int:
     text = loader.construct_scalar(node).replace("_", "")
-    base = 8 if text.startswith("0o") else 16 if text.startswith("0x") else 10
-    return int(text[2:] if base != 10 else text, base)
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
+    try:
+        return sign * int(digits[2:] if base != 10 else digits, base)
+    except ValueError as exc:  # no digits (0x_), or more than Python converts: a YAML error, one line
+        raise yaml.constructor.ConstructorError(None, None, f"cannot read the integer {text[:20]!r}... ({exc})"
+                                                if len(text) > 20 else f"cannot read the integer {text!r} ({exc})",
+                                                node.start_mark) from None
 
 
 Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
@@ -189,9 +195,16 @@ def yaml_file(path, what: str | None = None):
     return yaml_text(text, what)
 
 
+_HYDRA_INT = re.compile(r"[-+]?(?:0|[1-9](?:_?[0-9])*)")
+
+
 def yaml_value(text: str):
-    """A `-S KEY=VALUE` value as DVC reads it: YAML, with 1e-3 style numbers; unparsable text stays text."""
+    """A `-S KEY=VALUE` value as DVC reads it: YAML, with 1e-3 style numbers; unparsable text stays text.
+    DVC parses `-S` with Hydra's grammar, whose integers are plain decimals: 0128, 0x10 stay text there."""
     try:
-        return yaml_load(text)
+        value = yaml_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, int) and not isinstance(value, bool) and not _HYDRA_INT.fullmatch(text.strip()):
+        return text
+    return value

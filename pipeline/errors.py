@@ -18,3 +18,9 @@ def full_stage_one_error(name: str, epochs: int, start_epoch: int) -> LongtailEr
     return LongtailError(
         f"finetune.strategy={name} re-trains only the classifier after stage 1 has run the whole schedule: "
         f"set finetune.start_epoch to train.epochs ({epochs}), not {start_epoch}")
+
+
+def n_max_error(dataset: str, n_max: int, available: int) -> LongtailError:
+    """data.n_max above the images per class that the source has (the check and the build say it alike)."""
+    return LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that {dataset} has "
+                         f"(valid: 1..{available} or auto)")

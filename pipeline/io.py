@@ -77,9 +77,11 @@ def atomic_outputs(folder: str | Path, last: str | Path):
     file `last` (a stage's metrics), which marks the set complete. Yield (a hidden staging folder next
     to `folder`, a staging path named like `last` in a hidden folder next to it). If the block succeeds,
     the old `last` is removed, the staged files replace theirs in `folder` (other files there stay) and
-    `last` comes last, with Ctrl-C and SIGTERM held back until all is moved (interrupts.shielded). On
-    any error or interrupt in the block, nothing is moved: the previous set stays whole. A crash
-    inside the moves themselves (kill -9, a power cut) can leave the new files without `last`."""
+    `last` comes last, with a Ctrl-C or SIGTERM held back until all is moved (interrupts.shielded; a
+    second Ctrl-C does not wait). On any error or interrupt in the block, nothing is moved: the previous
+    set stays whole. A crash inside the moves themselves (kill -9, a power cut, that second Ctrl-C) can
+    leave the new files without `last`. Under `dvc repro` DVC removes a stage's outputs before it runs
+    it, so there is no previous set; what stays true is that `last` never stands beside a partial set."""
     folder, last = Path(folder), Path(last)
     staging = []
     try:

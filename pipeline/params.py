@@ -17,7 +17,7 @@ from pathlib import Path
 from . import registry
 from .checks import check_number, check_seed, find_non_finite, unknown_key, yaml_file
 from .data import DATASETS, IMAGE_SIDES, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
-from .errors import LongtailError, full_stage_one_error
+from .errors import LongtailError, full_stage_one_error, n_max_error
 from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
@@ -256,9 +256,8 @@ def parse(raw: dict) -> Params:
     if imbalance == SOURCE_PROFILE and data.n_max is not None:
         raise LongtailError(f"data.n_max ({data.n_max}) does not apply to imbalance source, which keeps every "
                             "training image of the source (valid: auto; or imbalance exp / step to cut a profile)")
-    if dataset in SOURCE_SIZES and (data.n_max or 0) > (available := SOURCE_SIZES[dataset][1]):  # as build says
-        raise LongtailError(f"data.n_max ({data.n_max}) is more than the {available} images per class that "
-                            f"{dataset} has (valid: 1..{available} or auto)")
+    if dataset in SOURCE_SIZES and (data.n_max or 0) > (available := SOURCE_SIZES[dataset][1]):
+        raise n_max_error(dataset, data.n_max, available)
 
     m = _get(raw, "model", "")
     arch = _plugin("models", _get(m, "arch", "model"), "model.arch")
@@ -405,7 +404,7 @@ def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts
         classes, n_max = SOURCE_SIZES[p.dataset]
         if p.imbalance == SOURCE_PROFILE:  # the fixed-size sources are balanced
             return [n_max] * classes
-        return lt_counts(min(p.data.n_max or n_max, n_max), classes, p.imbalance, p.ratio)
+        return lt_counts(p.data.n_max or n_max, classes, p.imbalance, p.ratio)  # parse refuses more than n_max
     return None
 
 

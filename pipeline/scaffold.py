@@ -159,7 +159,7 @@ def add_section(params_file: Path, section: str, name: str, values: dict, commen
     from .io import atomic_path
 
     with atomic_path(params_file) as tmp:  # a kill mid-write must not leave the user's params.yaml half-written
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return True
 
 

@@ -33,7 +33,7 @@ class Combo:
     label: str  # what the combination varies, for printing
 
     def args(self) -> list[str]:
-        return [a for k, v in self.sets for a in ("-S", k if k.startswith("~") else f"{k}={v}")]
+        return [a for k, v in self.sets for a in ("-S", k if k.startswith("~") and not v else f"{k}={v}")]
 
 
 def split_list(text: str | None, what: str) -> list[str]:
@@ -58,15 +58,16 @@ def _text(v) -> str:
     return str(v)
 
 
-SET_FORMS = "KEY=VALUE (a params.yaml key with dots), +KEY=VALUE to add a key, ~KEY to remove an optional one"
+SET_FORMS = ("KEY=VALUE (a params.yaml key with dots), +KEY=VALUE to add a key, ~KEY (or ~KEY=its value) to remove "
+             "an optional one")
 
 
 def parse_set(items) -> list[tuple[str, str]]:
     out = []
     for item in items or []:
         key, sep, value = item.partition("=")
-        remove = key.strip().startswith("~")  # ~KEY, with no "=": DVC refuses ~KEY= and ~KEY=VALUE
-        if bool(sep) == remove or not key.strip("+~ "):
+        remove = key.strip().startswith("~")  # ~KEY, or ~KEY=VALUE (only while the key has that value); DVC refuses ~KEY=
+        if (not sep and not remove) or (remove and sep and not value) or not key.strip("+~ "):
             raise LongtailError(f"-S takes {SET_FORMS}, got {item!r}")
         out.append((key.strip(), value))
     return out
@@ -88,13 +89,17 @@ def _set(raw: dict, key: str, value) -> None:
     node[path[-1]] = value
 
 
-def _remove(raw: dict, key: str) -> None:
+def _remove(raw: dict, key: str, value: str = "") -> None:
+    """~KEY removes the key; ~KEY=VALUE only while it has that value (Hydra's rule, which DVC applies)."""
     path = key.lstrip("~").split(".")
     if not _has(raw, ".".join(path)):
         raise LongtailError(f"-S {key}: params.yaml has no key {'.'.join(path)!r} to remove")
     node = raw
     for k in path[:-1]:
         node = node[k]
+    if value and node[path[-1]] != _value(value):
+        raise LongtailError(f"-S {key}={value}: {'.'.join(path)} is {node[path[-1]]!r}, not {_value(value)!r} "
+                            f"(~KEY=VALUE removes a key only while it has that value; ~KEY removes it whatever it is)")
     del node[path[-1]]
 
 
@@ -103,7 +108,7 @@ def apply_sets(base: dict, sets) -> dict:
     raw = copy.deepcopy(base)
     for k, v in sets:
         if k.startswith("~"):
-            _remove(raw, k)
+            _remove(raw, k, v)
         else:
             _set(raw, k, _value(v))
     return raw

@@ -209,8 +209,11 @@ class StageRun:
         try:
             yield
         except OSError as exc:
-            where = _retry(self.client.get_run, self.run_id).info.artifact_uri
-            if "://" not in where:  # a local store's, relative to the project root
+            try:
+                where = self.client.get_run(self.run_id).info.artifact_uri
+            except Exception:  # a tracking server that is down: name the run instead
+                where = f"of run {self.run_id}"
+            if ":" not in where and not where.startswith("of run"):  # a local store's, relative to the root
                 where = str(project_root() / where)
             why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc) or type(exc).__name__
             raise LongtailError(f"cannot write the artifact {name} to the MLflow artifact store {where} ({why}): "
@@ -259,9 +262,10 @@ def _portable(uri: str, exp_id: str) -> None:
     """Store the experiment's artifact location relative to the project root ("mlartifacts/<id>"; MLflow
     itself only stores absolute ones), and hide the `Default` experiment MLflow creates with the
     store (its location is wherever the first process happened to run, e.g. a deleted DVC temp copy)."""
-    if not uri.startswith("sqlite:///"):
+    db = _sqlite_file(uri)
+    if db is None:
         return
-    con = sqlite3.connect(uri[len("sqlite:///"):], timeout=60)
+    con = sqlite3.connect(db, timeout=60)
     try:
         with con:
             for eid in {"0", str(exp_id)}:
@@ -283,11 +287,8 @@ def _init_lock():
     for other stores), so every process of one store takes the same lock."""
     import fcntl
 
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        lock = Path(uri[len("sqlite:///"):] + ".init.lock")
-    else:
-        lock = project_root() / ".longtail" / "mlflow-init.lock"
+    db = _sqlite_file(tracking_uri())
+    lock = Path(f"{db}.init.lock") if db is not None else project_root() / ".longtail" / "mlflow-init.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

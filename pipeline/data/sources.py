@@ -7,7 +7,6 @@ import io
 import multiprocessing
 import os
 import pickle
-import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -125,6 +124,19 @@ def _first_missing(path: str) -> str | None:
     return missing
 
 
+def _remove_empty(path: str, top: str) -> None:
+    """Remove path and its parents up to top while they are empty (another process's files stay)."""
+    path, top = os.path.abspath(path), os.path.abspath(top)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or already gone
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)
+
+
 def _download_cifar(name: str, root: str) -> None:
     import torchvision.datasets  # only here: the data layer never needs torchvision otherwise
 
@@ -171,8 +183,8 @@ def load_cifar(name: str, root: str) -> RawData:
         try:
             _download_cifar(name, root)
         except Exception as e:
-            if made is not None:  # a failed download leaves nothing behind at a mistyped root
-                shutil.rmtree(made, ignore_errors=True)
+            if made is not None:  # a failed download leaves no empty folder behind at a mistyped root
+                _remove_empty(root, made)
             raise CifarNotFound(name, root, f"{type(e).__name__}: {e}") from None
         blobs, where = _read_cifar_members(name, root)
         if blobs is None:

@@ -12,7 +12,7 @@ from ..data import SOURCE_PROFILE, profile_label
 from ..data.profiles import lt_counts, select_long_tailed
 from ..data.sources import load_source, source_n_max
 from ..data.store import built_with, save_dataset
-from ..errors import LongtailError
+from ..errors import LongtailError, n_max_error
 from ..params import Params
 
 OUT_DIR = Path("data/prepared")
@@ -35,9 +35,8 @@ def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
         profile = f"{p.imbalance} (its own counts, r={ratio:.3g})"
     else:
         n_max = p.data.n_max or available
-        if n_max > available:
-            raise LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that "
-                                f"{p.dataset} has (valid: 1..{available} or auto)")
+        if n_max > available:  # an image folder's size is known only here
+            raise n_max_error(p.dataset, n_max, available)
         counts = lt_counts(n_max, len(raw.classes), p.imbalance, p.ratio)
         ratio, profile = p.ratio, profile_label(p.imbalance, p.ratio)
     keep = select_long_tailed(raw.y_train, counts, seed=0)

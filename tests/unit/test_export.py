@@ -3,6 +3,7 @@ this project's build machines (../shared)."""
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,17 @@ def test_a_failed_download_leaves_no_folder_at_a_mistyped_root(tmp_path, monkeyp
     with pytest.raises(LongtailError):
         sources.load_source("cifar10", str(kept))
     assert kept.is_dir()  # a folder that was there before stays
+
+    def another_job_downloads_meanwhile(name, root):  # a parallel job filled the new folder, then ours failed
+        os.makedirs(root, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz.part").write_bytes(b"x")
+        raise OSError("no network")
+
+    monkeypatch.setattr(sources, "_download_cifar", another_job_downloads_meanwhile)
+    shared = tmp_path / "scratch" / "cifar"
+    with pytest.raises(LongtailError):
+        sources.load_source("cifar10", str(shared))
+    assert (shared / "cifar-10-python.tar.gz.part").exists()  # only empty folders are removed
 
 
 def test_an_interrupted_export_leaves_no_folder_and_bad_targets_are_one_line(tmp_path, monkeypatch):

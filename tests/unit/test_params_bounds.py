@@ -209,3 +209,31 @@ def test_an_unquoted_slurm_time_is_the_time_it_says():
     from pipeline.slurm import parse_time
 
     assert parse_time(yaml_load("time: 1:30:00\n")["time"]) == 90
+
+
+@pytest.mark.parametrize("text, value", [
+    ("-0x10", -16), ("+0o7", 7), ("0b101", 5),  # YAML 1.2 (ruamel) reads these as numbers too
+])
+def test_signed_and_binary_integers_are_numbers(text, value):
+    from pipeline.checks import yaml_load
+
+    assert yaml_load(f"a: {text}\n")["a"] == value
+
+
+@pytest.mark.parametrize("text, value", [("0128", "0128"), ("08", "08"), ("0x10", "0x10"), ("12", 12),
+                                         ("-5", -5), ("1_000", 1000), ("1e-3", 1e-3)])
+def test_a_set_value_is_read_with_hydras_integers(text, value):
+    """DVC parses -S with Hydra's grammar, whose integers are plain decimals: -S train.batch_size=0128 is written
+    as the text '0128', so the sweep must not check it as the number 128."""
+    from pipeline.checks import yaml_value
+
+    got = yaml_value(text)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("text", ["a: 0x_\n", "a: 0o_\n", "seed: " + "9" * 5000 + "\n"])
+def test_an_integer_python_cannot_read_is_a_yaml_error_in_one_line(text):
+    from pipeline.checks import yaml_text
+
+    with pytest.raises(LongtailError, match=r"^params file p is not valid YAML \(line 1: cannot read the integer "):
+        yaml_text(text, "params file p")

@@ -6,7 +6,7 @@ import pytest
 from pipeline import demo, sweep
 from pipeline.errors import LongtailError
 
-SET_FORMS = "-S takes KEY=VALUE (a params.yaml key with dots), +KEY=VALUE to add a key, ~KEY to remove an optional one"
+SET_FORMS = "-S takes KEY=VALUE (a params.yaml key with dots), +KEY=VALUE to add a key, ~KEY (or ~KEY=its value) to remove an optional one"
 
 
 @pytest.mark.parametrize("ratio", ["inf", "1e400", "-inf", "nan"])
@@ -28,10 +28,17 @@ def test_removing_a_key_the_params_need_is_refused_and_an_optional_one_is_checke
         sweep.build_grid(default_params, losses=["ce"], extra=sweep.parse_set(["~train.lr"]))
     assert str(err.value) == (f"loss=ce seed=0: -S ~train.lr: cannot remove a key the params need (missing key "
                               f"train.lr in params.yaml); {SET_FORMS}")
-    for item in ("~train.lr=", "~train.lr=0.1", "train.lr"):  # DVC refuses ~KEY= and ~KEY=VALUE itself
+    for item in ("~train.lr=", "train.lr"):  # DVC refuses ~KEY= itself
         with pytest.raises(LongtailError) as err:
             sweep.parse_set([item])
         assert str(err.value) == f"{SET_FORMS}, got {item!r}"
+    # ~KEY=VALUE (Hydra's rule, which DVC applies) removes the key only while it has that value
+    with pytest.raises(LongtailError) as err:
+        sweep.build_grid(default_params, losses=["ce"], extra=sweep.parse_set(["~train.nesterov=true"]))
+    assert str(err.value) == ("-S ~train.nesterov=true: train.nesterov is False, not True (~KEY=VALUE removes a key "
+                              "only while it has that value; ~KEY removes it whatever it is)")
+    combos = sweep.build_grid(default_params, losses=["ce"], extra=sweep.parse_set(["~train.nesterov=false"]))
+    assert combos[0].args() == ["-S", "loss=ce", "-S", "seed=0", "-S", "~train.nesterov=false"]
     with pytest.raises(LongtailError) as err:
         sweep.build_grid(default_params, extra=sweep.parse_set(["~train.lrr"]))
     assert str(err.value) == "-S ~train.lrr: params.yaml has no key 'train.lrr' to remove"
