@@ -126,7 +126,8 @@ def test_a_ctrl_c_during_the_swap_is_raised_after_it(tmp_path, monkeypatch):
 
     from pipeline import interrupts
 
-    interrupts.install()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist workers start with SIGINT ignored
+    interrupts.install()  # tests/conftest.py puts the worker's handlers back
     plots, last = tmp_path / "plots", tmp_path / "metrics" / "eval.json"
     for f in (plots / "a.csv", plots / "b.csv", last):
         f.parent.mkdir(exist_ok=True)
