@@ -124,18 +124,14 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
                     |\.(?:nan|NaN|NAN))$""", re.X)
-Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for _ch in "-+0123456789.":
-    Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in Loader.yaml_implicit_resolvers.get(_ch, [])
-                                           if tag != "tag:yaml.org,2002:float"]
-Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-# YAML 1.2 integers and booleans, as DVC (ruamel) reads params.yaml: 1:30:00 is text (1.1: 5400, base 60),
-# 010 is ten (1.1: octal 8), and on / off / yes / no are text (1.1: booleans)
+# YAML 1.2 numbers and booleans, as DVC (ruamel) reads params.yaml: 1e-3 is a float (1.1: text), 1:30:00
+# is text (1.1: 5400, base 60), 010 is ten (1.1: octal 8), and on / off / yes / no are text (1.1: booleans)
 _INT = re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$")
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-for _ch in list(Loader.yaml_implicit_resolvers):
-    Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in Loader.yaml_implicit_resolvers[_ch]
-                                           if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")]
+_YAML_12 = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")
+Loader.yaml_implicit_resolvers = {ch: [(tag, rx) for tag, rx in resolvers if tag not in _YAML_12]
+                                  for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
 Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
 
