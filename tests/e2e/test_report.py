@@ -1,12 +1,14 @@
 """Two commands to a table: `longtail sweep ... --run` (real DVC queue, two workers) then
 `longtail report`, on the embedded digits data with the FAST schedule: ERM and ERM-DRW x seeds 0, 1.
-ERM-DRW differs from ERM only after the fine-tune start, so DVC's run cache gives each ERM-DRW run
-its seed's pretrain stage (the second pair only fine-tunes and evaluates)."""
+ERM-DRW differs from ERM only after the fine-tune start, so DVC's run cache can give an ERM-DRW run
+its seed's pretrain stage. The two workers write one sqlite MLflow store at the same time."""
 
+import itertools
 import json
 import os
 import re
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -65,6 +67,40 @@ def test_sweep_queued_and_ran_the_grid(swept):
     for name, (method, seed) in NAMES.items():
         assert f"queued {name}: {method} seed={seed}" in sweep.stdout
     assert "4 succeeded, 0 failed" in sweep.stdout
+
+
+def test_the_two_workers_wrote_one_store_at_once_and_lost_nothing(swept):
+    """Parallel sweeps: the two queue workers' runs overlap in time and all log completely to the one
+    sqlite MLflow store (SQLite takes one writer at a time; the tracking layer retries)."""
+    repo, _, _ = swept
+    db = sqlite3.connect(repo / "mlflow.db")
+    runs = db.execute("select t1.value, t2.value, r.run_uuid, r.status, r.start_time, r.end_time from runs r "
+                      "join tags t1 on t1.run_uuid = r.run_uuid and t1.key = 'longtail.group' "
+                      "join tags t2 on t2.run_uuid = r.run_uuid and t2.key = 'longtail.stage'").fetchall()
+    spans = [(start, end, group) for group, _, _, _, start, end in runs]
+    assert any(a[0] < b[1] and b[0] < a[1] and a[2] != b[2] for a, b in itertools.combinations(spans, 2)), \
+        "no two experiments ran at once"
+    assert {status for *_, status, _, _ in runs} == {"FINISHED"}
+    by_group = {}
+    for group, stage, run_id, *_ in runs:
+        by_group.setdefault(group, {}).setdefault(stage, []).append(run_id)
+    assert set(by_group) == set(NAMES)
+
+    def steps(run_id, key):
+        return [s for (s,) in db.execute("select step from metrics where run_uuid = ? and key = ? order by step",
+                                         (run_id, key))]
+
+    pretrained = 0
+    for group, stages in by_group.items():
+        assert len(stages["finetune"]) == len(stages["evaluate"]) == 1, (group, stages)
+        for run_id in stages.get("pretrain", []):  # an ERM-DRW run may take its pretrain from the run cache
+            assert steps(run_id, "train_loss") == list(range(1, 7)), group  # MLflow steps: epochs from 1
+            pretrained += 1
+        assert steps(stages["finetune"][0], "test_acc") == [7, 8], group
+        n_class = db.execute("select count(*) from metrics where run_uuid = ? and key like 'class_acc_final/%'",
+                             (stages["evaluate"][0],)).fetchone()[0]
+        assert n_class == 10, group
+    assert pretrained >= 2  # one per seed at least
 
 
 def test_table_rows_columns_and_mean_std_from_the_raw_metrics(swept):

@@ -148,3 +148,37 @@ def test_a_ctrl_c_during_the_swap_is_raised_after_it(tmp_path, monkeypatch):
     assert {str(f.relative_to(tmp_path)): f.read_text() for f in tmp_path.rglob("*") if f.is_file()} == {
         "plots/a.csv": "new", "plots/b.csv": "new", "metrics/eval.json": "new"}
     assert sorted(f.name for f in tmp_path.rglob("*") if f.is_dir()) == ["metrics", "plots"]
+
+
+def test_one_pass_over_the_test_set_when_the_best_weights_are_the_final_ones(trained, tmp_path, monkeypatch):
+    """The best epoch's weights equal the final ones (the best epoch was the last): evaluate scores the
+    test set once, and reports the same numbers for both. Other best weights get their own pass."""
+    import torch
+
+    p, ds, final = trained
+    state = io.load_checkpoint(final)
+    calls, real = [], evaluate.batched
+    monkeypatch.setattr(evaluate, "batched", lambda *a, **k: calls.append(1) or real(*a, **k))
+    files = dict(dataset=ds, metrics=tmp_path / "eval.json", plots=tmp_path / "plots")
+
+    same = tmp_path / "same.pt"
+    io.save_torch(same, {**state, "best": {"epoch": 0, "model": {k: v.clone() for k, v in state["model"].items()}}})
+    result = evaluate.run(p, final=same, **files)
+    assert len(calls) == 1
+    assert {k: v for k, v in result["best"].items() if k != "epoch"} == \
+        {k: v for k, v in result["final"].items() if k != "epoch"}
+
+    calls.clear()
+    other = tmp_path / "other.pt"
+    weights = {k: v.clone() for k, v in state["model"].items()}
+    head = next(k for k in weights if k.endswith("weight") and weights[k].ndim == 2)  # the classifier
+    weights[head] = torch.zeros_like(weights[head])
+    weights[head][3] = 1.0  # class 3 wins for every image (the pooled features are positive after ReLU)
+    for k in weights:
+        if k.endswith("bias") and weights[k].shape == weights[head].shape[:1]:
+            weights[k] = torch.zeros_like(weights[k])
+    io.save_torch(other, {**state, "best": {"epoch": 0, "model": weights}})
+    evaluate.run(p, final=other, **files)
+    assert len(calls) == 2
+    rows = (tmp_path / "plots" / "per_class.csv").read_text().splitlines()[1:]
+    assert [float(r.split(",")[-1]) for r in rows] == [1.0 if c == 3 else 0.0 for c in range(10)]
