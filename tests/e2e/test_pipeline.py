@@ -132,9 +132,16 @@ def test_each_stage_depends_on_the_code_it_runs(ran, code, expected):
         (repo / code).write_text(original)
 
 
-def test_readme_diff_commands_work_with_two_experiment_names(ran):
+@pytest.fixture(scope="module")
+def temp_run(ran):
+    """A second experiment, run with `--temp` (in a temporary folder, as the queue's workers run)."""
     repo, _ = ran
-    sh(["dvc", "exp", "run", "-n", "other", *set_params(FAST), "-S", "seed=3"], repo)
+    sh(["dvc", "exp", "run", "--temp", "-n", "other", *set_params(FAST), "-S", "seed=1"], repo)
+    return repo
+
+
+def test_readme_diff_commands_work_with_two_experiment_names(temp_run):
+    repo = temp_run
     for cmd in (["dvc", "exp", "diff", "first", "other"], ["dvc", "metrics", "diff", "first", "other"]):
         out = sh(cmd, repo)
         assert "final.top1" in out.stdout, cmd
@@ -156,17 +163,16 @@ def test_changing_the_finetune_reweighting_reruns_only_finetune_and_evaluate(ran
     assert {r.data.tags.get("longtail.stage", "parent") for r in runs} == {"parent", "finetune", "evaluate"}
 
 
-def test_temp_experiment_logs_into_the_project_store(ran, monkeypatch):
-    repo, _ = ran
+def test_temp_experiment_logs_into_the_project_store(temp_run, monkeypatch):
+    repo = temp_run
     monkeypatch.chdir(repo)
-    sh(["dvc", "exp", "run", "--temp", "-n", "tempexp", *set_params(FAST), "-S", "seed=1"], repo)
     client = mlflow_client(repo)
     exp = client.get_experiment_by_name("longtail")
-    runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'tempexp'")
+    runs = client.search_runs([exp.experiment_id], "tags.`longtail.group` = 'other'")
     # the dataset is unchanged (DVC restores it and class_counts.json from its cache): only training ran
     assert {r.data.tags.get("longtail.stage", "parent") for r in runs} == {"parent", "pretrain", "finetune", "evaluate"}
     ev = [r for r in runs if r.data.tags.get("longtail.stage") == "evaluate"][0]
     assert {a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")}
     assert (repo / "mlartifacts").is_dir()
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], repo).stdout)
-    assert "tempexp" in json.dumps(shown)
+    assert '"name": "other"' in json.dumps(shown)
