@@ -77,10 +77,10 @@ def test_the_two_workers_wrote_one_store_at_once_and_lost_nothing(swept):
     runs = db.execute("select t1.value, t2.value, r.run_uuid, r.status, r.start_time, r.end_time from runs r "
                       "join tags t1 on t1.run_uuid = r.run_uuid and t1.key = 'longtail.group' "
                       "join tags t2 on t2.run_uuid = r.run_uuid and t2.key = 'longtail.stage'").fetchall()
+    assert {status for *_, status, _, _ in runs} == {"FINISHED"}
     spans = [(start, end, group) for group, _, _, _, start, end in runs]
     assert any(a[0] < b[1] and b[0] < a[1] and a[2] != b[2] for a, b in itertools.combinations(spans, 2)), \
         "no two experiments ran at once"
-    assert {status for *_, status, _, _ in runs} == {"FINISHED"}
     by_group = {}
     for group, stage, run_id, *_ in runs:
         by_group.setdefault(group, {}).setdefault(stage, []).append(run_id)
@@ -90,17 +90,18 @@ def test_the_two_workers_wrote_one_store_at_once_and_lost_nothing(swept):
         return [s for (s,) in db.execute("select step from metrics where run_uuid = ? and key = ? order by step",
                                          (run_id, key))]
 
-    pretrained = 0
     for group, stages in by_group.items():
-        assert len(stages["finetune"]) == len(stages["evaluate"]) == 1, (group, stages)
+        assert set(stages) <= {"build-dataset", "pretrain", "finetune", "evaluate"}, (group, stages)
+        assert all(len(ids) == 1 for ids in stages.values()), (group, stages)
+        assert len(stages.get("finetune", [])) == len(stages.get("evaluate", [])) == 1, (group, stages)
         for run_id in stages.get("pretrain", []):  # an ERM-DRW run may take its pretrain from the run cache
             assert steps(run_id, "train_loss") == list(range(1, 7)), group  # MLflow steps: epochs from 1
-            pretrained += 1
         assert steps(stages["finetune"][0], "test_acc") == [7, 8], group
         n_class = db.execute("select count(*) from metrics where run_uuid = ? and key like 'class_acc_final/%'",
                              (stages["evaluate"][0],)).fetchone()[0]
         assert n_class == 10, group
-    assert pretrained >= 2  # one per seed at least
+    for seed in (0, 1):  # each seed's pretrain ran (and was logged) in one of its two experiments
+        assert any(by_group[g].get("pretrain") for g, (_, s) in NAMES.items() if s == seed), seed
 
 
 def test_table_rows_columns_and_mean_std_from_the_raw_metrics(swept):

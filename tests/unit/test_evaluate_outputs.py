@@ -171,12 +171,9 @@ def test_one_pass_over_the_test_set_when_the_best_weights_are_the_final_ones(tra
     calls.clear()
     other = tmp_path / "other.pt"
     weights = {k: v.clone() for k, v in state["model"].items()}
-    head = next(k for k in weights if k.endswith("weight") and weights[k].ndim == 2)  # the classifier
-    weights[head] = torch.zeros_like(weights[head])
-    weights[head][3] = 1.0  # class 3 wins for every image (the pooled features are positive after ReLU)
-    for k in weights:
-        if k.endswith("bias") and weights[k].shape == weights[head].shape[:1]:
-            weights[k] = torch.zeros_like(weights[k])
+    weights["classifier.weight"] = torch.zeros_like(weights["classifier.weight"])
+    weights["classifier.weight"][3] = 1.0  # class 3 wins for every image (pooled features are >= 0 after ReLU)
+    weights["classifier.bias"] = torch.zeros_like(weights["classifier.bias"])
     io.save_torch(other, {**state, "best": {"epoch": 0, "model": weights}})
     evaluate.run(p, final=other, **files)
     assert len(calls) == 2
