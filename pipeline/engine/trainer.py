@@ -332,8 +332,10 @@ class PolicySteps:
 
 
 def best_model(model, state: dict):
-    """A copy of `model` holding the best-epoch weights recorded in a checkpoint (or None)."""
-    if state["best"]["model"] is None:
+    """A copy of `model` holding the best-epoch weights recorded in a checkpoint, or None when none were
+    kept or they equal the final weights tensor for tensor (the best epoch was the last: `model` serves)."""
+    best, final = state["best"]["model"], state["model"]
+    if best is None or (best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in final)):
         return None
     m = copy.deepcopy(model)
     m.load_state_dict(state["best"]["model"])

@@ -59,9 +59,9 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     y = ds.y_test
     final_logits = logits_of(model)
     final_pred = final_logits.argmax(1)
-    # the best epoch is often the last one (always in a one-epoch run): its weights are the final ones,
-    # and one pass over the test set serves both (10,000 CIFAR images cost half a minute on a CPU core)
-    best = None if _best_is_final(state) else best_model(model, state)
+    # None also when the best epoch was the last one (always in a one-epoch run): one pass over the test
+    # set serves both (10,000 CIFAR images cost half a minute on a CPU core)
+    best = best_model(model, state)
     best_pred = logits_of(best.eval()).argmax(1) if best is not None else final_pred
     rep_final = classification_report(y, final_pred, ds.class_counts)
     rep_best = classification_report(y, best_pred, ds.class_counts)
@@ -122,12 +122,6 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
           f"(many {_pct(rep_final['many'])} / medium {_pct(rep_final['medium'])} / few {_pct(rep_final['few'])}); "
           f"best epoch {result['best']['epoch']}: top-1 {100 * rep_best['top1']:.2f}%")
     return result
-
-
-def _best_is_final(state: dict) -> bool:
-    """No best-epoch weights were kept, or they equal the final weights tensor for tensor."""
-    best, final = state["best"]["model"], state["model"]
-    return best is None or (best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in final))
 
 
 def _pct(v):
