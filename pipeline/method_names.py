@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .checks import yaml_load, yaml_value
 from .errors import LongtailError
+from .params import SCHEDULES
 
 METHODS_FILE = Path(__file__).resolve().parent / "method_names.yaml"
 PHASE_LABELS = {"train.reweighting": "RW", "train.sampler": "RS", "finetune.reweighting": "DRW",
@@ -62,8 +63,15 @@ class MethodNames:
         return params[key] if key in params else self.defaults.get(key)
 
     def name(self, params: dict) -> str:
+        """The method whose params the run has; epoch numbers compare as the run's schedule runs them
+        (a run named by params it trained with, not by how they were written)."""
+        schedule = SCHEDULES.get(str(self._get(params, "schedule") or "full"), SCHEDULES["full"])
+
+        def same(key, value) -> bool:
+            return schedule.resolve(key, norm(self._get(params, key))) == schedule.resolve(key, norm(value))
+
         for m in self.methods:
-            if all(norm(self._get(params, k)) == norm(v) for k, v in {**self.plain, **m["params"]}.items()):
+            if all(same(k, v) for k, v in {**self.plain, **m["params"]}.items()):
                 return m["name"]
         return self.fallback(params)
 

@@ -43,6 +43,26 @@ class Schedule:
     def warmup(self, w: int) -> int:
         return 0 if w == 0 else max(self.min_warmup, self.epoch(w))
 
+    def resolve(self, key: str, value):
+        """A param's value as this schedule runs it: a number (or list of numbers) under one of
+        SCHEDULED_KEYS scaled as `parse` scales it, anything else as written. What lets the report
+        name two runs alike when they train alike (BBN's milestones [119, 159] and [120, 160] are both
+        [18, 24] under `short`)."""
+        if key not in SCHEDULED_KEYS or isinstance(value, bool):
+            return value
+        one = self.warmup if key == "train.warmup_epochs" else self.epoch
+        if isinstance(value, (int, float)):
+            return one(value)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    for v in value):
+            return tuple(one(v) for v in value)
+        return value
+
+
+# the params whose values are epoch numbers in the 200-epoch protocol's units: `parse` scales each by
+# the schedule (Schedule.epoch; the warm-up by Schedule.warmup)
+SCHEDULED_KEYS = ("train.epochs", "train.warmup_epochs", "train.milestones", "finetune.start_epoch")
+
 
 SCHEDULES = {
     "full": Schedule(1.0, 0, "epoch numbers as written (the 200-epoch LDAM-DRW protocol by default)"),

@@ -16,10 +16,10 @@ uses (the authors test on the concatenated features). The strategy hands the tra
 schedule (train.lr, warm-up, train.milestones), evaluation, history, best-epoch tracking and the
 resume checkpoints are the trainer's own. An epoch is floor(N / batch_size) steps: the authors' loader
 drops the last partial batch. The CIFAR setting of the authors' code (Nesterov SGD, lr 0.1, warm-up 5,
-lr x0.01 from their 1-based epoch 120 and x0.0001 from 160, i.e. 0-based 119 and 159):
+lr x0.01 from 0-based epoch 120 and x0.0001 from 160: their scheduler runs under the PyTorch 1.0 they pin):
 
     model.arch=bbn_resnet32 finetune.strategy=bbn finetune.start_epoch=0 train.nesterov=true
-    train.milestones=[119,159] train.milestone_factors=[0.01,0.0001]
+    train.milestones=[120,160] train.milestone_factors=[0.01,0.0001]
 """
 
 from __future__ import annotations

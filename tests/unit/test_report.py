@@ -83,6 +83,21 @@ def test_plugin_params_a_run_did_not_log_take_the_plugin_defaults(names, default
     assert names.name(params) == "mm+DRW:cb"  # s 19, the plugin's default: not the HMM-LDAM setting
 
 
+def test_a_run_is_named_by_the_epochs_its_schedule_trains(names, default_params):
+    """BBN's milestones were written [119, 159] before they followed the authors' pinned PyTorch
+    ([120, 160], docs/methods.md §4). Under schedule short both are epochs 18 and 24, so such a run
+    trained BBN and is named BBN; under the full schedule it trained another lr step and is not."""
+    bbn = names.full("BBN")
+    assert bbn["train.milestones"] == [120, 160]
+    old = {**bbn, "train.milestones": [119, 159]}
+    assert names.name(flat(default_params, schedule="short", **old)) == "BBN"
+    assert names.name(flat(default_params, **old)) == "ce+FT:bbn"
+    assert names.name(flat(default_params, schedule="short", **{**bbn, "train.milestones": [110, 159]})) == "ce+FT:bbn"
+    # every schedule-scaled key: cRT's stage 1 written 199 epochs long runs 30 under short, as 200 does
+    assert names.name(flat(default_params, schedule="short", **{**names.full("cRT"), "finetune.start_epoch": 199})) == "cRT"
+    assert names.name(flat(default_params, **{**names.full("cRT"), "finetune.start_epoch": 199})) != "cRT"
+
+
 def test_every_method_names_itself_and_no_two_coincide(names, default_params):
     from pipeline import registry
 

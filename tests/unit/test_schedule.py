@@ -41,11 +41,11 @@ def test_short_schedule_scales_every_epoch_number(default_params):
 
 def test_short_schedule_scales_method_epochs_too(default_params):
     """Two-stage methods write finetune.start_epoch = 200 (stage 1 = whole schedule): 30 under short;
-    BBN's milestones 119 / 159 become 18 / 24."""
+    BBN's milestones 120 / 160 become 18 / 24."""
     from pipeline.params import override, parse
 
     p = parse(override(default_params, {"schedule": "short", "finetune.start_epoch": 200,
-                                        "train.milestones": [119, 159]}))
+                                        "train.milestones": [120, 160]}))
     assert p.finetune.start_epoch == p.train.epochs == 30
     assert p.train.milestones == (18, 24)
 
