@@ -131,8 +131,13 @@ def save_torch(path: str | Path, obj) -> None:
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint", stage: str = "", require=()):
     """torch.load(weights_only=True) with a one-line error for a missing, corrupt or unsafe file, or one
-    that is not a dict holding the keys in `require` (a torch file of another program)."""
+    that is not a dict holding the keys in `require` (a torch file of another program). `require` is a
+    sequence of keys, or a mapping key -> check (a function of the value returning what is wrong with it,
+    or None) for a checkpoint whose structure and types are checked here, before anything uses them.
+    torch's zip reader does not check the CRCs of the members it reads, so they are checked first: a
+    checkpoint with damaged bytes is refused, never loaded as other weights."""
     import pickle
+    import warnings
 
     import torch
 
@@ -140,23 +145,54 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", stage: str = "",
 
     path = Path(path)
     hint = f" (run `dvc repro {stage}` to produce it)" if stage else ""
+    again = f": run `dvc repro {stage}` to produce it again" if stage else ""
     if not path.exists():
         raise LongtailError(f"{what} {path} not found{hint}")
+    damage = _zip_damage(path)
+    if damage:
+        raise LongtailError(f"{what} {path} {damage}{again}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on the pickle inside; its errors are reworded below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # not a refused class or function: a damaged file
-            raise LongtailError(f"{what} {path} is corrupt or unreadable (UnpicklingError){hint}") from None
+            raise LongtailError(f"{what} {path} is corrupt or unreadable (UnpicklingError){again}") from None
         lines = str(exc).strip().splitlines()
         detail = next((line for line in lines if "Unsupported global" in line or "GLOBAL" in line), "")
         raise LongtailError(f"{what} {path} was refused: it holds Python objects that a checkpoint does not "
                             f"need and could run code ({detail.strip()[:160] or 'unsafe pickle'}){hint}") from None
     except Exception as exc:
-        raise LongtailError(f"{what} {path} is corrupt or unreadable ({exc.__class__.__name__}){hint}") from None
+        raise LongtailError(f"{what} {path} is corrupt or unreadable ({exc.__class__.__name__}){again}") from None
     missing = [k for k in require if not isinstance(state, dict) or k not in state]
     if missing:
         raise LongtailError(f"{what} {path} is not a longtail checkpoint (no {', '.join(missing)}){hint}")
+    if isinstance(require, dict):
+        for key, check in require.items():
+            wrong = check(state[key])
+            if wrong:
+                raise LongtailError(f"{what} {path} is not a longtail checkpoint ({key} {wrong}){hint}")
     return state
+
+
+def _zip_damage(path: Path) -> str | None:
+    """What is wrong with the zip archive that torch.save writes, or None: not a zip at all (a plain
+    pickle, torch's pre-1.6 format, another file), cut short, or a member whose bytes fail its CRC."""
+    import zipfile
+    import zlib
+
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":
+        return "is not a torch checkpoint file (not the zip archive that torch.save writes)"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every member and checks its CRC-32
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        return f"is corrupt (a cut short or damaged zip archive: {exc})"
+    if bad is not None:
+        return f"is corrupt (CRC mismatch in {bad.partition('/')[2] or bad})"
+    return None
 
 
 WORKSPACE_LOCK = Path(".longtail/workspace.lock")
