@@ -27,13 +27,57 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def cannot_write(target: str | Path, exc: OSError):
+    """The one line for an output that cannot be written: `target` and why (a file standing where a
+    folder must be, else the OS's reason, e.g. Permission denied)."""
+    from .errors import LongtailError
+
+    target = Path(target)
+    blocking = next((f for f in target.parents if f.exists() and not f.is_dir()), None)
+    why = f"{blocking} is a file" if blocking else (exc.strerror or exc.__class__.__name__)
+    return LongtailError(f"cannot write {target}: {why}")
+
+
+def make_folder(folder: str | Path, target: str | Path | None = None) -> Path:
+    """mkdir -p `folder` (the folder of the output `target`, default the folder itself); one that cannot
+    be made is one line naming the output and why (`cannot write params.yaml/out: params.yaml is a file`)."""
+    from .errors import LongtailError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if target is None and folder.exists() and not folder.is_dir():
+            raise LongtailError(f"cannot write {folder}/: {folder} is a file") from None
+        raise cannot_write(target or folder, exc) from None
+    return folder
+
+
+def _not_a_folder(path: Path):
+    from .errors import LongtailError
+
+    if path.is_dir():
+        raise LongtailError(f"cannot write {path}: {path} is a folder")
+
+
+def _mkdtemp(target: Path, **kwargs) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(**kwargs, dir=target.parent))
+    except OSError as exc:
+        raise cannot_write(target, exc) from None
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; if the block succeeds, fsync it, move it into place and
     fsync the folder (so the rename itself is durable). The file gets the umask's mode, not 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_folder(path.parent, path)
+    _not_a_folder(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -54,9 +98,13 @@ def atomic_folder(path: str | Path):
     """Yield a hidden temporary folder next to `path` (which must be absent or an empty folder); if the
     block succeeds, it becomes `path`; on any error or interrupt it is removed, so `path` is either the
     complete tree or untouched."""
+    from .errors import LongtailError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    make_folder(path.parent, path)
+    if path.exists() and not path.is_dir():
+        raise LongtailError(f"cannot write {path}: {path} is a file")
+    tmp = _mkdtemp(path, prefix=f".{path.name}.", suffix=".partial")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # a plain folder's mode, not mkdtemp's 0700
@@ -82,12 +130,17 @@ def atomic_outputs(folder: str | Path, last: str | Path):
     set stays whole. A crash inside the moves themselves (kill -9, a power cut, that second Ctrl-C) can
     leave the new files without `last`. Under `dvc repro` DVC removes a stage's outputs before it runs
     it, so there is no previous set; what stays true is that `last` never stands beside a partial set."""
+    from .errors import LongtailError
+
     folder, last = Path(folder), Path(last)
+    if folder.exists() and not folder.is_dir():  # checked before any work, and before the old `last` goes
+        raise LongtailError(f"cannot write {folder}/: {folder} is a file")
+    _not_a_folder(last)
     staging = []
     try:
         for target in (folder, last):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)))
+            make_folder(target.parent, target)
+            staging.append(_mkdtemp(target, prefix=f".{target.name}.", suffix=".partial"))
         staged_last = staging[1] / last.name
         yield staging[0], staged_last
         with interrupts.shielded():
@@ -206,7 +259,7 @@ def workspace_lock(stage: str, path: Path = WORKSPACE_LOCK):
 
     from .errors import LongtailError
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, path)
     fh = open(path, "a+")
     try:
         try:
