@@ -4,6 +4,7 @@ power cut) and safe checkpoint reads (`torch.load(weights_only=True)`: a checkpo
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -94,10 +95,11 @@ def atomic_path(path: str | Path):
 
 
 @contextmanager
-def atomic_folder(path: str | Path):
+def atomic_folder(path: str | Path, by: str = "process"):
     """Yield a hidden temporary folder next to `path` (which must be absent or an empty folder); if the
     block succeeds, it becomes `path`; on any error or interrupt it is removed, so `path` is either the
-    complete tree or untouched."""
+    complete tree or untouched. When another `by` (e.g. another export-images) has filled `path`
+    meanwhile, its tree stays and this one is dropped, with one line saying so."""
     from .errors import LongtailError
 
     path = Path(path)
@@ -110,9 +112,14 @@ def atomic_folder(path: str | Path):
     os.chmod(tmp, 0o777 & ~umask)  # a plain folder's mode, not mkdtemp's 0700
     try:
         yield tmp
-        if path.is_dir():
-            path.rmdir()  # empty: a non-empty one makes this fail and keeps it
-        os.rename(tmp, path)
+        try:
+            if path.is_dir():
+                path.rmdir()  # empty: a non-empty one makes this fail and keeps it
+            os.rename(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise LongtailError(f"{path} was written by another {by} meanwhile; nothing of this run was kept") from None
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
