@@ -368,6 +368,14 @@ def main() -> None:
             print("interrupted (Ctrl-C)", file=sys.stderr)
             sys.exit(130)
         raise
+    except OSError as exc:
+        if not exc.filename:  # not about a path: a bug, shown with its traceback
+            raise
+        # a path the OS refused (a file where a folder must be, a folder not writable, a full disk):
+        # the outputs are written atomically, so the previous ones are whole; name the path and why
+        both = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+        print(f"error: {both}: {exc.strerror or exc.__class__.__name__}", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:
         if not _is_store_error(exc):
             raise

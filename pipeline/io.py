@@ -4,6 +4,7 @@ power cut) and safe checkpoint reads (`torch.load(weights_only=True)`: a checkpo
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -27,13 +28,57 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def cannot_write(target: str | Path, exc: OSError):
+    """The one line for an output that cannot be written: `target` and why (a file standing where a
+    folder must be, else the OS's reason, e.g. Permission denied)."""
+    from .errors import LongtailError
+
+    target = Path(target)
+    blocking = next((f for f in target.parents if f.exists() and not f.is_dir()), None)
+    why = f"{blocking} is a file" if blocking else (exc.strerror or exc.__class__.__name__)
+    return LongtailError(f"cannot write {target}: {why}")
+
+
+def make_folder(folder: str | Path, target: str | Path | None = None) -> Path:
+    """mkdir -p `folder` (the folder of the output `target`, default the folder itself); one that cannot
+    be made is one line naming the output and why (`cannot write params.yaml/out: params.yaml is a file`)."""
+    from .errors import LongtailError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if target is None and folder.exists() and not folder.is_dir():
+            raise LongtailError(f"cannot write {folder}/: {folder} is a file") from None
+        raise cannot_write(target or folder, exc) from None
+    return folder
+
+
+def _not_a_folder(path: Path):
+    from .errors import LongtailError
+
+    if path.is_dir():
+        raise LongtailError(f"cannot write {path}: {path} is a folder")
+
+
+def _mkdtemp(target: Path, **kwargs) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(**kwargs, dir=target.parent))
+    except OSError as exc:
+        raise cannot_write(target, exc) from None
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; if the block succeeds, fsync it, move it into place and
     fsync the folder (so the rename itself is durable). The file gets the umask's mode, not 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_folder(path.parent, path)
+    _not_a_folder(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -50,21 +95,31 @@ def atomic_path(path: str | Path):
 
 
 @contextmanager
-def atomic_folder(path: str | Path):
+def atomic_folder(path: str | Path, by: str = "process"):
     """Yield a hidden temporary folder next to `path` (which must be absent or an empty folder); if the
     block succeeds, it becomes `path`; on any error or interrupt it is removed, so `path` is either the
-    complete tree or untouched."""
+    complete tree or untouched. When another `by` (e.g. another export-images) has filled `path`
+    meanwhile, its tree stays and this one is dropped, with one line saying so."""
+    from .errors import LongtailError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    make_folder(path.parent, path)
+    if path.exists() and not path.is_dir():
+        raise LongtailError(f"cannot write {path}: {path} is a file")
+    tmp = _mkdtemp(path, prefix=f".{path.name}.", suffix=".partial")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # a plain folder's mode, not mkdtemp's 0700
     try:
         yield tmp
-        if path.is_dir():
-            path.rmdir()  # empty: a non-empty one makes this fail and keeps it
-        os.rename(tmp, path)
+        try:
+            if path.is_dir():
+                path.rmdir()  # empty: a non-empty one makes this fail and keeps it
+            os.rename(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise LongtailError(f"{path} was written by another {by} meanwhile; nothing of this run was kept") from None
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
@@ -82,12 +137,17 @@ def atomic_outputs(folder: str | Path, last: str | Path):
     set stays whole. A crash inside the moves themselves (kill -9, a power cut, that second Ctrl-C) can
     leave the new files without `last`. Under `dvc repro` DVC removes a stage's outputs before it runs
     it, so there is no previous set; what stays true is that `last` never stands beside a partial set."""
+    from .errors import LongtailError
+
     folder, last = Path(folder), Path(last)
+    if folder.exists() and not folder.is_dir():  # checked before any work, and before the old `last` goes
+        raise LongtailError(f"cannot write {folder}/: {folder} is a file")
+    _not_a_folder(last)
     staging = []
     try:
         for target in (folder, last):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)))
+            make_folder(target.parent, target)
+            staging.append(_mkdtemp(target, prefix=f".{target.name}.", suffix=".partial"))
         staged_last = staging[1] / last.name
         yield staging[0], staged_last
         with interrupts.shielded():
@@ -131,8 +191,13 @@ def save_torch(path: str | Path, obj) -> None:
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint", stage: str = "", require=()):
     """torch.load(weights_only=True) with a one-line error for a missing, corrupt or unsafe file, or one
-    that is not a dict holding the keys in `require` (a torch file of another program)."""
+    that is not a dict holding the keys in `require` (a torch file of another program). `require` is a
+    sequence of keys, or a mapping key -> check (a function of the value returning what is wrong with it,
+    or None) for a checkpoint whose structure and types are checked here, before anything uses them.
+    torch's zip reader does not check the CRCs of the members it reads, so they are checked first: a
+    checkpoint with damaged bytes is refused, never loaded as other weights."""
     import pickle
+    import warnings
 
     import torch
 
@@ -140,23 +205,54 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", stage: str = "",
 
     path = Path(path)
     hint = f" (run `dvc repro {stage}` to produce it)" if stage else ""
+    again = f": run `dvc repro {stage}` to produce it again" if stage else ""
     if not path.exists():
         raise LongtailError(f"{what} {path} not found{hint}")
+    damage = _zip_damage(path)
+    if damage:
+        raise LongtailError(f"{what} {path} {damage}{again}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on the pickle inside; its errors are reworded below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # not a refused class or function: a damaged file
-            raise LongtailError(f"{what} {path} is corrupt or unreadable (UnpicklingError){hint}") from None
+            raise LongtailError(f"{what} {path} is corrupt or unreadable (UnpicklingError){again}") from None
         lines = str(exc).strip().splitlines()
         detail = next((line for line in lines if "Unsupported global" in line or "GLOBAL" in line), "")
         raise LongtailError(f"{what} {path} was refused: it holds Python objects that a checkpoint does not "
                             f"need and could run code ({detail.strip()[:160] or 'unsafe pickle'}){hint}") from None
     except Exception as exc:
-        raise LongtailError(f"{what} {path} is corrupt or unreadable ({exc.__class__.__name__}){hint}") from None
+        raise LongtailError(f"{what} {path} is corrupt or unreadable ({exc.__class__.__name__}){again}") from None
     missing = [k for k in require if not isinstance(state, dict) or k not in state]
     if missing:
         raise LongtailError(f"{what} {path} is not a longtail checkpoint (no {', '.join(missing)}){hint}")
+    if isinstance(require, dict):
+        for key, check in require.items():
+            wrong = check(state[key])
+            if wrong:
+                raise LongtailError(f"{what} {path} is not a longtail checkpoint ({key} {wrong}){hint}")
     return state
+
+
+def _zip_damage(path: Path) -> str | None:
+    """What is wrong with the zip archive that torch.save writes, or None: not a zip at all (a plain
+    pickle, torch's pre-1.6 format, another file), cut short, or a member whose bytes fail its CRC."""
+    import zipfile
+    import zlib
+
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":
+        return "is not a torch checkpoint file (not the zip archive that torch.save writes)"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every member and checks its CRC-32
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        return f"is corrupt (a cut short or damaged zip archive: {exc})"
+    if bad is not None:
+        return f"is corrupt (CRC mismatch in {bad.partition('/')[2] or bad})"
+    return None
 
 
 WORKSPACE_LOCK = Path(".longtail/workspace.lock")
@@ -170,7 +266,7 @@ def workspace_lock(stage: str, path: Path = WORKSPACE_LOCK):
 
     from .errors import LongtailError
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, path)
     fh = open(path, "a+")
     try:
         try:

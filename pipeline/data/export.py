@@ -42,7 +42,7 @@ def export_images(dataset: str, root: str, out: Path) -> dict:
     width = len(str(len(raw.classes) - 1))
     folders = [f"{i:0{width}d}_{_safe(c)}" for i, c in enumerate(raw.classes)]  # sorted = class order
     counts = {}
-    with atomic_folder(out) as tmp:  # an error, Ctrl-C or SIGTERM leaves no half-written tree
+    with atomic_folder(out, by="export-images") as tmp:  # an error, Ctrl-C or SIGTERM leaves no half-written tree
         for split, x, y in (("train", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)):
             digits = len(str(len(y)))
             for f in folders:

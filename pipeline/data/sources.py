@@ -272,8 +272,15 @@ def _list_split(root: str, split: str) -> tuple[list[str], list[list[str]]]:
         raise LongtailError(f"{d} has no class folders; {layout}")
     files = []
     for c in classes:
-        names = sorted(e.name for e in os.scandir(os.path.join(d, c))
-                       if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        images = [e for e in os.scandir(os.path.join(d, c))
+                  if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        for e in images:  # every image file counts, or the build says why it cannot
+            if not e.is_file():
+                what = ("a broken link" if e.is_symlink() and not os.path.exists(e.path) else
+                        "a folder" if e.is_dir() else "not a regular file")
+                raise LongtailError(f"{e.path} is {what}; every image file of {root} counts: "
+                                    "fix or remove it")
+        names = sorted(e.name for e in images)
         if not names:
             raise LongtailError(f"{os.path.join(d, c)} holds no images ({', '.join(IMAGE_EXTENSIONS)}); {layout}")
         files.append([os.path.join(d, c, n) for n in names])

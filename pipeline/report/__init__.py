@@ -61,7 +61,7 @@ def generate(runs: list[dict], out: Path, *, fetch=None, published: bool = False
     if not t.cells:
         raise LongtailError(f"no finished evaluate runs{' match --where' if where else ''} in {source or 'the store'}: "
                             "run experiments first (e.g. `longtail sweep --loss ce,ldam --run`)")
-    out.mkdir(parents=True, exist_ok=True)
+    io.make_folder(out)
     n_runs = len(t.runs)
     replaced = sum(c.replaced for c in t.cells.values())
     md = ["# Results", "",

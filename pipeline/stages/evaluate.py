@@ -20,7 +20,7 @@ from ..errors import LongtailError
 from ..params import Params
 from ..registry import build as build_plugin
 from ..registry import plugin_versions
-from .training import DATASET, FINAL, check_made_with
+from .training import DATASET, FINAL, FINAL_CHECKPOINT, check_fits, check_made_with
 
 METRICS = Path("metrics/eval.json")
 PLOTS = Path("plots")
@@ -31,8 +31,8 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
         plots: Path = PLOTS) -> dict:
     ds = load_dataset(dataset)
     check_built_with(ds, p, dataset)
-    state = io.load_checkpoint(final, "final checkpoint", "finetune", require=("model", "meta", "history"))
-    meta = state.get("meta", {})
+    state = io.load_checkpoint(final, "final checkpoint", "finetune", require=FINAL_CHECKPOINT)
+    meta = state["meta"]
     if meta.get("class_counts") != ds.class_counts:
         raise LongtailError(f"{final} was trained on other data than {dataset}: re-run `dvc repro`")
     check_made_with(state, "finetune", p, dataset, final, "final checkpoint")  # not a stale model under new params
@@ -41,6 +41,7 @@ def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metri
     torch.manual_seed(0)
     model = build_plugin("models", meta["arch"], len(ds.class_counts), meta["in_channels"], meta["head"],
                          params=meta["model_params"], param_key="model")
+    check_fits(model, state, "final checkpoint", final, meta["arch"])
     model.load_state_dict(state["model"])
     model.to(device).eval()
     data = device_data(ds, device)

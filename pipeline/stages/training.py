@@ -38,7 +38,92 @@ RESUME_DIR = Path(".longtail/resume")
 # its checkpoint "other params" here
 TRAINING_KEYS = ("loss", "seed", "schedule", "model", "train", "finetune", "losses", "reweightings", "samplers")
 STAGE_KEYS = {"pretrain": TRAINING_KEYS, "finetune": (*TRAINING_KEYS, "finetunes")}
-CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "criterion", "sample_gen", "aug_gen", "history", "best")
+
+
+def _kind(v) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _count(v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        return f"must be an epoch count, got {_kind(v)}"
+
+
+def _weights(v):
+    if not isinstance(v, dict):
+        return f"must be a state dict (parameter name -> tensor), got {_kind(v)}"
+    bad = next((k for k, t in v.items() if not isinstance(k, str) or not isinstance(t, torch.Tensor)), None)
+    if bad is not None:
+        return f"must be a state dict (parameter name -> tensor), but {bad!r} holds {_kind(v[bad])}"
+
+
+def _dict(*keys):
+    def check(v):
+        if not isinstance(v, dict):
+            return f"must be a dict, got {_kind(v)}"
+        missing = [k for k in keys if k not in v]
+        if missing:
+            return f"has no {', '.join(missing)}"
+    return check
+
+
+def _generator_state(v):
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.uint8:
+        return f"must be a random generator's state (a uint8 tensor), got {_kind(v)}"
+
+
+def _history(v):
+    if not isinstance(v, list):
+        return f"must be a list of epoch rows, got {_kind(v)}"
+    bad = next((i for i, r in enumerate(v) if not isinstance(r, dict) or _count(r.get("epoch"))), None)
+    if bad is not None:
+        return f"row {bad} must be a dict with an epoch, got {_kind(v[bad])}"
+
+
+def _best(v):
+    wrong = _dict("epoch", "model")(v)
+    if wrong:
+        return wrong
+    if v["epoch"] != -1 and _count(v["epoch"]):  # -1: no epoch evaluated yet
+        return f"epoch {_count(v['epoch'])}"
+    if v["model"] is not None and _weights(v["model"]):
+        return f"model {_weights(v['model'])}"
+
+
+# what every checkpoint of the training stages holds (Trainer.state_dict), each with the check of its
+# structure and types that io.load_checkpoint runs before anything uses it; whether the weights fit the
+# model is `check_fits`, once the model is built
+CHECKPOINT = {"epoch": _count, "model": _weights, "optimizer": _dict("state", "param_groups"), "criterion": _dict(),
+              "sample_gen": _generator_state, "aug_gen": _generator_state, "history": _history, "best": _best}
+CHECKPOINT_KEYS = tuple(CHECKPOINT)
+# what evaluate reads of models/final.pt
+FINAL_CHECKPOINT = {**{k: CHECKPOINT[k] for k in ("epoch", "model", "history", "best")},
+                    "meta": _dict("class_counts", "arch", "in_channels", "head", "model_params")}
+
+
+def misfit(model, weights: dict) -> str | None:
+    """What keeps `weights` from loading into `model` (a strict load_state_dict), or None."""
+    own = model.state_dict()
+    for k, t in own.items():
+        if k in weights and tuple(weights[k].shape) != tuple(t.shape):
+            return (f"size mismatch for {k}: {list(weights[k].shape)} in the checkpoint, "
+                    f"{list(t.shape)} in the model")
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            return f"{what} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+    return None
+
+
+def check_fits(model, state: dict, what: str, path: Path, arch: str) -> None:
+    """The final and best weights of a checkpoint must fit the model params.yaml builds; else one line
+    (before any of them is loaded, so a refused file changes nothing)."""
+    for key, weights in (("model", state["model"]), ("best model", state["best"]["model"])):
+        wrong = None if weights is None else misfit(model, weights)
+        if wrong:
+            raise LongtailError(f"{what} {path} is not a longtail checkpoint ({key} does not fit {arch}: {wrong})")
 
 
 @dataclass
@@ -234,8 +319,9 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
         resume = folder / f"{stage}.pt"
 
         if stage == "finetune":
-            state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT_KEYS)
+            state = io.load_checkpoint(pretrain, "pretrain checkpoint", "pretrain", require=CHECKPOINT)
             check_made_with(state, "pretrain", p, dataset, pretrain, "pretrain checkpoint")
+            check_fits(trainer.model, state, "pretrain checkpoint", pretrain, p.model_arch)
             trainer.load_state_dict(state)
 
         def load_resume():
@@ -244,7 +330,9 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             if not resume.exists():
                 return
             try:
-                state = io.load_checkpoint(resume, "resume checkpoint", require=CHECKPOINT_KEYS)
+                state = io.load_checkpoint(resume, "resume checkpoint", require=CHECKPOINT)
+                if state.get("fingerprint") == fingerprint:
+                    check_fits(trainer.model, state, "resume checkpoint", resume, p.model_arch)
             except LongtailError as exc:
                 _set_aside(resume, str(exc))
                 return

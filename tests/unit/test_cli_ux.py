@@ -176,3 +176,63 @@ def test_a_key_given_twice_is_one_line_in_every_command_that_reads_params(tmp_pa
     first = next(i for i, text in enumerate((ROOT / "params.yaml").read_text().splitlines(), 1) if text.startswith("seed:"))
     assert f"the key 'seed' is given twice (first at line {first}); keep one" in line
     assert not (tmp_path / "rep").exists()
+
+
+def _longtail(monkeypatch, capsys, *args):
+    """`longtail ARGS` through the CLI's entry point (its error boundary included), in this process:
+    (exit code, stderr lines)."""
+    from pipeline import cli
+
+    monkeypatch.setattr(sys, "argv", ["longtail", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, default_params, monkeypatch, capsys):
+    """Fault injection: a file where an output folder must be (plots, data/prepared, .longtail, params.yaml/out),
+    a folder where an output file must be (metrics/eval.json) or a path the OS refuses (/proc/x) gave
+    FileExistsError / IsADirectoryError / PermissionError / FileNotFoundError tracebacks. Each is one line
+    naming the path and the problem, exit 2, and the previous outputs stay whole."""
+    raw = tiny_pretrain_finetune(default_params)
+    raw.pop("tracking", None)
+    p, ds = prepare(tmp_path / "data", raw)  # data/prepared/dataset.npz, as the stages read it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    trainer, meta = training.setup(p, ds)
+    (tmp_path / "models").mkdir()
+    training.io.save_torch(tmp_path / "models" / "final.pt",
+                           {**trainer.state_dict(), "fingerprint": training._fingerprint("finetune", p, ds),
+                            "inputs": training._inputs("finetune", p), "meta": meta})
+    monkeypatch.chdir(tmp_path)
+    Path("metrics").mkdir()
+    Path("metrics/eval.json").write_text("previous\n")
+    Path("plots").write_text("a file\n")
+    assert _longtail(monkeypatch, capsys, "evaluate", "--no-track") == (2, ["error: cannot write plots/: plots is a file"])
+    assert Path("metrics/eval.json").read_text() == "previous\n"
+    Path("plots").unlink()
+    Path("metrics/eval.json").unlink()
+    Path("metrics/eval.json").mkdir()
+    assert _longtail(monkeypatch, capsys, "evaluate", "--no-track") == (
+        2, ["error: cannot write metrics/eval.json: metrics/eval.json is a folder"])
+    assert not Path("plots").exists()
+
+    for blocked, line in (
+            ("data/prepared", "error: cannot write data/prepared/dataset.npz: data/prepared is a file"),
+            (".longtail", "error: cannot write .longtail/workspace.lock: .longtail is a file")):
+        kept = Path(f"{blocked}.kept")
+        Path(blocked).rename(kept)
+        Path(blocked).write_text("a file\n")
+        assert _longtail(monkeypatch, capsys, "build-dataset", "--no-track") == (2, [line])
+        Path(blocked).unlink()
+        kept.rename(blocked)
+    # the CLI's error boundary: an OSError about a path that no check foresaw is one line naming it
+    Path(".longtail/workspace.lock").unlink()
+    Path(".longtail/workspace.lock").mkdir()
+    assert _longtail(monkeypatch, capsys, "build-dataset", "--no-track") == (
+        2, ["error: .longtail/workspace.lock: Is a directory"])
+
+    assert _longtail(monkeypatch, capsys, "export-images", "params.yaml/out", "--dataset", "digits") == (
+        2, ["error: cannot write params.yaml/out: params.yaml is a file"])
+    code, err = _longtail(monkeypatch, capsys, "export-images", "/proc/x", "--dataset", "digits")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot write /proc/x: "), err
+    assert Path("params.yaml").read_text() == yaml.safe_dump(raw)

@@ -249,3 +249,27 @@ def test_an_interrupted_export_leaves_no_folder_and_bad_targets_are_one_line(tmp
         export_images("digits", "data/raw", tmp_path / "file")
     with pytest.raises(LongtailError, match=r"unknown dataset 'nope' for export-images \(valid: (?!.*imagefolder)"):
         export_images("nope", "data/raw", tmp_path / "new")
+
+
+def test_two_exports_into_one_new_folder_keep_one_whole_tree(tmp_path, monkeypatch):
+    """Fault injection: two `longtail export-images /tmp/x` at once: the one that finished second died with
+    `OSError: [Errno 39] Directory not empty` from the final rename."""
+    from PIL import Image
+
+    out = tmp_path / "x"
+    real_save = Image.Image.save
+    saved = []
+
+    def another_export_finishes_meanwhile(self, fp, *a, **k):
+        saved.append(fp)
+        if len(saved) == 20:
+            monkeypatch.setattr(Image.Image, "save", real_save)
+            export_images("digits", "data/raw", out)  # the other process, start to end
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", another_export_finishes_meanwhile)
+    with pytest.raises(LongtailError, match=rf"^{out} was written by another export-images meanwhile; "
+                                            r"nothing of this run was kept$"):
+        export_images("digits", "data/raw", out)
+    assert os.listdir(tmp_path) == ["x"]  # no partial tree
+    assert sum(1 for _ in out.rglob("*.png")) == 1797  # the other's, whole

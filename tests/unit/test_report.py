@@ -332,6 +332,12 @@ def test_an_out_that_is_a_file_is_named_before_any_work(stored_runs, tmp_path, m
     assert Path("params.yaml").read_text() == "seed: 0\n"
 
 
+def test_an_out_the_os_refuses_is_one_line(stored_runs):
+    """Fault injection: `longtail report -o /proc/x` gave a FileNotFoundError traceback from out.mkdir."""
+    with pytest.raises(LongtailError, match=r"^cannot write /proc/x/?: No such file or directory$"):
+        report.generate(stored_runs, Path("/proc/x"))
+
+
 # ---------------------------------------------------------------------------------- published
 
 def test_published_figures_have_citations_and_known_names(names):

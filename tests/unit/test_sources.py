@@ -138,6 +138,27 @@ def test_imagefolder_layout_errors(tmp_path):
         load_source("imagefolder", str(tmp_path / "nowhere"))
 
 
+def test_an_image_file_that_cannot_be_read_is_named_not_skipped(tmp_path):
+    """Fault injection: a dangling symlink (or a folder, a FIFO) with an image name was skipped silently,
+    so the image just disappeared from the dataset."""
+    _tree(tmp_path)
+    link = tmp_path / "train" / "cat" / "03.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(LongtailError, match=rf"^{link} is a broken link; every image file of {tmp_path} counts"):
+        load_source("imagefolder", str(tmp_path))
+    link.unlink()
+    os.mkfifo(link)
+    with pytest.raises(LongtailError, match=rf"^{link} is not a regular file"):
+        load_source("imagefolder", str(tmp_path))
+    link.unlink()
+    link.mkdir()
+    with pytest.raises(LongtailError, match=rf"^{link} is a folder"):
+        load_source("imagefolder", str(tmp_path))
+    link.rmdir()
+    link.symlink_to(tmp_path / "train" / "cat" / "00.png")  # a link to an image counts as that image
+    assert load_source("imagefolder", str(tmp_path)).x_train.shape[0] == 7
+
+
 # ------------------------------------------------------------------------------------- CIFAR
 
 def _cifar(root, name, archive, per_batch=20, seed=0):

@@ -121,6 +121,38 @@ def test_a_checkpoint_with_a_code_payload_is_refused(tmp_path):
     assert not marker.exists()  # nothing executed
 
 
+def test_a_plain_pickle_with_a_code_payload_is_not_a_torch_file_and_warns_nothing(tmp_path, capfd):
+    """Fault injection: a raw pickle (not torch's zip) with a code payload as final.pt ran no code but leaked
+    torch's two-line "Detected pickle protocol 4" UserWarning and was called "corrupt or unreadable"."""
+    import pickle
+    import warnings
+
+    from pipeline.io import load_checkpoint
+
+    payload = _Payload()
+    payload.marker = tmp_path / "payload-ran"
+    (tmp_path / "final.pt").write_bytes(pickle.dumps({"model": payload}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning would fail the load here
+        with pytest.raises(LongtailError, match=r"^final checkpoint .*final.pt is not a torch checkpoint file \(not "
+                                                r"the zip archive that torch.save writes\): run `dvc repro finetune`"):
+            load_checkpoint(tmp_path / "final.pt", "final checkpoint", "finetune")
+    assert not payload.marker.exists()
+    assert capfd.readouterr().err == ""
+
+
+def test_a_checkpoint_cut_short_is_corrupt(tmp_path):
+    import torch
+
+    from pipeline.io import load_checkpoint
+
+    torch.save({"epoch": 3, "model": {"w": torch.zeros(1000)}}, tmp_path / "pretrain.pt")
+    blob = (tmp_path / "pretrain.pt").read_bytes()
+    (tmp_path / "pretrain.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(LongtailError, match=r"pretrain.pt is corrupt \(a cut short or damaged zip archive: "):
+        load_checkpoint(tmp_path / "pretrain.pt", "pretrain checkpoint", "pretrain")
+
+
 def test_every_torch_load_is_the_safe_one():
     """The only torch.load of the code (pipeline/, the bundled plugins) is
     io.load_checkpoint's, with weights_only=True; every checkpoint goes through it."""

@@ -70,7 +70,7 @@ def test_finetune_needs_a_matching_pretrain_checkpoint(prepared, tmp_path):
     with pytest.raises(LongtailError, match=r"pretrain checkpoint .*pre.pt not found \(run `dvc repro pretrain`"):
         training.run("finetune", p, **files)
     (tmp_path / "pre.pt").write_bytes(b"garbage")
-    with pytest.raises(LongtailError, match="is corrupt or unreadable"):
+    with pytest.raises(LongtailError, match="is not a torch checkpoint file"):
         training.run("finetune", p, **files)
 
 
@@ -187,20 +187,14 @@ def test_evaluate_refuses_a_final_checkpoint_made_with_other_params(prepared, tm
 
     p, ds = prepared
     seven = parse(tiny_pretrain_finetune(default_params) | {"seed": 7})
-    io.save_torch(tmp_path / "final.pt", {"model": {}, "history": [], "meta": {"class_counts": _class_counts(ds)},
-                                          "fingerprint": training._fingerprint("finetune", seven, ds),
+    state = _final_checkpoint(p, ds, tmp_path / "final.pt")
+    io.save_torch(tmp_path / "final.pt", {**state, "fingerprint": training._fingerprint("finetune", seven, ds),
                                           "inputs": training._inputs("finetune", seven)})
     with pytest.raises(LongtailError, match=r"final checkpoint .*final.pt was made with other params .*"
                                             r"\(seed: 7 -> 0\): re-run `dvc repro finetune`"):
         evaluate.run(p, dataset=ds, final=tmp_path / "final.pt", metrics=tmp_path / "eval.json",
                      plots=tmp_path / "plots")
     assert not (tmp_path / "eval.json").exists()
-
-
-def _class_counts(ds):
-    from pipeline.data.store import load_dataset
-
-    return load_dataset(ds).class_counts
 
 
 def test_a_wrong_structure_pretrain_file_is_named(prepared, tmp_path):
@@ -223,6 +217,123 @@ def test_a_corrupt_resume_file_is_set_aside_and_the_stage_restarts(prepared, tmp
     assert "warning: resume checkpoint" in capsys.readouterr().err
     assert [f.name.split(".corrupt-")[0] for f in (tmp_path / "r").iterdir()] == ["pretrain.pt"]
     assert io.load_checkpoint(tmp_path / "pre.pt")["epoch"] == 2
+
+
+def _zero_member(path, name, n=None):
+    """Zero the first `n` bytes (default: all) of the zip member of a torch file whose name ends in `name`,
+    found by its local header: what a bad disk sector or a partial copy does to a checkpoint."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(name))
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        fh.write(bytes(min(n or info.file_size, info.file_size)))
+
+
+def _optimizer_member(path):
+    """The member holding the largest tensor of the optimizer state (a momentum buffer)."""
+    import zipfile
+
+    state = io.load_checkpoint(path)
+    storages = {t.untyped_storage().data_ptr() for t in state["model"].values()}
+    buffers = [b["momentum_buffer"] for b in state["optimizer"]["state"].values()]
+    biggest = max((b for b in buffers if b.untyped_storage().data_ptr() not in storages), key=torch.Tensor.numel)
+    with zipfile.ZipFile(path) as zf:  # members data/<key>: the one of biggest's size, as torch saves it
+        sizes = {i.filename: i.file_size for i in zf.infolist() if "/data/" in i.filename}
+    return next(n for n, size in sizes.items() if size == biggest.numel() * biggest.element_size()).split("/", 1)[1]
+
+
+def test_a_checkpoint_with_damaged_bytes_is_refused_and_a_damaged_resume_file_is_set_aside(prepared, tmp_path,
+                                                                                            capsys):
+    """Fault injection: torch's zip reader does not check CRCs, so a final.pt whose model bytes were zeroed
+    was evaluated (exit 0) and a pretrain.pt with 4 KB of its optimizer state zeroed was fine-tuned on."""
+    from pipeline.errors import LongtailError
+    from pipeline.stages import evaluate
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    training.run("pretrain", p, **files)
+    training.run("finetune", p, **files)
+    _zero_member(tmp_path / "final.pt", "/data/0")
+    with pytest.raises(LongtailError, match=r"^final checkpoint .*final.pt is corrupt \(CRC mismatch in data/0\): "
+                                            r"run `dvc repro finetune` to produce it again$"):
+        evaluate.run(p, dataset=ds, final=tmp_path / "final.pt", metrics=tmp_path / "eval.json",
+                     plots=tmp_path / "plots")
+    assert not (tmp_path / "eval.json").exists()
+    member = _optimizer_member(tmp_path / "pre.pt")
+    _zero_member(tmp_path / "pre.pt", member, 4096)
+    with pytest.raises(LongtailError, match=rf"^pretrain checkpoint .*pre.pt is corrupt \(CRC mismatch in {member}\)"):
+        training.run("finetune", p, **files)
+
+    _killed_after_one_epoch(p, ds, tmp_path / "r")
+    _zero_member(tmp_path / "r" / "pretrain.pt", "/data/0", 4096)
+    training.run("pretrain", p, **files)
+    assert "warning: resume checkpoint" in capsys.readouterr().err
+    assert [f.name.split(".corrupt-")[0] for f in (tmp_path / "r").iterdir()] == ["pretrain.pt"]
+    assert io.load_checkpoint(tmp_path / "pre.pt")["epoch"] == 2
+
+
+def _final_checkpoint(p, ds, path):
+    """models/final.pt as the finetune stage saves it (untrained weights: only its structure matters)."""
+    trainer, meta = training.setup(p, ds)
+    io.save_torch(path, {**trainer.state_dict(), "fingerprint": training._fingerprint("finetune", p, ds),
+                         "inputs": training._inputs("finetune", p), "meta": meta})
+    return io.load_checkpoint(path)
+
+
+def _shrunk(state):
+    model = dict(state["model"])
+    model["conv1.weight"] = model["conv1.weight"][:, :, :2]
+    return {**state, "model": model}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_shrunk, r"model does not fit resnet32: size mismatch for conv1.weight: \[16, 1, 2, 3\] in the checkpoint, "
+              r"\[16, 1, 3, 3\] in the model"),
+    (lambda s: {**s, "model": {}}, r"model does not fit resnet32: missing conv1.weight, bn1.weight, bn1.bias "
+                                   r"and \d+ more"),
+    (lambda s: {**s, "model": {**s["model"], "extra": torch.zeros(1)}}, r"model does not fit resnet32: unexpected extra"),
+    (lambda s: {**s, "best": {**s["best"], "model": _shrunk(s)["model"]}}, r"best model does not fit resnet32: size"),
+    (lambda s: {k: v for k, v in s.items() if k != "best"}, r"no best"),
+    (lambda s: {**s, "history": "oops"}, r"history must be a list of epoch rows, got str 'oops'"),
+    (lambda s: {**s, "epoch": "four"}, r"epoch must be an epoch count, got str 'four'"),
+    (lambda s: {**s, "model": {"conv1.weight": [1, 2]}}, r"model must be a state dict \(parameter name -> tensor\), "
+                                                         r"but 'conv1.weight' holds list"),
+    (lambda s: {**s, "best": None}, r"best must be a dict, got NoneType"),
+])
+def test_a_final_checkpoint_of_the_wrong_structure_is_one_line(prepared, tmp_path, edit, message):
+    """Fault injection: a final.pt with the right fingerprint but a model of the wrong shape, no `best`, a
+    string as history or epoch gave RuntimeError / KeyError / TypeError tracebacks (or was evaluated)."""
+    from pipeline.errors import LongtailError
+    from pipeline.stages import evaluate
+
+    p, ds = prepared
+    state = _final_checkpoint(p, ds, tmp_path / "final.pt")
+    io.save_torch(tmp_path / "final.pt", edit(state))
+    with pytest.raises(LongtailError, match=rf"^final checkpoint .*final.pt is not a longtail checkpoint \({message}"):
+        evaluate.run(p, dataset=ds, final=tmp_path / "final.pt", metrics=tmp_path / "eval.json",
+                     plots=tmp_path / "plots")
+
+
+def test_a_pretrain_or_resume_checkpoint_that_does_not_fit_the_model_is_one_line(prepared, tmp_path, capsys):
+    from pipeline.errors import LongtailError
+
+    p, ds = prepared
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    state = _final_checkpoint(p, ds, tmp_path / "pre.pt")
+    io.save_torch(tmp_path / "pre.pt", {**_shrunk(state), "fingerprint": training._fingerprint("pretrain", p, ds)})
+    with pytest.raises(LongtailError, match=r"pretrain checkpoint .*pre.pt is not a longtail checkpoint \(model does "
+                                            r"not fit resnet32: size mismatch for conv1.weight"):
+        training.run("finetune", p, **files)
+    _killed_after_one_epoch(p, ds, tmp_path / "r")
+    io.save_torch(tmp_path / "r" / "pretrain.pt", _shrunk(io.load_checkpoint(tmp_path / "r" / "pretrain.pt")))
+    training.run("pretrain", p, **files)
+    assert "does not fit resnet32" in capsys.readouterr().err
+    assert [f.name.split(".corrupt-")[0] for f in (tmp_path / "r").iterdir()] == ["pretrain.pt"]
 
 
 def test_a_second_stage_command_in_one_workspace_names_the_holder(tmp_path):
