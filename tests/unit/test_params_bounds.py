@@ -237,3 +237,26 @@ def test_an_integer_python_cannot_read_is_a_yaml_error_in_one_line(text):
 
     with pytest.raises(LongtailError, match=r"^params file p is not valid YAML \(line 1: cannot read the integer "):
         yaml_text(text, "params file p")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, tiny):
+    """A "billion laughs" params file (8 levels of 9 aliases each: 43 million values) took `longtail check`
+    about 35 s (one level more: minutes): PyYAML builds the aliases as shared lists, and each walk over
+    the params then visits every path. The reader now counts the expanded values and refuses such a file."""
+    import time
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml.safe_dump(tiny) + "\n".join(levels) + "\n")
+    start = time.monotonic()
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert time.monotonic() - start < 1
+    line = len(yaml.safe_dump(tiny).splitlines()) + 6  # a5: 9**6 values, the first level over the limit
+    assert str(err.value) == (f"params file {path} is not valid YAML (line {line}: its aliases (*name) expand to more "
+                              "than 100,000 values; write the values out or use fewer nested aliases)")
+    # aliases that expand to a sane size are read as before
+    path.write_text(yaml.safe_dump(tiny) + "\n".join(levels[:4]) + "\n")
+    with pytest.raises(LongtailError, match="^unknown key a0 in "):
+        load(path)
