@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from . import tools
 from .checks import yaml_value
 from .errors import LongtailError, unknown
 
@@ -222,13 +223,11 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
 
 
 def _dvc(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    try:
-        out = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise LongtailError("dvc is not installed or not on PATH") from None
+    tools.require("dvc")
+    out = subprocess.run(["dvc", *args], capture_output=True, text=True)
     if check and out.returncode != 0:
-        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
-        raise LongtailError(f"`dvc {' '.join(args)}` failed: {msg[-1] if msg else out.returncode}")
+        raise LongtailError(f"`dvc {' '.join(args)}` failed: "
+                            f"{tools.why_failed(out.returncode, out.stderr, out.stdout)}")
     return out
 
 
@@ -268,13 +267,13 @@ def queue_status() -> dict[str, str]:
 def start_queue(jobs: int) -> None:
     """`dvc queue start -j N`. Its output goes to a file, not a pipe: the detached workers inherit the
     command's output handles, and a pipe would stay open (and block the reader) until they exit."""
+    tools.require("dvc")
     with tempfile.TemporaryFile("w+") as fh:
         rc = subprocess.call(["dvc", "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
         if rc != 0:
             fh.seek(0)
-            lines = fh.read().strip().splitlines()
-            raise LongtailError(f"`dvc queue start -j {jobs}` failed: {lines[-1] if lines else rc}")
+            raise LongtailError(f"`dvc queue start -j {jobs}` failed: {tools.why_failed(rc, fh.read())}")
 
 
 STALL_POLLS = 6  # polls with experiments queued and none running anywhere before the workers count as gone
@@ -350,6 +349,7 @@ def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, 
         return 0
     from .tracking import ensure_experiment
 
+    tools.require("dvc")  # before the store is made
     ensure_experiment(experiment)
     names = queue(combos, name, echo)
     echo(f"{len(names)} experiment(s) queued")
