@@ -64,14 +64,38 @@ SET_FORMS = ("KEY=VALUE (a params.yaml key with dots), +KEY=VALUE to add a key, 
 
 
 def parse_set(items) -> list[tuple[str, str]]:
-    out = []
+    out, grammar = [], None
     for item in items or []:
         key, sep, value = item.partition("=")
         remove = key.strip().startswith("~")  # ~KEY, or ~KEY=VALUE (only while the key has that value); DVC refuses ~KEY=
         if (not sep and not remove) or (remove and sep and not value) or not key.strip("+~ "):
             raise LongtailError(f"-S takes {SET_FORMS}, got {item!r}")
+        if grammar is None:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            grammar = OverridesParser.create()
+        _check_grammar(grammar, item, key.strip(), value)
         out.append((key.strip(), value))
     return out
+
+
+def _check_grammar(grammar, item: str, key: str, value: str) -> None:
+    """DVC reads each -S with Hydra's override grammar: a value it cannot parse (`[x`) failed only when
+    DVC ran, with DVC's support footer as the message; a sweep value (`a,b`) made DVC queue one
+    experiment per value, unchecked."""
+    from hydra.errors import OverrideParseException
+
+    quoted = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+    try:
+        override = grammar.parse_overrides([item])[0]
+    except OverrideParseException as exc:
+        why = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LongtailError(f"-S {item!r} is not valid in DVC's -S syntax (Hydra's override grammar: {why}); "
+                            f"quote a value that holds brackets, braces, commas or quotes: -S \"{quoted}\"") from None
+    if override.is_sweep_override():
+        raise LongtailError(f"-S {item!r} is a Hydra sweep (one DVC experiment per value), which -S here does not "
+                            f"take: give the grid with --loss/--method/--dataset/--imbalance/--ratio/--seeds, or "
+                            f"quote a value that holds a comma: -S \"{quoted}\"")
 
 
 def _set(raw: dict, key: str, value) -> None:
