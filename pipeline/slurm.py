@@ -417,6 +417,7 @@ def ensure_server_experiment(experiment: str) -> None:
     uri = tracking.tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    tracking._check_store(uri)  # a server that is down: one line now, not MLflow's minutes of retries
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
