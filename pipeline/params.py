@@ -293,8 +293,13 @@ def parse(raw: dict) -> Params:
                             f"it must give at least 1")
     milestones = _get(t, "milestones", "train")
     factors = _get(t, "milestone_factors", "train")
-    if not isinstance(milestones, list) or not isinstance(factors, list) or len(milestones) != len(factors):
-        raise LongtailError("train.milestones and train.milestone_factors must be lists of the same length")
+    if not isinstance(milestones, list):
+        raise LongtailError(f"train.milestones must be a list of epoch numbers, got {milestones!r}")
+    if not isinstance(factors, list):
+        raise LongtailError(f"train.milestone_factors must be a list of lr factors, got {factors!r}")
+    if len(milestones) != len(factors):
+        raise LongtailError(f"train.milestones and train.milestone_factors must be lists of the same length (one "
+                            f"lr factor per milestone), got {len(milestones)} and {len(factors)} values")
     milestones = tuple(sched.epoch(_int(v, f"train.milestones[{i}]", lo=0)) for i, v in enumerate(milestones))
     if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise LongtailError(f"train.milestones must be strictly increasing, got {list(milestones)}"

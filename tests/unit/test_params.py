@@ -270,3 +270,20 @@ def test_longtail_check_rejects_a_bad_crt_value_in_one_line_before_any_work(defa
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), (command, err)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], command
+
+
+@pytest.mark.parametrize("milestones, factors, message", [
+    ("[1,", [0.1], "train.milestones must be a list of epoch numbers, got '[1,'"),
+    ({"a": 1}, [0.1], "train.milestones must be a list of epoch numbers, got {'a': 1}"),
+    ([160], 0.1, "train.milestone_factors must be a list of lr factors, got 0.1"),
+    ([160, 180], [0.1], "train.milestones and train.milestone_factors must be lists of the same length (one lr "
+                        "factor per milestone), got 2 and 1 values"),
+])
+def test_a_malformed_milestone_list_names_the_key_and_what_it_got(default_params, milestones, factors, message):
+    """A non-list train.milestones said `train.milestones and train.milestone_factors must be lists of the
+    same length`, naming both keys and neither value, when only one was malformed."""
+    raw = copy.deepcopy(default_params)
+    raw["train"].update(milestones=milestones, milestone_factors=factors)
+    with pytest.raises(LongtailError) as err:
+        parse(raw)
+    assert str(err.value) == message
