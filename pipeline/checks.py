@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import yaml
@@ -77,9 +79,27 @@ def closest(key, valid, prefix: str = "") -> str:
     return f" (valid: {', '.join(valid) or 'none'}{hint})"
 
 
+_PARAMS_FILE: ContextVar[str] = ContextVar("params_file", default="params.yaml")
+
+
+def params_file() -> str:
+    """The params file whose settings are being checked, as messages name it (`-p FILE`; else params.yaml)."""
+    return _PARAMS_FILE.get()
+
+
+@contextmanager
+def checking(params_file: str):
+    """Messages raised inside name this params file (`params.parse`, `params.check_plugins`)."""
+    token = _PARAMS_FILE.set(str(params_file))
+    try:
+        yield
+    finally:
+        _PARAMS_FILE.reset(token)
+
+
 def unknown_key(path: str, key, valid) -> LongtailError:
     prefix = f"{path}." if path else ""
-    return LongtailError(f"unknown key {prefix}{key} in params.yaml{closest(key, valid, prefix)}")
+    return LongtailError(f"unknown key {prefix}{key} in {params_file()}{closest(key, valid, prefix)}")
 
 
 def find_non_finite(node, path: str = ""):

@@ -287,3 +287,42 @@ def test_a_malformed_milestone_list_names_the_key_and_what_it_got(default_params
     with pytest.raises(LongtailError) as err:
         parse(raw)
     assert str(err.value) == message
+
+
+def test_errors_about_a_params_file_name_that_file(tmp_path, default_params):
+    """`longtail check -p /dev/null` said `params.yaml must be a mapping of keys to values`, and a truncated
+    -p file `missing key train in params.yaml`: the file at fault is named, also by the plugin checks."""
+    import yaml
+
+    from pipeline.params import check_plugins
+
+    with pytest.raises(LongtailError) as err:
+        load("/dev/null")
+    assert str(err.value) == "/dev/null must be a mapping of keys to values, got nothing (it is empty)"
+    path = tmp_path / "mine.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert str(err.value) == f"{path} must be a mapping of keys to values, got ['a', 'b']"
+    raw = copy.deepcopy(default_params)
+    del raw["train"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert str(err.value) == f"missing key train in {path}"
+    raw = copy.deepcopy(default_params)
+    raw["train"]["epoch"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert str(err.value) == f"unknown key train.epoch in {path} (did you mean train.epochs?)"
+    raw = copy.deepcopy(default_params)
+    raw["losses"]["focal"]["gama"] = 2
+    path.write_text(yaml.safe_dump(raw))
+    p = load(path)
+    with pytest.raises(LongtailError) as err:
+        check_plugins(p)
+    assert str(err.value) == f"unknown key losses.focal.gama in {path} (did you mean losses.focal.gamma?)"
+    with pytest.raises(LongtailError) as err:  # the settings of params.yaml (sweep, demo) say so, as before
+        parse({**default_params, "train": {**default_params["train"], "epoch": 3}})
+    assert str(err.value) == "unknown key train.epoch in params.yaml (did you mean train.epochs?)"

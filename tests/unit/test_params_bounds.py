@@ -78,12 +78,13 @@ def _write(path, raw: dict, extra: str = "") -> None:
     ("\ntracking:\n  False: 1\n", f"unknown key tracking.False in params.yaml (valid: experiment; {YAML_KEYS})"),
     ("\nlosses:\n  ce: {5: .nan}\n", "losses.ce.5 must be a finite number, got nan"),  # was a KeyError
 ])
-def test_a_key_that_yaml_reads_as_no_string_is_named(tmp_path, tiny, extra, message):
+def test_a_key_that_yaml_reads_as_no_string_is_named(tmp_path, monkeypatch, tiny, extra, message):
     """A key YAML reads as no string (true, null, 1) gave difflib's TypeError."""
     tiny.pop("tracking"), tiny.pop("losses")
     _write(tmp_path / "params.yaml", tiny, extra)
+    monkeypatch.chdir(tmp_path)  # the file as the stages name it (a message names the file as given)
     with pytest.raises(LongtailError) as err:
-        load(tmp_path / "params.yaml")
+        load("params.yaml")
     assert str(err.value) == message
 
 
