@@ -194,6 +194,8 @@ def test_a_missing_dvc_or_git_is_one_line_in_every_command_that_runs_them(tmp_pa
     project.mkdir()
     for f in ("params.yaml", "dvc.yaml"):
         (project / f).write_text((ROOT / f).read_text())
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "init"]):  # a clone: the demo gets as far as dvc
+        subprocess.run(["git", *args], cwd=project, env=clean_env(), check=True)
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo"], cwd=project, env=clean_env(PATH=str(bin_)),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
