@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import yaml
@@ -77,9 +79,27 @@ def closest(key, valid, prefix: str = "") -> str:
     return f" (valid: {', '.join(valid) or 'none'}{hint})"
 
 
+_PARAMS_FILE: ContextVar[str] = ContextVar("params_file", default="params.yaml")
+
+
+def params_file() -> str:
+    """The params file whose settings are being checked, as messages name it (`-p FILE`; else params.yaml)."""
+    return _PARAMS_FILE.get()
+
+
+@contextmanager
+def checking(params_file: str):
+    """Messages raised inside name this params file (`params.parse`, `params.check_plugins`)."""
+    token = _PARAMS_FILE.set(str(params_file))
+    try:
+        yield
+    finally:
+        _PARAMS_FILE.reset(token)
+
+
 def unknown_key(path: str, key, valid) -> LongtailError:
     prefix = f"{path}." if path else ""
-    return LongtailError(f"unknown key {prefix}{key} in params.yaml{closest(key, valid, prefix)}")
+    return LongtailError(f"unknown key {prefix}{key} in {params_file()}{closest(key, valid, prefix)}")
 
 
 def find_non_finite(node, path: str = ""):
@@ -97,9 +117,18 @@ def find_non_finite(node, path: str = ""):
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+MAX_NODES = 100_000  # values of a document with its aliases expanded: params files have a few hundred
+
+
 class Loader(yaml.SafeLoader):
     """yaml.SafeLoader with YAML 1.2 floats (1e-3, 5E+2 and .5 are numbers) that refuses a key given
-    twice in one mapping (PyYAML would keep the last one silently)."""
+    twice in one mapping (PyYAML would keep the last one silently), and a document whose aliases
+    expand to more than MAX_NODES values (a "billion laughs": nested anchors that PyYAML builds as
+    shared objects, which every walk over the params then visits once per path, for minutes)."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -117,6 +146,31 @@ class Loader(yaml.SafeLoader):
                         None, None, f"the key {key!r} is given twice (first at line {first.start_mark.line + 1}); "
                                     "keep one", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root) -> None:
+    """Count the values of a composed document as if each alias were written out: a node's count is
+    computed once (an anchored node is one object however often it is aliased), so this is quick."""
+    sizes: dict = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias (&a [*a]) counts once here; PyYAML builds it as a cycle
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            n = 1
+        if n > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases (*name) expand to more than {MAX_NODES:,} values; write the values out "
+                            "or use fewer nested aliases", node.start_mark)
+        sizes[id(node)] = n
+        return n
+
+    size(root)
 
 
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

@@ -11,6 +11,7 @@ import time
 
 import yaml
 
+from . import tools
 from .checks import yaml_file, yaml_text
 from .data import profile_label
 from .errors import LongtailError
@@ -45,6 +46,7 @@ def digits_overrides(committed: dict) -> list[str]:
 
 
 def committed_params(path: str = "params.yaml") -> dict:
+    tools.require("git")
     res = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
     if res.returncode != 0:
         raise LongtailError("longtail demo runs a DVC experiment, which needs a git repository with params.yaml "
@@ -106,6 +108,7 @@ def _run_filtered(cmd: list[str]) -> int:
 def run(extra: list[str], temp: bool, echo) -> int:
     if not os.path.exists("params.yaml"):
         raise LongtailError("params.yaml not found: run `longtail demo` at the project root")
+    tools.require("dvc")
     workspace = yaml_file("params.yaml", "params file params.yaml") or {}
     committed = committed_params()
     restore = restore_args(committed, workspace)

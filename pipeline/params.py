@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import registry
-from .checks import check_number, check_seed, find_non_finite, unknown_key, yaml_file
+from .checks import check_number, check_seed, checking, find_non_finite, params_file, unknown_key, yaml_file
 from .data import DATASETS, IMAGE_SIDES, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
 from .errors import LongtailError, full_stage_one_error, n_max_error
 from .tracking import DEFAULT_EXPERIMENT
@@ -131,6 +131,7 @@ class Params:
     sampler_params: dict  # name -> params
     experiment: str
     raw: dict = field(repr=False, compare=False)
+    source: str = field(default="params.yaml", repr=False, compare=False)  # the file, as messages name it
 
     def section(self, *keys: str) -> dict:
         """The raw values of some top-level keys (what a stage logs as its params)."""
@@ -145,7 +146,7 @@ def _get(d: dict, key: str, path: str):
         known = TOP_KEYS if not path else SECTION_KEYS.get(path, ())  # a valid key there is no misspelling
         near = difflib.get_close_matches(key, [str(k) for k in d if k not in known], n=1, cutoff=0.75)
         hint = f" ({prefix}{near[0]} is there: did you mean {prefix}{key}?)" if near else ""
-        raise LongtailError(f"missing key {prefix}{key} in params.yaml{hint}")
+        raise LongtailError(f"missing key {prefix}{key} in {params_file()}{hint}")
     return d[key]
 
 
@@ -249,10 +250,18 @@ def _plugin_params(raw: dict, group_key: str, name: str) -> dict:
     return dict(params)
 
 
-def parse(raw: dict) -> Params:
-    """Validate a params mapping (as read from params.yaml) and return typed settings."""
+def parse(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as read from params.yaml, or the `source` file that messages name) and
+    return typed settings."""
+    with checking(source):
+        return _parse(raw, source)
+
+
+def _parse(raw: dict, source: str) -> Params:
     if not isinstance(raw, dict):
-        raise LongtailError("params.yaml must be a mapping of keys to values")
+        got = "nothing (it is empty)" if raw is None else repr(raw)
+        got = got if len(got) <= 60 else f"a {type(raw).__name__}"
+        raise LongtailError(f"{source} must be a mapping of keys to values, got {got}")
     bad = find_non_finite(raw)
     if bad:
         raise LongtailError(f"{bad[0]} must be a finite number, got {bad[1]!r}")
@@ -293,8 +302,13 @@ def parse(raw: dict) -> Params:
                             f"it must give at least 1")
     milestones = _get(t, "milestones", "train")
     factors = _get(t, "milestone_factors", "train")
-    if not isinstance(milestones, list) or not isinstance(factors, list) or len(milestones) != len(factors):
-        raise LongtailError("train.milestones and train.milestone_factors must be lists of the same length")
+    if not isinstance(milestones, list):
+        raise LongtailError(f"train.milestones must be a list of epoch numbers, got {milestones!r}")
+    if not isinstance(factors, list):
+        raise LongtailError(f"train.milestone_factors must be a list of lr factors, got {factors!r}")
+    if len(milestones) != len(factors):
+        raise LongtailError(f"train.milestones and train.milestone_factors must be lists of the same length (one "
+                            f"lr factor per milestone), got {len(milestones)} and {len(factors)} values")
     milestones = tuple(sched.epoch(_int(v, f"train.milestones[{i}]", lo=0)) for i, v in enumerate(milestones))
     if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise LongtailError(f"train.milestones must be strictly increasing, got {list(milestones)}"
@@ -374,6 +388,7 @@ def parse(raw: dict) -> Params:
         sampler_params={n: _plugin_params(raw, "samplers", n) for n in {train.sampler, finetune.sampler}},
         experiment=experiment,
         raw=copy.deepcopy(raw),
+        source=source,
     )
 
 
@@ -436,6 +451,11 @@ def check_plugins(p: Params, class_counts: list[int] | None = None) -> None:
     """Before any work: import every selected plugin, bind every plugin section of params.yaml to its
     plugin's build signature, and build the selected losses, re-weightings, samplers and fine-tune
     strategy (with `class_counts`, or the counts `expected_counts` knows). Errors name the key."""
+    with checking(p.source):
+        _check_plugins(p, class_counts)
+
+
+def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
     counts = class_counts if class_counts is not None else expected_counts(p)
     selected = {("losses", p.loss), ("models", p.model_arch), ("finetune", p.finetune.strategy),
                 ("reweighting", p.train.reweighting), ("reweighting", p.finetune.reweighting),
@@ -483,4 +503,4 @@ def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise LongtailError(f"params file {path} not found (run from the project root, or pass --params)")
-    return parse(yaml_file(path, f"params file {path}"))
+    return parse(yaml_file(path, f"params file {path}"), str(path))

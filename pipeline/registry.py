@@ -165,7 +165,7 @@ def load(group: str, name: str):
 def bind(fn, args: tuple, params: dict, param_key: str) -> None:
     """Check params against a build function's signature (inspect.signature(...).bind): an unknown key
     names the closest accepted one, a missing required one is named. One line, no call."""
-    from .checks import closest
+    from .checks import closest, params_file
 
     try:
         sig = inspect.signature(fn)
@@ -176,7 +176,7 @@ def bind(fn, args: tuple, params: dict, param_key: str) -> None:
     takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     for key in params:
         if not isinstance(key, str) or (key not in accepted and not takes_any):
-            raise LongtailError(f"unknown key {param_key}.{key} in params.yaml"
+            raise LongtailError(f"unknown key {param_key}.{key} in {params_file()}"
                                 f"{closest(str(key), accepted, param_key + '.')}")
     try:
         sig.bind(*args, **params)

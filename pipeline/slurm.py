@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tools
 from .errors import LongtailError
 
 EXECUTORS = ("local", "slurm")
@@ -187,10 +188,11 @@ def options(section: dict | None, flags: dict, extra: list[str] = ()) -> SlurmOp
 # -- the project and its sweeps ------------------------------------------------------------------
 
 def _git(args: list[str], cwd: Path | str = ".", check: bool = True) -> str:
+    tools.require("git")
     out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if check and out.returncode != 0:
-        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
-        raise LongtailError(f"`git {' '.join(args)}` failed: {msg[-1] if msg else out.returncode}")
+        raise LongtailError(f"`git {' '.join(args)}` failed: "
+                            f"{tools.why_failed(out.returncode, out.stderr, out.stdout)}")
     return out.stdout.strip()
 
 
@@ -200,6 +202,7 @@ def exp_ref(commit: str, name: str) -> str:
 
 
 def has_ref(repo: Path | str, ref: str) -> bool:
+    tools.require("git")
     return subprocess.run(["git", "show-ref", "--verify", "--quiet", ref], cwd=repo).returncode == 0
 
 
@@ -414,6 +417,7 @@ def ensure_server_experiment(experiment: str) -> None:
     uri = tracking.tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    tracking._check_store(uri)  # a server that is down: one line now, not MLflow's minutes of retries
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

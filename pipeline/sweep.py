@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from . import tools
 from .checks import yaml_value
 from .errors import LongtailError, unknown
 
@@ -63,14 +64,38 @@ SET_FORMS = ("KEY=VALUE (a params.yaml key with dots), +KEY=VALUE to add a key, 
 
 
 def parse_set(items) -> list[tuple[str, str]]:
-    out = []
+    out, grammar = [], None
     for item in items or []:
         key, sep, value = item.partition("=")
         remove = key.strip().startswith("~")  # ~KEY, or ~KEY=VALUE (only while the key has that value); DVC refuses ~KEY=
         if (not sep and not remove) or (remove and sep and not value) or not key.strip("+~ "):
             raise LongtailError(f"-S takes {SET_FORMS}, got {item!r}")
+        if grammar is None:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            grammar = OverridesParser.create()
+        _check_grammar(grammar, item, key.strip(), value)
         out.append((key.strip(), value))
     return out
+
+
+def _check_grammar(grammar, item: str, key: str, value: str) -> None:
+    """DVC reads each -S with Hydra's override grammar: a value it cannot parse (`[x`) failed only when
+    DVC ran, with DVC's support footer as the message; a sweep value (`a,b`) made DVC queue one
+    experiment per value, unchecked."""
+    from hydra.errors import OverrideParseException
+
+    quoted = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+    try:
+        override = grammar.parse_overrides([item])[0]
+    except OverrideParseException as exc:
+        why = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LongtailError(f"-S {item!r} is not valid in DVC's -S syntax (Hydra's override grammar: {why}); "
+                            f"quote a value that holds brackets, braces, commas or quotes: -S \"{quoted}\"") from None
+    if override.is_sweep_override():
+        raise LongtailError(f"-S {item!r} is a Hydra sweep (one DVC experiment per value), which -S here does not "
+                            f"take: give the grid with --loss/--method/--dataset/--imbalance/--ratio/--seeds, or "
+                            f"quote a value that holds a comma: -S \"{quoted}\"")
 
 
 def _set(raw: dict, key: str, value) -> None:
@@ -222,13 +247,11 @@ def build_grid(base: dict, *, losses=(), methods=(), datasets=(), imbalances=(),
 
 
 def _dvc(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    try:
-        out = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise LongtailError("dvc is not installed or not on PATH") from None
+    tools.require("dvc")
+    out = subprocess.run(["dvc", *args], capture_output=True, text=True)
     if check and out.returncode != 0:
-        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
-        raise LongtailError(f"`dvc {' '.join(args)}` failed: {msg[-1] if msg else out.returncode}")
+        raise LongtailError(f"`dvc {' '.join(args)}` failed: "
+                            f"{tools.why_failed(out.returncode, out.stderr, out.stdout)}")
     return out
 
 
@@ -268,13 +291,13 @@ def queue_status() -> dict[str, str]:
 def start_queue(jobs: int) -> None:
     """`dvc queue start -j N`. Its output goes to a file, not a pipe: the detached workers inherit the
     command's output handles, and a pipe would stay open (and block the reader) until they exit."""
+    tools.require("dvc")
     with tempfile.TemporaryFile("w+") as fh:
         rc = subprocess.call(["dvc", "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
         if rc != 0:
             fh.seek(0)
-            lines = fh.read().strip().splitlines()
-            raise LongtailError(f"`dvc queue start -j {jobs}` failed: {lines[-1] if lines else rc}")
+            raise LongtailError(f"`dvc queue start -j {jobs}` failed: {tools.why_failed(rc, fh.read())}")
 
 
 STALL_POLLS = 6  # polls with experiments queued and none running anywhere before the workers count as gone
@@ -350,6 +373,7 @@ def main(params: Path, *, losses, methods, datasets, imbalances, ratios, seeds, 
         return 0
     from .tracking import ensure_experiment
 
+    tools.require("dvc")  # before the store is made
     ensure_experiment(experiment)
     names = queue(combos, name, echo)
     echo(f"{len(names)} experiment(s) queued")

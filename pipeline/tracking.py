@@ -59,9 +59,30 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
-def _check_store(uri: str, write: bool = True) -> None:
-    """A store path that MLflow cannot open fails here at once: MLflow retries opening it for about
-    two minutes, with a warning at each try, before it gives up with a traceback."""
+# the store URIs MLflow opens (tracking and model registry alike), as a message lists them
+STORE_SCHEMES = {"": "a file path", "file": "file:///path", "sqlite": "sqlite:///path.db",
+                 "postgresql": "postgresql://", "mysql": "mysql://", "mssql": "mssql://",
+                 "http": "http(s)://host:port", "https": "", "databricks": "databricks"}
+SERVER_TIMEOUT = 5.0  # seconds a tracking server gets to accept a connection
+
+
+def _check_store(uri: str, write: bool = True, stage: bool = False) -> None:
+    """A store that MLflow cannot open fails here at once, in one line: MLflow retries opening a store
+    path for about two minutes (a tracking server that is down: over four, with SIGTERM held back,
+    as store calls run shielded), with a warning at each try, before it gives up with a traceback;
+    a URI of no store type gave MLflow's traceback. `stage`: the message offers --no-track."""
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(uri).scheme.split("+")[0].lower()  # postgresql+psycopg2:// is postgresql's
+    if len(scheme) == 1:  # a Windows drive (C:...): a file path
+        scheme = ""
+    if scheme not in STORE_SCHEMES and scheme not in _plugin_schemes():
+        valid = ", ".join(v for v in STORE_SCHEMES.values() if v)
+        raise LongtailError(f"the MLflow store {_shown(uri)} (MLFLOW_TRACKING_URI) is of no store type MLflow "
+                            f"opens (valid: {valid})")
+    if scheme in ("http", "https"):
+        _check_server(uri, stage)
+        return
     db = _sqlite_file(uri)
     if db is None:
         return
@@ -72,8 +93,69 @@ def _check_store(uri: str, write: bool = True) -> None:
     folder = next(f for f in db.parents if f.exists())  # its folder, or the nearest one above that exists
     if not folder.is_dir():
         raise LongtailError(f"the MLflow store {uri} cannot be made: {folder} is a file, not a folder")
+    if folder != db.parent:  # MLflow would make the missing folders: a mistyped path became a new, empty store
+        raise LongtailError(f"the MLflow store {uri} cannot be made: its folder {db.parent} does not exist "
+                            "(create it, or fix MLFLOW_TRACKING_URI)")
     if not os.access(folder, os.W_OK | os.X_OK):  # sqlite writes a journal beside it
         raise LongtailError(f"the MLflow store {uri} cannot be written: its folder {folder} is not writable")
+
+
+def _plugin_schemes() -> set[str]:
+    """Store types that installed MLflow plugins add (entry points of group mlflow.tracking_store)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}
+
+
+def _shown(uri: str) -> str:
+    """A store URI without the password it may hold (https://user:secret@host)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def _check_server(uri: str, stage: bool) -> None:
+    """A plain TCP connect to the tracking server (or the proxy that requests would use for it), with
+    SERVER_TIMEOUT: MLflow's own client retries a server that is down for minutes before it fails."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    how = "start it, fix MLFLOW_TRACKING_URI" + (", or use --no-track" if stage else "")
+    parts = urlsplit(uri)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:  # a port that is no number or out of range
+        host = port = None
+    if not host or not port:
+        raise LongtailError(f"the MLflow server {_shown(uri)} (MLFLOW_TRACKING_URI) names no valid host and port "
+                            f"(valid: http(s)://HOST[:PORT])")
+    where = ""
+    proxy = urllib.request.getproxies().get(parts.scheme.lower())
+    if proxy and not urllib.request.proxy_bypass(host):  # requests (MLflow's client) goes through it
+        try:
+            p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            host, port, where = p.hostname, p.port or 80, f" through the proxy {p.hostname}:{p.port or 80}"
+        except ValueError:
+            return  # a proxy setting requests itself will complain about
+    try:
+        socket.create_connection((host, port), timeout=SERVER_TIMEOUT).close()
+        return
+    except socket.gaierror:
+        why = f"unknown host {host}"
+    except TimeoutError:
+        why = f"no answer in {SERVER_TIMEOUT:g} s"
+    except ConnectionRefusedError:
+        why = "connection refused"
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    raise LongtailError(f"the MLflow server {_shown(uri)} (MLFLOW_TRACKING_URI) cannot be reached{where} ({why}): {how}")
 
 
 def _active(exp, name: str):
@@ -298,11 +380,11 @@ def _init_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def client_and_experiment(name: str):
+def client_and_experiment(name: str, stage: bool = False):
     """(MlflowClient, experiment id), creating the store and the experiment under the init lock."""
+    _check_store(tracking_uri(), stage=stage)  # before MLflow is imported (seconds on a busy machine)
     from mlflow.tracking import MlflowClient
 
-    _check_store(tracking_uri())
     with _init_lock():  # each store call (the first creates / migrates the schema) runs whole, in _retry
         client = MlflowClient(tracking_uri=tracking_uri())
         return client, _experiment_id(client, name)
@@ -401,7 +483,7 @@ def stage_run(stage: str, raw_params: dict, experiment: str = DEFAULT_EXPERIMENT
     carries what a user compares (method, dataset, imbalance, ratio, seed as tags; final / best top-1,
     many / medium / few, wall time as metrics); it ends FINISHED after the evaluate stage, FAILED when a
     stage fails, KILLED when one is interrupted (Ctrl-C, SIGTERM), and is RUNNING in between."""
-    client, exp_id = client_and_experiment(experiment)
+    client, exp_id = client_and_experiment(experiment, stage=True)
     group, commit = _group(raw_params)
     # Everything from here runs inside the try: a stop (Ctrl-C, SIGTERM) that arrives while the runs
     # are being set up still ends them KILLED. A store call runs whole (interrupts.shielded, in
@@ -494,10 +576,10 @@ def ensure_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:
 def existing_experiment(experiment: str = DEFAULT_EXPERIMENT):
     """(client, experiment) of a store and experiment that already exist, else None; an sqlite store
     that does not exist yet is not created."""
-    from mlflow.tracking import MlflowClient
-
     uri = tracking_uri()
     _check_store(uri, write=False)
+    from mlflow.tracking import MlflowClient
+
     db = _sqlite_file(uri)
     if db is not None and not db.exists():
         return None

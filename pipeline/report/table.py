@@ -128,19 +128,34 @@ def parse_where(items) -> list[tuple]:
     return out
 
 
+def _check_where_keys(runs: list[dict], where: list[tuple]) -> None:
+    """A --where key that no run has (a param, a tag or 'method') is a typo, not a filter that matched
+    nothing: name it and the closest key the runs have."""
+    import difflib
+
+    if not runs:
+        return
+    known = {"method"} | {k for r in runs for k in (*r["params"], *r["tags"])}
+    for key, _, _ in where:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else "a param, a tag or 'method' of the runs"
+            raise LongtailError(f"--where {key}: no run in the store has the key {key!r} ({hint})")
+
+
 def build_table(runs: list[dict], names: MethodNames | None = None, where=(), ignore=()) -> Table:
     """Name, filter, group and de-duplicate evaluate runs into cells (seed duplicates: the latest run wins)."""
     names = names or MethodNames.load()
-    enriched = []
+    every = []
     for r in runs:
         params = {**OPTIONAL, **r.get("params", {})}  # a run from before a key existed had its default
         if not all(k in params for k in AXES):
             continue
-        run = {**r, "params": params, "tags": r.get("tags", {}), "metrics": r.get("metrics", {}),
-               "method": names.name(params), "column": column_of(params), "seed": _seed(params),
-               "sig": {k: norm(v) for k, v in signature(params, ignore).items()}}
-        if _where_ok(run, where):
-            enriched.append(run)
+        every.append({**r, "params": params, "tags": r.get("tags", {}), "metrics": r.get("metrics", {}),
+                      "method": names.name(params), "column": column_of(params), "seed": _seed(params),
+                      "sig": {k: norm(v) for k, v in signature(params, ignore).items()}})
+    _check_where_keys(every, where)
+    enriched = [run for run in every if _where_ok(run, where)]
     common = common_settings(enriched, names)
     by_method = defaultdict(list)
     for r in enriched:

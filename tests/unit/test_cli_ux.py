@@ -236,3 +236,62 @@ def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, default_params
     code, err = _longtail(monkeypatch, capsys, "export-images", "/proc/x", "--dataset", "digits")
     assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot write /proc/x: "), err
     assert Path("params.yaml").read_text() == yaml.safe_dump(raw)
+
+
+def test_a_missing_dvc_or_git_is_one_line_in_every_command_that_runs_them(tmp_path, monkeypatch):
+    """`longtail demo` without dvc on PATH (a virtual environment run by its path, not activated) gave a
+    FileNotFoundError traceback; `sweep` already said so in one line. Every command that runs dvc or git
+    now asks pipeline.tools first."""
+    import shutil
+
+    from pipeline import slurm, sweep, tools
+    from pipeline.errors import LongtailError
+
+    bin_ = tmp_path / "bin"  # git, but no dvc
+    bin_.mkdir()
+    (bin_ / "git").symlink_to(shutil.which("git"))
+    project = tmp_path / "project"
+    project.mkdir()
+    for f in ("params.yaml", "dvc.yaml"):
+        (project / f).write_text((ROOT / f).read_text())
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "init"]):  # a clone: the demo gets as far as dvc
+        subprocess.run(["git", *args], cwd=project, env=clean_env(), check=True)
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo"], cwd=project, env=clean_env(PATH=str(bin_)),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: dvc is not installed or not on PATH"), out.stderr
+    if (Path(sys.executable).parent / "dvc").is_file():  # this environment's dvc: run it activated
+        assert f"it is in {Path(sys.executable).parent}, the environment longtail runs from" in out.stderr
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for call in (lambda: sweep._dvc(["queue", "status"]), lambda: sweep.start_queue(1), demo.committed_params,
+                 lambda: slurm._git(["rev-parse", "HEAD"]), lambda: slurm.has_ref(".", "refs/heads/x")):
+        with pytest.raises(LongtailError, match=r"^(dvc|git) is not installed or not on PATH"):
+            call()
+    monkeypatch.setenv("PATH", str(bin_))
+    assert tools.require("git") == str(bin_ / "git")
+
+
+def test_a_failed_dvc_command_is_named_by_its_error_line_not_its_support_footer(tmp_path, monkeypatch):
+    """A dvc command that failed was reported by the last line of its output, DVC's "Having any troubles?
+    Hit us up at https://dvc.org/support" footer; its ERROR line said why."""
+    from pipeline import sweep
+    from pipeline.errors import LongtailError
+
+    monkeypatch.chdir(tmp_path)
+    for key, value in clean_env().items():
+        monkeypatch.setenv(key, value)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["dvc", "init", "-q"], check=True)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo hi\n    params: [a]\n")
+    subprocess.run(["git", "add", "-A"], check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], check=True)
+    with pytest.raises(LongtailError) as err:  # what `longtail sweep -S` now refuses before DVC runs
+        sweep._dvc(["exp", "run", "--queue", "-S", "a=[x"])
+    assert str(err.value) == ("`dvc exp run --queue -S a=[x` failed: unexpected error - no viable alternative at "
+                              "input '[x'")
+    from pipeline.tools import why_failed
+
+    assert why_failed(128, "fatal: not a git repository (or any of the parent directories): .git\n") == \
+        "not a git repository (or any of the parent directories): .git"
+    assert why_failed(1, "", "one\nlast\n") == "last" and why_failed(3, "", "") == "exit status 3"

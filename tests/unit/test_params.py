@@ -270,3 +270,59 @@ def test_longtail_check_rejects_a_bad_crt_value_in_one_line_before_any_work(defa
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(message), (command, err)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], command
+
+
+@pytest.mark.parametrize("milestones, factors, message", [
+    ("[1,", [0.1], "train.milestones must be a list of epoch numbers, got '[1,'"),
+    ({"a": 1}, [0.1], "train.milestones must be a list of epoch numbers, got {'a': 1}"),
+    ([160], 0.1, "train.milestone_factors must be a list of lr factors, got 0.1"),
+    ([160, 180], [0.1], "train.milestones and train.milestone_factors must be lists of the same length (one lr "
+                        "factor per milestone), got 2 and 1 values"),
+])
+def test_a_malformed_milestone_list_names_the_key_and_what_it_got(default_params, milestones, factors, message):
+    """A non-list train.milestones said `train.milestones and train.milestone_factors must be lists of the
+    same length`, naming both keys and neither value, when only one was malformed."""
+    raw = copy.deepcopy(default_params)
+    raw["train"].update(milestones=milestones, milestone_factors=factors)
+    with pytest.raises(LongtailError) as err:
+        parse(raw)
+    assert str(err.value) == message
+
+
+def test_errors_about_a_params_file_name_that_file(tmp_path, default_params):
+    """`longtail check -p /dev/null` said `params.yaml must be a mapping of keys to values`, and a truncated
+    -p file `missing key train in params.yaml`: the file at fault is named, also by the plugin checks."""
+    import yaml
+
+    from pipeline.params import check_plugins
+
+    with pytest.raises(LongtailError) as err:
+        load("/dev/null")
+    assert str(err.value) == "/dev/null must be a mapping of keys to values, got nothing (it is empty)"
+    path = tmp_path / "mine.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert str(err.value) == f"{path} must be a mapping of keys to values, got ['a', 'b']"
+    raw = copy.deepcopy(default_params)
+    del raw["train"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert str(err.value) == f"missing key train in {path}"
+    raw = copy.deepcopy(default_params)
+    raw["train"]["epoch"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert str(err.value) == f"unknown key train.epoch in {path} (did you mean train.epochs?)"
+    raw = copy.deepcopy(default_params)
+    raw["losses"]["focal"]["gama"] = 2
+    path.write_text(yaml.safe_dump(raw))
+    p = load(path)
+    with pytest.raises(LongtailError) as err:
+        check_plugins(p)
+    assert str(err.value) == f"unknown key losses.focal.gama in {path} (did you mean losses.focal.gamma?)"
+    with pytest.raises(LongtailError) as err:  # the settings of params.yaml (sweep, demo) say so, as before
+        parse({**default_params, "train": {**default_params["train"], "epoch": 3}})
+    assert str(err.value) == "unknown key train.epoch in params.yaml (did you mean train.epochs?)"

@@ -78,12 +78,13 @@ def _write(path, raw: dict, extra: str = "") -> None:
     ("\ntracking:\n  False: 1\n", f"unknown key tracking.False in params.yaml (valid: experiment; {YAML_KEYS})"),
     ("\nlosses:\n  ce: {5: .nan}\n", "losses.ce.5 must be a finite number, got nan"),  # was a KeyError
 ])
-def test_a_key_that_yaml_reads_as_no_string_is_named(tmp_path, tiny, extra, message):
+def test_a_key_that_yaml_reads_as_no_string_is_named(tmp_path, monkeypatch, tiny, extra, message):
     """A key YAML reads as no string (true, null, 1) gave difflib's TypeError."""
     tiny.pop("tracking"), tiny.pop("losses")
     _write(tmp_path / "params.yaml", tiny, extra)
+    monkeypatch.chdir(tmp_path)  # the file as the stages name it (a message names the file as given)
     with pytest.raises(LongtailError) as err:
-        load(tmp_path / "params.yaml")
+        load("params.yaml")
     assert str(err.value) == message
 
 
@@ -237,3 +238,26 @@ def test_an_integer_python_cannot_read_is_a_yaml_error_in_one_line(text):
 
     with pytest.raises(LongtailError, match=r"^params file p is not valid YAML \(line 1: cannot read the integer "):
         yaml_text(text, "params file p")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, tiny):
+    """A "billion laughs" params file (8 levels of 9 aliases each: 43 million values) took `longtail check`
+    about 35 s (one level more: minutes): PyYAML builds the aliases as shared lists, and each walk over
+    the params then visits every path. The reader now counts the expanded values and refuses such a file."""
+    import time
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml.safe_dump(tiny) + "\n".join(levels) + "\n")
+    start = time.monotonic()
+    with pytest.raises(LongtailError) as err:
+        load(path)
+    assert time.monotonic() - start < 1
+    line = len(yaml.safe_dump(tiny).splitlines()) + 6  # a5: 9**6 values, the first level over the limit
+    assert str(err.value) == (f"params file {path} is not valid YAML (line {line}: its aliases (*name) expand to more "
+                              "than 100,000 values; write the values out or use fewer nested aliases)")
+    # aliases that expand to a sane size are read as before
+    path.write_text(yaml.safe_dump(tiny) + "\n".join(levels[:4]) + "\n")
+    with pytest.raises(LongtailError, match="^unknown key a0 in "):
+        load(path)

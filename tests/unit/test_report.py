@@ -246,6 +246,25 @@ def test_runs_differing_in_other_params_get_separate_rows(default_params):
         report.parse_where(["!=8"])
 
 
+def test_a_where_key_that_no_run_has_is_named_with_the_closest_one(default_params, tmp_path):
+    """`longtail report --where train.epoch=4` (a misspelled key) said `no finished evaluate runs match
+    --where ...: run experiments first`, as if the filter had been right and the runs were missing."""
+    runs = [run(flat(default_params, seed=s), {"best_error": 0.3}, start=s) for s in (0, 1)]
+    for where, message in ((["train.epoch=4"], "--where train.epoch: no run in the store has the key 'train.epoch' "
+                                               "(did you mean train.epochs?)"),
+                           (["seed=0", "zzz!=1"], "--where zzz: no run in the store has the key 'zzz' (a param, a "
+                                                  "tag or 'method' of the runs)")):
+        with pytest.raises(LongtailError) as err:
+            report.generate(runs, tmp_path / "r", where=report.parse_where(where))
+        assert str(err.value) == message
+    assert not (tmp_path / "r").exists()
+    # a key the runs have (a param, a tag, the method) with no run at that value: the runs are missing
+    for where in ("train.epochs=4", "longtail.group=x", "method=LDAM"):
+        with pytest.raises(LongtailError, match=r"^no finished evaluate runs match --where in the store"):
+            report.generate(runs, tmp_path / "r", where=report.parse_where([where]))
+    assert len(report.build_table(runs, where=report.parse_where(["method=ERM-DRW"])).runs) == 2
+
+
 def test_a_run_logged_before_a_param_existed_shares_the_cell_of_runs_at_its_default(default_params):
     """data.image_size came after the CIFAR-10-LT runs: a second seed logged with `auto` must join the
     first seed's cell (logged without the key), not become a row of its own; another size is its own row."""

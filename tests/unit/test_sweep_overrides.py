@@ -88,3 +88,41 @@ def test_the_demo_runs_valid_overrides_and_leaves_other_arguments_to_dvc(demo_he
     assert demo.run(["-S", "loss=ldam", "-S", "~train.nesterov", "-f"], True, lambda *a, **k: None) == 1
     assert demo_here[0][-5:] == ["-S", "loss=ldam", "-S", "~train.nesterov", "-f"]
     assert demo.run(["-S", "dataset=digits"], True, lambda *a, **k: None) == 1  # the demo's own value, again
+
+
+@pytest.mark.parametrize("item, message", [
+    ("data.root=[x", "-S 'data.root=[x' is not valid in DVC's -S syntax (Hydra's override grammar: no viable "
+                     "alternative at input '[x'); quote a value that holds brackets, braces, commas or quotes: "
+                     "-S \"data.root='[x'\""),
+    ("train.milestones=[1,", "-S 'train.milestones=[1,' is not valid in DVC's -S syntax (Hydra's override grammar: "
+                             "no viable alternative at input '[1,'); quote a value that holds brackets, braces, "
+                             "commas or quotes: -S \"train.milestones='[1,'\""),
+    ("data.root=a,b", "-S 'data.root=a,b' is a Hydra sweep (one DVC experiment per value), which -S here does not "
+                      "take: give the grid with --loss/--method/--dataset/--imbalance/--ratio/--seeds, or quote a "
+                      "value that holds a comma: -S \"data.root='a,b'\""),
+])
+def test_a_value_dvc_cannot_parse_is_refused_before_anything_is_queued(demo_here, tmp_path, item, message):
+    """`longtail sweep -S 'data.root=[x'` was queued (and --dry-run printed it): `dvc exp run --queue` then
+    failed with its support footer as the message, and `longtail demo` with DVC's multi-line error (exit
+    255). DVC reads -S with Hydra's override grammar; each value is now parsed with it first. A sweep
+    value (a,b) made DVC queue one experiment per value, unchecked."""
+    from pathlib import Path
+
+    from testkit import ROOT
+
+    for f in ("params.yaml", "dvc.yaml"):
+        (tmp_path / f).write_text((ROOT / f).read_text())
+    for dry_run in (True, False):
+        with pytest.raises(LongtailError) as err:
+            sweep.main(Path("params.yaml"), losses=[], methods=[], datasets=[], imbalances=[], ratios=[], seeds=1,
+                       extra=[item, "dataset=digits"], name=None, run=False, jobs=1, dry_run=dry_run,
+                       echo=lambda *a: None)
+        assert str(err.value) == message
+    with pytest.raises(LongtailError) as err:
+        demo.run(["-S", item], True, lambda *a, **k: None)
+    assert str(err.value) == message and demo_here == []
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store is made
+    # quoted as the message says, DVC takes it, and the check reads it as DVC does: as text
+    quoted = message.rpartition("-S ")[2].strip('"')
+    key, _, value = quoted.partition("=")
+    assert sweep.parse_set([quoted]) == [(key, value)] and sweep._value(value) == item.partition("=")[2]

@@ -267,3 +267,84 @@ def test_an_artifact_store_that_cannot_be_written_fails_the_stage_in_one_line(tm
                                   f"{tmp_path}/mlartifacts/{exp_id}/{log.run_id}/artifacts (Not a directory: "
                                   f"mlartifacts/{exp_id}): free or fix that location, or run the stage with --no-track")
         assert MlflowClient(tracking.tracking_uri()).get_run(log.run_id).info.status == "FAILED"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_tracking_server_that_is_down_or_a_mistyped_store_uri_fails_at_once(tmp_path, monkeypatch, default_params):
+    """MLFLOW_TRACKING_URI=http://127.0.0.1:1 (a server that is down): `longtail build-dataset` printed
+    nothing for over four minutes while MLflow retried, with SIGTERM held back (store calls run shielded),
+    then a traceback; `longtail report` the same. foo://bar gave MLflow's UnsupportedModelRegistryStoreURI
+    traceback, and sqlite:////nonexistent/dir/m.db made that folder and a new, empty store there."""
+    import socket
+    import sys
+    import time
+
+    from testkit import clean_env
+
+    from pipeline.errors import LongtailError
+
+    import mlflow.tracking  # noqa: F401 - imported before the clock starts (seconds on a busy machine)
+
+    _use(monkeypatch, tmp_path, tmp_path)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(LongtailError) as stage:
+        with tracking.stage_run("build-dataset", default_params):
+            pass
+    with pytest.raises(LongtailError) as report:
+        tracking.finished_runs("evaluate", "longtail")
+    assert time.monotonic() - start < 5
+    reached = f"the MLflow server {uri} (MLFLOW_TRACKING_URI) cannot be reached (connection refused): "
+    assert str(stage.value) == reached + "start it, fix MLFLOW_TRACKING_URI, or use --no-track"
+    assert str(report.value) == reached + "start it, fix MLFLOW_TRACKING_URI"  # report has no --no-track
+    # the CLI: one line, exit 2, at once
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "build-dataset"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=180, env=clean_env(MLFLOW_TRACKING_URI=uri, LONGTAIL_ROOT=str(tmp_path)))
+    assert (out.returncode, out.stderr) == (2, f"error: {reached}start it, fix MLFLOW_TRACKING_URI, or use --no-track\n")
+    # a password in the URI is not shown; a proxy that requests would use is what is reached
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://me:secret@127.0.0.1:{_closed_port()}/mlflow")
+    with pytest.raises(LongtailError, match=r"^the MLflow server https://me:\*\*\*@127\.0\.0\.1:\d+/mlflow "):
+        tracking.ensure_experiment()
+    with socket.socket() as server:  # a server that is up: the check lets MLflow go on
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        tracking._check_store(f"http://127.0.0.1:{port}")
+        proxy = _closed_port()
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy}")
+        monkeypatch.setenv("NO_PROXY", "")
+        with pytest.raises(LongtailError) as err:
+            tracking._check_store(f"http://127.0.0.1:{port}")
+        assert f"cannot be reached through the proxy 127.0.0.1:{proxy} (connection refused)" in str(err.value)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        tracking._check_store(f"http://127.0.0.1:{port}")
+    # a URI of no store type; the ones MLflow opens pass the check
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    for call in (tracking.ensure_experiment, tracking.finished_runs):
+        with pytest.raises(LongtailError) as err:
+            call()
+        assert str(err.value) == ("the MLflow store foo://bar (MLFLOW_TRACKING_URI) is of no store type MLflow opens "
+                                  "(valid: a file path, file:///path, sqlite:///path.db, postgresql://, mysql://, "
+                                  "mssql://, http(s)://host:port, databricks)")
+    for ok in ("mlruns", str(tmp_path / "mlruns"), (tmp_path / "mlruns").as_uri(), "postgresql+psycopg2://u@h/db",
+               "databricks", "databricks://profile"):
+        tracking._check_store(ok)
+    # an sqlite store in a folder that does not exist: refused, nothing made
+    missing = tmp_path / "no" / "such"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing / 'm.db'}")
+    with pytest.raises(LongtailError) as err:
+        tracking.ensure_experiment()
+    assert str(err.value) == (f"the MLflow store sqlite:///{missing / 'm.db'} cannot be made: its folder {missing} "
+                              "does not exist (create it, or fix MLFLOW_TRACKING_URI)")
+    assert not (tmp_path / "no").exists()
+    assert tracking.finished_runs() == []  # reading: a store that does not exist is empty, as before

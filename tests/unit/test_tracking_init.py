@@ -203,7 +203,7 @@ def test_a_sigterm_while_the_runs_are_set_up_or_ended_leaves_none_running(tmp_pa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tracking, "client_and_experiment",
-                        lambda name: (client, tracking._experiment_id(client, name)))
+                        lambda name, **_: (client, tracking._experiment_id(client, name)))
     monkeypatch.setattr(client, call, signalled)
     interrupts.install()
     with pytest.raises(interrupts.Terminated):
