@@ -12,7 +12,6 @@ from .data.store import Prepared
 from .engine.trainer import DeviceData, Rebalance
 from .errors import LongtailError
 from .params import Params
-from .plugin_kit import LOSS_HEADS
 
 
 def gpu_present() -> str:
@@ -51,11 +50,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_loss(p: Params, class_counts: list[int]):
-    loss = registry.build("losses", p.loss, class_counts, params=p.loss_params, param_key=f"losses.{p.loss}")
-    head = getattr(loss, "head", None)
-    if head not in LOSS_HEADS:
-        raise LongtailError(f"loss plugin {p.loss!r} declares head {head!r} (valid: {', '.join(LOSS_HEADS)})")
-    return loss
+    return registry.build("losses", p.loss, class_counts, params=p.loss_params, param_key=f"losses.{p.loss}")
 
 
 def build_model(p: Params, num_classes: int, in_channels: int, head: str):
@@ -65,9 +60,7 @@ def build_model(p: Params, num_classes: int, in_channels: int, head: str):
 
 def class_weights(name: str, p: Params, class_counts: list[int]) -> torch.Tensor | None:
     w = registry.build("reweighting", name, class_counts, params=p.reweighting_params[name],
-                       param_key=f"reweightings.{name}")
-    if len(w) != len(class_counts):
-        raise LongtailError(f"reweighting plugin {name!r} returned {len(w)} weights for {len(class_counts)} classes")
+                       param_key=f"reweightings.{name}")  # one weight per class: registry.check_built
     w = torch.tensor(w, dtype=torch.float32)
     return None if torch.all(w == 1) else w  # all-ones is the plain (unweighted) mean
 

@@ -40,6 +40,17 @@ def install() -> None:
             signal.signal(signum, _handle)
 
 
+def installed() -> bool:
+    """Whether this process handles SIGINT with `install`'s handler (so `received` counts every Ctrl-C)."""
+    return signal.getsignal(signal.SIGINT) is _handle
+
+
+def received() -> int:
+    """How many signals `install`'s handler has handled so far (a KeyboardInterrupt raised while this did
+    not change is no Ctrl-C, but code that raised it)."""
+    return len(_received)
+
+
 def terminated() -> bool:
     """Whether this process got SIGTERM."""
     return signal.SIGTERM in _received

@@ -4,7 +4,7 @@ Validation runs before any work (each stage validates the whole file, so an inco
 in its first stage). `parse` checks every key (an unknown one names the closest valid key), every
 number (finite, in range) and the plugin names against the installed entry points (metadata only).
 `check_plugins` then binds each plugin section to its plugin's `build` signature and builds the
-selected plugins (with the real class counts where they are cheap to know)."""
+plugins (with the class counts the data params give: `expected_counts`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from . import registry
 from .checks import check_number, check_seed, checking, find_non_finite, params_file, unknown_key, yaml_file
-from .data import DATASETS, IMAGE_SIDES, IMBALANCES, SOURCE_PROFILE, SOURCE_SIZES
-from .errors import LongtailError, full_stage_one_error, n_max_error
+from .data import DATASETS, IMAGE_SIDES, IMBALANCES, SOURCE_COUNTS, SOURCE_PROFILE
+from .errors import LongtailError, full_stage_one_error
 from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
@@ -285,8 +285,8 @@ def _parse(raw: dict, source: str) -> Params:
     if imbalance == SOURCE_PROFILE and data.n_max is not None:
         raise LongtailError(f"data.n_max ({data.n_max}) does not apply to imbalance source, which keeps every "
                             "training image of the source (valid: auto; or imbalance exp / step to cut a profile)")
-    if dataset in SOURCE_SIZES and (data.n_max or 0) > (available := SOURCE_SIZES[dataset][1]):
-        raise n_max_error(dataset, data.n_max, available)
+    if dataset in SOURCE_COUNTS:  # data.n_max and ratio as build-dataset checks them (an image folder's: check_plugins)
+        _cut(dataset, data, imbalance, ratio)
 
     m = _get(raw, "model", "")
     arch = _plugin("models", _get(m, "arch", "model"), "model.arch")
@@ -420,27 +420,35 @@ def override(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts.json")) -> list[int] | None:
-    """The training images per class these params give, when that is cheap to know: the prepared
-    dataset's counts if it was built with exactly these data params (its `made_with` record, data.root
-    included: another image folder has other classes and counts), else the profile of a fixed-size
-    source."""
+def _cut(dataset: str, data: Data, imbalance: str, ratio: float, per_class=None, classes=None) -> list[int]:
+    """The training images per class these data params cut from the source (`per_class`: its own, else
+    the fixed counts of cifar / digits), refused as build-dataset refuses them (data.profiles.profile_counts)."""
+    from .data.profiles import profile_counts
+
+    return profile_counts(SOURCE_COUNTS[dataset] if per_class is None else per_class, dataset=dataset,
+                          root=data.root, imbalance=imbalance, ratio=ratio, n_max=data.n_max, classes=classes)[0]
+
+
+def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts.json")) -> list[int]:
+    """The training images per class these params give, known without building the dataset: a fixed-size
+    source's profile follows from the params; an image folder's from its listed files (no image is read),
+    or from the prepared dataset when it was built with exactly these data params (its `made_with` record,
+    data.root included), so that a stage runs on prepared data whose folder has since gone. Refuses what
+    build-dataset would refuse (a missing folder, a ratio or data.n_max the source cannot give), in its words."""
     from .data.store import built_record
 
+    if p.dataset in SOURCE_COUNTS:
+        return _cut(p.dataset, p.data, p.imbalance, p.ratio)
     try:
         made = json.loads(prepared.read_text())
         if made["made_with"] == built_record(p):
             return [int(n) for n in made["class_counts"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    if p.dataset in SOURCE_SIZES:
-        from .data.profiles import lt_counts
+    from .data.sources import list_imagefolder
 
-        classes, n_max = SOURCE_SIZES[p.dataset]
-        if p.imbalance == SOURCE_PROFILE:  # the fixed-size sources are balanced
-            return [n_max] * classes
-        return lt_counts(p.data.n_max or n_max, classes, p.imbalance, p.ratio)  # parse refuses more than n_max
-    return None
+    classes, train_files, _ = list_imagefolder(p.data.root)
+    return _cut(p.dataset, p.data, p.imbalance, p.ratio, [len(f) for f in train_files], classes)
 
 
 # a plugin parameter with one of these names (or ending in _NAME) names a plugin of that group
@@ -450,20 +458,21 @@ PLUGIN_REFERENCES = {"sampler": "samplers", "reweighting": "reweighting"}
 def check_plugins(p: Params, class_counts: list[int] | None = None) -> None:
     """Before any work: import every selected plugin, bind every plugin section of params.yaml to its
     plugin's build signature, and build the selected losses, re-weightings, samplers and fine-tune
-    strategy (with `class_counts`, or the counts `expected_counts` knows). Errors name the key."""
+    strategy (with `class_counts`, else the counts `expected_counts` gives), so that every plugin's own value
+    checks run here as in the stage. Errors name the key."""
     with checking(p.source):
         _check_plugins(p, class_counts)
 
 
 def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
-    counts = class_counts if class_counts is not None else expected_counts(p)
+    counts = list(class_counts) if class_counts is not None else expected_counts(p)
     selected = {("losses", p.loss), ("models", p.model_arch), ("finetune", p.finetune.strategy),
                 ("reweighting", p.train.reweighting), ("reweighting", p.finetune.reweighting),
                 ("samplers", p.train.sampler), ("samplers", p.finetune.sampler)}
     for group, name in sorted(selected):
         registry.load(group, name)
     # a model is cheap to build (resnet32: 0.5M parameters); its build checks its params
-    registry.build("models", p.model_arch, len(counts or [0] * 10), 3, "linear", params=p.model_params,
+    registry.build("models", p.model_arch, len(counts), 3, "linear", params=p.model_params,
                    param_key="model")
     sections = [(section, group, name) for section, group in PLUGIN_SECTIONS.items()
                 for name in (p.raw.get(section) or {})]
@@ -480,7 +489,7 @@ def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
             if (group, name) in selected:
                 raise
             continue  # a broken plugin nobody selected does not stop this run
-        args = () if group == "finetune" else (counts or [1],)
+        args = () if group == "finetune" else (counts,)
         registry.bind(fn, args, params, key)
         for pkey, value in params.items():
             ref = next((g for suffix, g in PLUGIN_REFERENCES.items()
@@ -490,11 +499,10 @@ def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
                 match = difflib.get_close_matches(value, valid, n=1)
                 raise LongtailError(f"{key}.{pkey}: unknown {ref} plugin {value!r}"
                                     f"{f' (did you mean {match[0]}?)' if match else ''}; valid: {', '.join(valid)}")
-        if group == "finetune" or counts is not None:
-            built = registry.build(group, name, *args, params=params, param_key=key)
-            if (group, name) == ("finetune", p.finetune.strategy) and getattr(built, "after_full_stage_one", False) \
-                    and p.finetune.start_epoch != p.train.epochs:
-                raise full_stage_one_error(name, p.train.epochs, p.finetune.start_epoch)
+        built = registry.build(group, name, *args, params=params, param_key=key)
+        if (group, name) == ("finetune", p.finetune.strategy) and getattr(built, "after_full_stage_one", False) \
+                and p.finetune.start_epoch != p.train.epochs:
+            raise full_stage_one_error(name, p.train.epochs, p.finetune.start_epoch)
 
 
 

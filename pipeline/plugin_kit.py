@@ -13,8 +13,12 @@ The loss plugin contract (checked by ``check_loss_plugin``):
   and the valid values (``check_number`` does that for numbers).
 - ``module.head`` says which classifier the model gets: "linear" (z = W x + b), "linear_nobias"
   (z = W x) or "cosine" (z_j = cos(x, W_j) in [-1, 1]; a scale s is applied inside the loss).
+  Where a loss is built (``longtail check``, sweep and every stage alike: ``registry.build``), a
+  build that returns None or a head outside LOSS_HEADS is refused in one line naming the plugin.
 - ``module(logits[B, C], target[B], class_weight=None)`` returns the batch-mean loss: a finite
-  scalar, differentiable w.r.t. logits, which it must not modify in place. ``class_weight`` (float
+  scalar, differentiable w.r.t. logits, which it must not modify in place. The trainer checks this
+  on every call (``engine.trainer.check_loss_output``: a per-sample vector or a detached number is
+  one line naming the plugin, at the first batch, before any update or checkpoint). ``class_weight`` (float
   [C], from re-weighting / DRW) gives the weighted mean sum_i w_{y_i} l_i / sum_i w_{y_i}
   (``weighted_mean``, PyTorch's weighted cross-entropy); class_weight = ones must equal no weight.
   (The documented exceptions: the built-in focal loss's default "reference" weighting, and the
@@ -37,12 +41,12 @@ import torch.nn.functional as F
 
 from pipeline.checks import check_number  # the project's one number validator
 from pipeline.errors import LongtailError
+from pipeline.registry import LOSS_HEADS  # the heads a loss may declare (checked where a loss is built)
 from pipeline.testing import check_loss_plugin
 
 __all__ = ["EXTRA_INPUTS", "LOSS_HEADS", "LongtailError", "check_counts", "check_loss_plugin", "check_number", "hardest_negative",
            "ldam_margins", "shift_target", "weighted_ce", "weighted_mean"]
 
-LOSS_HEADS = ("linear", "linear_nobias", "cosine")
 EXTRA_INPUTS = ("features", "weight")
 
 

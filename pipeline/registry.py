@@ -12,9 +12,12 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from . import interrupts
 from .errors import LongtailError, unknown
 
 # group suffix -> what a plugin of that group builds (shown by `longtail plugins list`)
@@ -26,6 +29,8 @@ GROUPS = {
     "finetune": "build(**params) -> strategy with .run(context) for the fine-tune stage (and, if it needs the "
                 "whole stage-1 schedule first, after_full_stage_one = True)",
 }
+# the classifiers a loss may ask for with `.head` (the loss contract: pipeline.plugin_kit, which exports this list)
+LOSS_HEADS = ("linear", "linear_nobias", "cosine")
 # the user-facing key that selects a plugin of each group, for error messages
 SELECTOR = {
     "losses": "loss",
@@ -149,14 +154,31 @@ def _entry_point(group: str, name: str):
     return ep, f"{group} plugin {name!r} ({ep.dist.name if ep.dist else '?'}, {ep.value})"
 
 
+@contextmanager
+def _plugin_code(which: str, doing: str):
+    """Run a plugin's own code (its import, its build): whatever it raises is one line naming the plugin,
+    LongtailError (its own check of its params) as it is. SystemExit (a `sys.exit("needs libfoo")` at
+    import) is a failure of the plugin, not the command's exit; so is a KeyboardInterrupt that the plugin
+    raised itself, while a real Ctrl-C or SIGTERM (the CLI's handler records it) still interrupts."""
+    signals = interrupts.received()
+    try:
+        yield
+    except LongtailError:
+        raise
+    except KeyboardInterrupt as exc:
+        if interrupts.received() != signals or not interrupts.installed():
+            raise  # a real Ctrl-C / SIGTERM (or no handler to tell one from a raise)
+        raise LongtailError(f"{which} failed to {doing}: {exc.__class__.__name__}: {exc}") from exc
+    except BaseException as exc:  # a broken third-party package must not crash with a traceback, nor exit
+        raise LongtailError(f"{which} failed to {doing}: {exc.__class__.__name__}: {exc}") from exc
+
+
 def load(group: str, name: str):
     """Import and return a plugin's build function; any failure is one clear line."""
     check_name(group, name)
     ep, which = _entry_point(group, name)
-    try:
+    with _plugin_code(which, "import"):
         fn = ep.load()
-    except Exception as exc:  # a broken third-party package must not crash with a traceback
-        raise LongtailError(f"{which} failed to import: {exc.__class__.__name__}: {exc}") from exc
     if not callable(fn):
         raise LongtailError(f"{which} is not callable: {ep.value} is of type {type(fn).__name__}, not a build function")
     return fn
@@ -185,16 +207,50 @@ def bind(fn, args: tuple, params: dict, param_key: str) -> None:
 
 
 def build(group: str, name: str, *args, params: dict | None = None, param_key: str = ""):
-    """Load a plugin, bind its params to its build signature, and call it."""
+    """Load a plugin, bind its params to its build signature, call it, and check what it returned as the
+    stages need it (`check_built`): `longtail check` and the stages build through here alike."""
     fn = load(group, name)
     params = dict(params or {})
     bind(fn, args, params, param_key or f"{group}.{name}")
+    which = _entry_point(group, name)[1]
+    with _plugin_code(which, "build"):
+        built = fn(*args, **params)
+    check_built(group, which, built, args)
     try:
-        return fn(*args, **params)
-    except LongtailError:
-        raise  # the plugin's own check of its params: already one line
-    except Exception as exc:  # a plugin's crash must not be a traceback either
-        raise LongtailError(f"{_entry_point(group, name)[1]} failed to build: {exc.__class__.__name__}: {exc}") from exc
+        _BUILT[built] = which
+    except TypeError:  # not weakly referable or not hashable (a list of weights): errors name its type
+        pass
+    return built
+
+
+# the objects `build` returned -> how errors name their plugin ("samplers plugin 'x' (dist, mod:fn)")
+_BUILT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def describe(obj) -> str:
+    """How an error names the plugin that built `obj` (a loss, a sampler), else its type."""
+    try:
+        return _BUILT[obj]
+    except (KeyError, TypeError):
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def check_built(group: str, which: str, built, args: tuple) -> None:
+    """What a stage needs of a built plugin, beyond its own value checks: something (not None); a loss's
+    `head` one of LOSS_HEADS; one re-weighting per class. One line naming the plugin and what it gave."""
+    if built is None:
+        raise LongtailError(f"{which} returned None from build; it must return {GROUPS[group].split(' -> ', 1)[1]}")
+    if group == "losses":
+        head = getattr(built, "head", None)
+        if head not in LOSS_HEADS:
+            raise LongtailError(f"{which} declares head {head!r} (valid: {', '.join(LOSS_HEADS)})")
+    elif group == "reweighting":
+        try:
+            n = len(built)
+        except TypeError:
+            raise LongtailError(f"{which} returned a {type(built).__name__}, not a list of per-class weights") from None
+        if n != len(args[0]):
+            raise LongtailError(f"{which} returned {n} weights for {len(args[0])} classes")
 
 
 def defaults(group: str, name: str) -> dict:

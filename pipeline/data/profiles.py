@@ -5,7 +5,31 @@ import numbers
 import numpy as np
 
 from pipeline.data import IMBALANCES, SOURCE_PROFILE
-from pipeline.errors import LongtailError, unknown
+from pipeline.errors import LongtailError, n_max_error, unknown
+
+
+def profile_counts(per_class, *, dataset: str, root: str, imbalance: str, ratio: float, n_max: int | None,
+                   classes=None) -> tuple[list[int], int, float]:
+    """(counts, n_max, ratio): the training images per class that the params cut from a source with
+    `per_class` training images per class (`classes`: their names, for the messages). The one rule that
+    build-dataset applies to the decoded source and that `longtail check` applies before it (to the fixed
+    counts of cifar / digits, to the listed files of an image folder), so both refuse a profile alike."""
+    per_class = [int(n) for n in per_class]
+    classes = [str(c) for c in (classes if classes is not None else range(len(per_class)))]
+    if len(per_class) < 2:
+        raise LongtailError(f"dataset {dataset} (data.root {root}) has {len(per_class)} class "
+                            f"({', '.join(classes) or 'none'}): a classification dataset needs at least 2")
+    if min(per_class) < 1:
+        empty = [c for c, n in zip(classes, per_class) if n == 0]
+        raise LongtailError(f"dataset {dataset} (data.root {root}) has no training images in class(es) "
+                            f"{', '.join(empty)}: every class needs at least one")
+    if imbalance == SOURCE_PROFILE:  # every training image, as the source has them
+        return per_class, max(per_class), max(per_class) / min(per_class)
+    available = min(per_class)
+    n_max = n_max or available
+    if n_max > available:
+        raise n_max_error(dataset, n_max, available)
+    return lt_counts(n_max, len(per_class), imbalance, ratio), n_max, ratio
 
 
 def lt_counts(n_max: int, num_classes: int, imbalance: str, ratio: float) -> list[int]:

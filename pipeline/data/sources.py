@@ -287,14 +287,21 @@ def _list_split(root: str, split: str) -> tuple[list[str], list[list[str]]]:
     return classes, files
 
 
-def load_imagefolder(root: str, image_size: int | None = None) -> RawData:
-    """root/{train,test}/<class>/<image>: classes = sorted folder names, images by class then file name.
-    image_size None: every image must have the first one's size; else each is fitted to that square."""
+def list_imagefolder(root: str) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """(classes, train files per class, test files per class) of root/{train,test}/<class>/<image>, its layout
+    checked; no image is read (so `longtail check` lists a folder's class counts cheaply, as the build counts them)."""
     classes, train_files = _list_split(root, "train")
     test_classes, test_files = _list_split(root, "test")
     if test_classes != classes:
         raise LongtailError(f"{root}/test has class folders {test_classes} but {root}/train has {classes}; "
                             f"they must be the same")
+    return classes, train_files, test_files
+
+
+def load_imagefolder(root: str, image_size: int | None = None) -> RawData:
+    """root/{train,test}/<class>/<image>: classes = sorted folder names, images by class then file name.
+    image_size None: every image must have the first one's size; else each is fitted to that square."""
+    classes, train_files, test_files = list_imagefolder(root)
     shape = _decode(train_files[0][0], image_size).shape
 
     def split(files):

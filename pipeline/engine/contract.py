@@ -23,6 +23,9 @@ from typing import Any, Iterable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from .. import registry
+from ..errors import LongtailError
+
 
 class StepResult(NamedTuple):
     """One batch's outcome: the float32 loss to minimise, the logits (checked for finiteness),
@@ -49,3 +52,21 @@ class Steps(Protocol):
 
     def loss(self, batch: Any) -> StepResult:
         """The loss of one batch (the trainer then steps its optimizer)."""
+
+
+def sample_order(sampler, labels: torch.Tensor, epoch: int, epochs: int, generator: torch.Generator) -> torch.Tensor:
+    """`sampler.indices(labels, epoch, epochs, generator)`, checked where it is drawn (plain training and every
+    strategy that samples): the sampler contract (pipeline/methods/samplers.py) asks for a 1-D integer tensor of
+    positions 0..N-1 into the N training labels. Anything else is one line naming the plugin, before any batch."""
+    order = sampler.indices(labels, epoch, epochs, generator)
+    n = len(labels)
+    if not isinstance(order, torch.Tensor):
+        got = f"a {type(order).__name__}, not a tensor"
+    elif order.ndim != 1 or order.dtype not in (torch.int64, torch.int32):
+        got = f"a {str(order.dtype).removeprefix('torch.')} tensor of shape {list(order.shape)}"
+    elif len(order) and (int(order.min()) < 0 or int(order.max()) >= n):
+        got = f"indices {int(order.min())}..{int(order.max())}, outside 0..{n - 1}"
+    else:
+        return order
+    raise LongtailError(f"{registry.describe(sampler)} returned {got} from indices() for epoch {epoch + 1}; a sampler "
+                        f"must return positions 0..{n - 1} of the {n} training images as a 1-D int64 tensor")

@@ -22,7 +22,7 @@ from ..errors import LongtailError
 from ..plugin_kit import EXTRA_INPUTS
 from . import distributed
 from .precision import resolve as resolve_precision
-from .contract import StepResult, Steps
+from .contract import StepResult, Steps, sample_order
 from .inference import batched
 from .schedule import lr_at
 
@@ -64,6 +64,26 @@ def loss_extra_inputs(criterion) -> tuple[str, ...]:
     if bad:
         raise LongtailError(f"loss.extra_inputs {bad} unknown (valid: {', '.join(EXTRA_INPUTS)})")
     return extra
+
+
+def check_loss_output(criterion, loss, logits: torch.Tensor, stage: str) -> None:
+    """The loss contract (pipeline.plugin_kit): the batch mean, a floating-point scalar tensor differentiable
+    w.r.t. the logits. Checked on every call (a few attribute reads, no device sync), so a loss that returns
+    one value per sample or a detached number is one line naming the plugin at the first batch, before any
+    update or checkpoint; its finiteness is `Trainer.check_finite`'s."""
+    if not isinstance(loss, torch.Tensor):
+        got = f"a {type(loss).__name__}, not a tensor"
+    elif loss.ndim != 0 or not loss.is_floating_point():
+        got = f"a {str(loss.dtype).removeprefix('torch.')} tensor of shape {list(loss.shape)}"
+    elif logits.requires_grad and not loss.requires_grad:
+        got = "a tensor without a gradient (detached from the logits)"
+    else:
+        return
+    from .. import registry
+
+    raise LongtailError(f"{stage}: {registry.describe(criterion)} returned {got} from forward(logits, target, "
+                        f"class_weight); a loss must return the batch mean: a float scalar (shape []) "
+                        f"differentiable w.r.t. the logits")
 
 
 class NonFiniteLoss(LongtailError):
@@ -219,7 +239,9 @@ class Trainer:
         """The configured loss plugin on float32 logits (class weights optional); a loss that declares
         extra_inputs also gets the classifier's input features and weight."""
         extra = {"features": feats, "weight": self.model.classifier.weight} if self.extra_inputs else {}
-        return self.criterion(logits, y, class_weight=weight, **{k: extra[k] for k in self.extra_inputs})
+        loss = self.criterion(logits, y, class_weight=weight, **{k: extra[k] for k in self.extra_inputs})
+        check_loss_output(self.criterion, loss, logits, self.stage)
+        return loss
 
     def reset_best(self) -> None:
         """Best-epoch tracking restarts (e.g. a stage 2 with a new classifier)."""
@@ -311,7 +333,7 @@ class PolicySteps:
     def batches(self, epoch: int):
         t = self.t
         rebalance = t.policy(epoch)
-        order = rebalance.sampler.indices(t.data.y_train_cpu, epoch, t.cfg.epochs, t.sample_gen).to(t.device)
+        order = sample_order(rebalance.sampler, t.data.y_train_cpu, epoch, t.cfg.epochs, t.sample_gen).to(t.device)
         self.weight = None if rebalance.class_weight is None else rebalance.class_weight.to(t.device)
         self.reweighted = self.weight is not None
         scale = getattr(rebalance.sampler, "last_pad_scale", None)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import registry
-from ..engine.contract import StepResult
+from ..engine.contract import StepResult, sample_order
 from ..engine.schedule import lr_at
 from ..errors import LongtailError
 from ..models.heads import classify
@@ -94,8 +94,8 @@ class BBNSteps:
         self.alpha = bbn_alpha(epoch, cfg.epochs)
         if self.log is not None:
             self.log.log_metrics({"bbn_alpha": self.alpha}, step=epoch + 1)  # epoch numbers from 1
-        order_c = self.conventional.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
-        order_r = self.rebalancing.indices(t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
+        order_c = sample_order(self.conventional, t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
+        order_r = sample_order(self.rebalancing, t.data.y_train_cpu, epoch, cfg.epochs, t.sample_gen).to(t.device)
         n = min(len(order_c), len(order_r))
         n = n // cfg.batch_size * cfg.batch_size or n  # whole batches only (one partial one if N < batch)
         return [(order_c[i:i + cfg.batch_size], order_r[i:i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]

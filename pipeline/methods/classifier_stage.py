@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import registry
 from ..checks import check_number
-from ..engine.contract import StepResult
+from ..engine.contract import StepResult, sample_order
 from ..engine.progress import Progress
 from ..errors import LongtailError, full_stage_one_error
 
@@ -130,7 +130,7 @@ def epoch_order(sampler, labels: torch.Tensor, epoch: int, epochs: int, generato
     `size` draws from its class distribution."""
     parts, total = [], 0
     while total < size:
-        parts.append(sampler.indices(labels, epoch, epochs, generator))
+        parts.append(sample_order(sampler, labels, epoch, epochs, generator))
         total += len(parts[-1])
     return torch.cat(parts)[:size]
 

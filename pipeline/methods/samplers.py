@@ -1,8 +1,9 @@
 """Re-sampling (docs/methods.md §3). Entry points of group longtail.samplers.
 
 Contract: build_<name>(class_counts, **params) -> a sampler with
-  indices(labels, epoch, epochs, generator) -> int64 tensor: the sample order of one epoch
-      (labels: int64 CPU tensor whose class counts equal class_counts; epoch 0-based; CPU generator),
+  indices(labels, epoch, epochs, generator) -> int64 tensor: the sample order of one epoch, positions
+      0..len(labels)-1 (labels: int64 CPU tensor whose class counts equal class_counts; epoch 0-based;
+      CPU generator); checked at every draw (engine.contract.sample_order: anything else is one line),
   class_probabilities(epoch, epochs) -> list[float]: the probability p_j of drawing class j,
   last_pad_scale (optional): None, or an int tensor aligned with the last indices(): the multiplier
       of the random-crop padding for each sample (1 = the usual augmentation). This is how a sampler

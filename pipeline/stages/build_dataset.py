@@ -9,10 +9,9 @@ import numpy as np
 
 from .. import io
 from ..data import SOURCE_PROFILE, profile_label
-from ..data.profiles import lt_counts, select_long_tailed
-from ..data.sources import load_source, source_n_max
+from ..data.profiles import profile_counts, select_long_tailed
+from ..data.sources import load_source
 from ..data.store import built_with, save_dataset
-from ..errors import LongtailError, n_max_error
 from ..params import Params
 
 OUT_DIR = Path("data/prepared")
@@ -20,25 +19,11 @@ OUT_DIR = Path("data/prepared")
 
 def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:
     raw = load_source(p.dataset, p.data.root, p.data.image_size)
-    if len(raw.classes) < 2:
-        raise LongtailError(f"dataset {p.dataset} (data.root {p.data.root}) has {len(raw.classes)} class "
-                            f"({', '.join(map(str, raw.classes)) or 'none'}): a classification dataset needs at least 2")
-    available = source_n_max(raw)
-    if available < 1:
-        per_class = np.bincount(raw.y_train, minlength=len(raw.classes))
-        empty = [c for c, n in zip(raw.classes, per_class) if n == 0]
-        raise LongtailError(f"dataset {p.dataset} (data.root {p.data.root}) has no training images in class(es) "
-                            f"{', '.join(map(str, empty))}: every class needs at least one")
-    if p.imbalance == SOURCE_PROFILE:  # every training image, as the source has them
-        counts = [int(n) for n in np.bincount(raw.y_train, minlength=len(raw.classes))]
-        n_max, ratio = max(counts), max(counts) / min(counts)
-        profile = f"{p.imbalance} (its own counts, r={ratio:.3g})"
-    else:
-        n_max = p.data.n_max or available
-        if n_max > available:  # an image folder's size is known only here
-            raise n_max_error(p.dataset, n_max, available)
-        counts = lt_counts(n_max, len(raw.classes), p.imbalance, p.ratio)
-        ratio, profile = p.ratio, profile_label(p.imbalance, p.ratio)
+    per_class = np.bincount(raw.y_train, minlength=len(raw.classes))
+    counts, n_max, ratio = profile_counts(per_class, dataset=p.dataset, root=p.data.root, imbalance=p.imbalance,
+                                          ratio=p.ratio, n_max=p.data.n_max, classes=raw.classes)
+    profile = (f"{p.imbalance} (its own counts, r={ratio:.3g})" if p.imbalance == SOURCE_PROFILE
+               else profile_label(p.imbalance, p.ratio))
     keep = select_long_tailed(raw.y_train, counts, seed=0)
     save_dataset(out_dir / "dataset.npz", raw.x_train[keep], raw.y_train[keep], raw.x_test, raw.y_test,
                  raw.classes, raw.mean, raw.std, raw.hflip, made_with=built_with(p))

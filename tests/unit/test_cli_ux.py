@@ -152,7 +152,8 @@ def test_a_stage_runs_the_code_of_the_project_it_runs_in(tmp_path):
     text = stage.read_text()
     marker = "def run(p: Params, out_dir: Path = OUT_DIR, log=None) -> dict:\n"
     assert marker in text
-    stage.write_text(text.replace(marker, marker + "    raise LongtailError('the project copy ran')\n"))
+    stage.write_text(text.replace(marker, marker + "    from ..errors import LongtailError\n"
+                                        "    raise LongtailError('the project copy ran')\n"))
     longtail = Path(sys.executable).parent / "longtail"
     r = subprocess.run([str(longtail), "build-dataset"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
                        timeout=300)

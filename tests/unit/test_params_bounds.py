@@ -261,3 +261,111 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, tiny):
     path.write_text(yaml.safe_dump(tiny) + "\n".join(levels[:4]) + "\n")
     with pytest.raises(LongtailError, match="^unknown key a0 in "):
         load(path)
+
+
+# -- the plugins' own value checks and the data params' limits, before build-dataset has run (rows 70-72) --------
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A project folder as a fresh clone has it: no data/prepared."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _stale_prepared(folder, record: dict) -> None:
+    """data/prepared/class_counts.json of an earlier build (another dataset)."""
+    import json
+
+    (folder / "data" / "prepared").mkdir(parents=True)
+    (folder / "data" / "prepared" / "class_counts.json").write_text(json.dumps(
+        {"class_counts": [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50], "made_with": record}))
+
+
+@pytest.mark.parametrize("loss, key, value, message", [
+    ("focal", "gamma", -1.0, "losses.focal.gamma must be >= 0, got -1"),
+    ("focal", "weighting", "Reference", "losses.focal.weighting must be one of reference, normalized, got 'Reference'"),
+    ("am", "s", 0, "losses.am.s must be > 0, got 0"),
+    ("mm", "s", -19, "losses.mm.s must be > 0, got -19"),
+    ("mm", "as_released", "no", "losses.mm.as_released must be true or false, got 'no'"),
+    ("lsoftmax", "m", 0, "losses.lsoftmax.m must be one of 2, 3, 4, got 0"),
+    ("hinge", "margin", -1, "losses.hinge.margin must be >= 0, got -1"),
+])
+def test_a_plugin_value_is_checked_on_digits_before_the_dataset_is_built(fresh, tiny, loss, key, value, message):
+    """With no prepared dataset (a fresh clone) the digits counts were unknown, so `longtail check`, `sweep`
+    and `demo` only matched keys against the build signature and never built the plugin: the check said ok
+    and every queued experiment failed at pretrain. The digits profile follows from the params (fixed
+    images per class), so the plugin is built and its own check runs, whatever data/prepared holds."""
+    from pipeline import sweep
+
+    raw = override(tiny, {"loss": loss, f"losses.{loss}.{key}": value})
+    assert _refused(raw) == message
+    _stale_prepared(fresh, {"dataset": "cifar10", "data.root": "data/raw", "data.n_max": None, "imbalance": "exp",
+                            "ratio": 100.0, "data.image_size": None})
+    assert _refused(raw) == message
+    with pytest.raises(LongtailError) as err:  # `longtail sweep --dry-run --loss L -S KEY=VALUE` and the demo
+        sweep.build_grid(tiny, losses=[loss], extra=sweep.parse_set([f"losses.{loss}.{key}={value}"]))
+    assert str(err.value).endswith(message)
+
+
+def _build_refusal(raw: dict, out) -> str:
+    """What build-dataset says of these params."""
+    from pipeline.stages import build_dataset
+
+    with pytest.raises(LongtailError) as err:
+        build_dataset.run(parse(raw), out_dir=out)
+    return str(err.value)
+
+
+def _folder(root, per_class=(4, 1)):
+    """root/{train,test}/<class>/: tiny PNGs, `per_class` training images per class."""
+    import numpy as np
+    from PIL import Image
+
+    for c, n in zip("ab", per_class):
+        for split, k in (("train", n), ("test", 1)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(k):
+                Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("dataset, overrides, message", [
+    ("digits", {"ratio": 500}, "ratio 500.0 leaves a class with no images (n_max = 40); use ratio <= 40"),
+    ("digits", {"data.n_max": 10000},
+     "data.n_max (10000) is more than the 124 images per class that digits has (valid: 1..124 or auto)"),
+    ("cifar10", {"ratio": 6000, "data.n_max": "auto"},
+     "ratio 6000.0 leaves a class with no images (n_max = 5000); use ratio <= 5000"),
+    ("imagefolder", {"data.n_max": 5}, "data.n_max (5) is more than the 1 images per class that imagefolder has "
+                                       "(valid: 1..1 or auto)"),
+    ("imagefolder", {"data.n_max": "auto", "ratio": 2}, "ratio 2.0 leaves a class with no images (n_max = 1); "
+                                                        "use ratio <= 1"),
+    ("imagefolder", {"data.root": "nowhere"},
+     "nowhere/train is not a directory; expected nowhere/train/<class>/<image> and nowhere/test/<class>/<image>"),
+    ("imagefolder", {"imbalance": "source", "data.n_max": "auto", "loss": "focal", "losses.focal.gamma": -1},
+     "losses.focal.gamma must be >= 0, got -1"),
+])
+def test_the_check_refuses_what_build_dataset_refuses_in_its_words(fresh, tiny, dataset, overrides, message):
+    """`dataset: digits, ratio: 500` and `data.n_max: 10000` passed the check (row 44 covered cifar's n_max
+    only), and an image folder's data.root, ratio and plugin values were looked at only by build-dataset.
+    The check now cuts the profile with build-dataset's own rule (data.profiles.profile_counts) from the
+    source's fixed counts or the folder's listed files, so both say the same line."""
+    raw = override(tiny, {"dataset": dataset, "data.root": str(_folder(fresh / "imgs")), **overrides})
+    if "data.root" in overrides:
+        raw = override(raw, {"data.root": overrides["data.root"]})
+    assert _refused(raw) == message
+    if dataset != "cifar10" and "loss" not in overrides:  # cifar10 would need its archive to get that far
+        assert _build_refusal(raw, fresh / "out") == message
+    assert not (fresh / "out").exists() and not (fresh / "data").exists()
+
+
+def test_a_folder_and_digits_profile_that_build_dataset_takes_is_taken(fresh, tiny):
+    from pipeline.data.profiles import lt_counts
+    from pipeline.params import expected_counts
+
+    folder = override(tiny, {"dataset": "imagefolder", "data.root": str(_folder(fresh / "imgs")), "data.n_max": "auto",
+                             "imbalance": "source"})
+    assert expected_counts(parse(folder)) == [4, 1]
+    check_plugins(parse(folder))
+    assert expected_counts(parse(tiny)) == lt_counts(40, 10, "exp", 10)  # digits, data.n_max 40
+    assert expected_counts(parse(override(tiny, {"data.n_max": "auto", "imbalance": "source"}))) == \
+        [128, 132, 127, 133, 131, 132, 131, 129, 124, 130]

@@ -7,30 +7,23 @@ import sys
 import pytest
 import yaml
 
+from testkit.plugins import fake_dist
+
 from pipeline import registry
 from pipeline.errors import LongtailError
 
 
-def _fake_dist(root, name, entry_points: str, modules: dict):
-    info = root / f"{name}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(entry_points)
-    for mod, text in modules.items():
-        (root / f"{mod}.py").write_text(text)
-
-
 @pytest.fixture
 def fake_plugins(tmp_path, monkeypatch):
-    _fake_dist(tmp_path, "goodplug", "[longtail.losses]\ngoodloss = goodmod:build\n",
-               {"goodmod": "def build(class_counts, **params):\n    raise RuntimeError('not called')\n"})
-    _fake_dist(tmp_path, "brokenplug",
-               "[longtail.losses]\nmissingmod = no_such_module_xyz:build\nnoattr = noattrmod:build\n"
-               "syntaxerr = syntaxmod:build\nraises = raisemod:build\n",
-               {"noattrmod": "def other():\n    pass\n", "syntaxmod": "def build(:\n",
-                "raisemod": "raise ImportError('needs a missing dependency')\ndef build(c):\n    pass\n"})
-    _fake_dist(tmp_path, "clashplug", "[longtail.losses]\nce = clashmod:build\n",
-               {"clashmod": "def build(class_counts):\n    pass\n"})
+    fake_dist(tmp_path, "goodplug", "[longtail.losses]\ngoodloss = goodmod:build\n",
+              {"goodmod": "def build(class_counts, **params):\n    raise RuntimeError('not called')\n"})
+    fake_dist(tmp_path, "brokenplug",
+              "[longtail.losses]\nmissingmod = no_such_module_xyz:build\nnoattr = noattrmod:build\n"
+              "syntaxerr = syntaxmod:build\nraises = raisemod:build\n",
+              {"noattrmod": "def other():\n    pass\n", "syntaxmod": "def build(:\n",
+               "raisemod": "raise ImportError('needs a missing dependency')\ndef build(c):\n    pass\n"})
+    fake_dist(tmp_path, "clashplug", "[longtail.losses]\nce = clashmod:build\n",
+              {"clashmod": "def build(class_counts):\n    pass\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -64,10 +57,11 @@ def test_load_errors_are_one_line(fake_plugins):
 
 
 def test_build_reports_bad_parameters(tmp_path, monkeypatch):
-    _fake_dist(tmp_path, "paramplug", "[longtail.losses]\nparamloss = parammod:build\n",
-               {"parammod": "def build(class_counts, *, gamma=1.0):\n    return gamma\n"})
+    fake_dist(tmp_path, "paramplug", "[longtail.losses]\nparamloss = parammod:build\n",
+              {"parammod": "from types import SimpleNamespace\n\n\ndef build(class_counts, *, gamma=1.0):\n"
+                           "    return SimpleNamespace(head='linear', gamma=gamma)\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert registry.build("losses", "paramloss", [1, 2], params={"gamma": 2.0}) == 2.0
+    assert registry.build("losses", "paramloss", [1, 2], params={"gamma": 2.0}).gamma == 2.0
     with pytest.raises(LongtailError, match=r"unknown key losses.paramloss.gama in params.yaml \(did you mean losses.paramloss.gamma\?\)"):
         registry.build("losses", "paramloss", [1, 2], params={"gama": 2.0}, param_key="losses.paramloss")
 
@@ -93,15 +87,15 @@ def faulty_plugins(tmp_path, monkeypatch, default_params):
     """Plugins that fail only when run: a package whose __init__ raises, a build that raises, a build
     that is not callable; and one that checks its own params. params.yaml here selects ce."""
     (tmp_path / "brokenpkg").mkdir()
-    _fake_dist(tmp_path, "faultplug",
-               "[longtail.losses]\nbrokenloss = brokenpkg.loss:build\nnotthere = brokenpkg.loss:nothere\n"
-               "nomod = brokenpkg.nomod:build\nvalerr = oddmod:build_valerr\nnotcall = oddmod:build\n"
-               "strict = oddmod:build_strict\n",
-               {"brokenpkg/__init__": "raise RuntimeError('brokenpkg needs CUDA 13')\n",
-                "brokenpkg/loss": "def build(class_counts):\n    pass\n",
-                "oddmod": "from pipeline.plugin_kit import check_number\n\nbuild = 5\n\n\n"
-                          "def build_valerr(class_counts):\n    raise ValueError('this loss needs at least 100 classes')\n\n\n"
-                          "def build_strict(class_counts, gamma=1.0):\n    check_number('losses.strict.gamma', gamma, min=0)\n"})
+    fake_dist(tmp_path, "faultplug",
+              "[longtail.losses]\nbrokenloss = brokenpkg.loss:build\nnotthere = brokenpkg.loss:nothere\n"
+              "nomod = brokenpkg.nomod:build\nvalerr = oddmod:build_valerr\nnotcall = oddmod:build\n"
+              "strict = oddmod:build_strict\n",
+              {"brokenpkg/__init__": "raise RuntimeError('brokenpkg needs CUDA 13')\n",
+               "brokenpkg/loss": "def build(class_counts):\n    pass\n",
+               "oddmod": "from pipeline.plugin_kit import check_number\n\nbuild = 5\n\n\n"
+                         "def build_valerr(class_counts):\n    raise ValueError('this loss needs at least 100 classes')\n\n\n"
+                         "def build_strict(class_counts, gamma=1.0):\n    check_number('losses.strict.gamma', gamma, min=0)\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(default_params))
     monkeypatch.chdir(tmp_path)
@@ -167,3 +161,71 @@ def test_check_reports_a_selected_plugins_failure_in_one_line(faulty_plugins, de
         assert code == 0 and out.startswith("params.yaml: ok"), err
     else:
         assert (code, err) == (2, f"error: {message}\n")
+
+
+# -- a plugin that exits, interrupts or breaks the contract at import or build (rows 73-74) -----------------------
+
+EXIT_LINE = "fakeplug needs libfoo; please install it"
+
+
+@pytest.fixture
+def rogue_plugins(tmp_path, monkeypatch, default_params):
+    """Losses whose import calls sys.exit(...), raises KeyboardInterrupt itself, or sends this process a real
+    SIGINT (a Ctrl-C while it imports); losses whose build returns a head the models lack, or None.
+    params.yaml here selects ce."""
+    fake_dist(tmp_path, "rogueplug",
+              "[longtail.losses]\nexitloss = exitmod:build\nkiloss = kimod:build\nctrlc = ctrlcmod:build\n"
+              "badhead = headmod:build_mlp\nnoneloss = headmod:build_none\n",
+              {"exitmod": f"import sys\nsys.exit({EXIT_LINE!r})\n\n\ndef build(class_counts):\n    pass\n",
+               "kimod": "raise KeyboardInterrupt('from the plugin')\n\n\ndef build(class_counts):\n    pass\n",
+               "ctrlcmod": "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\n\n\n"
+                           "def build(class_counts):\n    pass\n",
+               "headmod": "from types import SimpleNamespace\n\n\ndef build_mlp(class_counts):\n"
+                          "    return SimpleNamespace(head='mlp')\n\n\ndef build_none(class_counts):\n    return None\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(default_params))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    for mod in ("exitmod", "kimod", "ctrlcmod", "headmod"):
+        sys.modules.pop(mod, None)
+
+
+def test_plugins_check_reports_a_plugin_that_exits_or_interrupts_at_import(rogue_plugins, monkeypatch, capsys):
+    """`sys.exit("... needs libfoo")` in a plugin's import made `longtail plugins check` print only that text and
+    exit 1, with no report on the other plugins; `raise KeyboardInterrupt` there said `interrupted (Ctrl-C)`,
+    exit 130. Both are now that plugin's failure to import, marked BROKEN among all the others."""
+    monkeypatch.setattr(registry, "discover", lambda group=None, _d=registry.discover: [
+        p for p in _d(group) if p.name != "ctrlc"])  # the real Ctrl-C has its own test below
+    code, out, err = _cli(monkeypatch, capsys, "plugins", "check")
+    problems = {line.split()[0]: line.partition("  BROKEN: ")[2] for line in out.splitlines() if line.startswith("  ")}
+    assert code == 1 and err == "", err
+    assert problems["exitloss"] == f"losses plugin 'exitloss' (rogueplug, exitmod:build) failed to import: SystemExit: {EXIT_LINE}"
+    assert problems["kiloss"] == ("losses plugin 'kiloss' (rogueplug, kimod:build) failed to import: "
+                                  "KeyboardInterrupt: from the plugin")
+    assert problems["ce"] == problems["resnet32"] == problems["badhead"] == ""  # the others are all reported
+
+
+@pytest.mark.parametrize("loss, message", [
+    ("exitloss", f"losses plugin 'exitloss' (rogueplug, exitmod:build) failed to import: SystemExit: {EXIT_LINE}"),
+    ("kiloss", "losses plugin 'kiloss' (rogueplug, kimod:build) failed to import: KeyboardInterrupt: from the plugin"),
+    ("badhead", "losses plugin 'badhead' (rogueplug, headmod:build_mlp) declares head 'mlp' "
+                "(valid: linear, linear_nobias, cosine)"),
+    ("noneloss", "losses plugin 'noneloss' (rogueplug, headmod:build_none) returned None from build; it must return "
+                 "nn.Module with forward(logits, target, class_weight=None) and .head"),
+])
+def test_check_names_a_selected_plugin_that_exits_or_breaks_the_contract(rogue_plugins, default_params, monkeypatch,
+                                                                         capsys, loss, message):
+    """`longtail check` printed a selected plugin's sys.exit text bare (exit 1, the plugin unnamed), and said ok
+    for a loss with head 'mlp' or a build returning None, which pretrain then refused: the check builds through
+    the same registry.build, which checks what the stage needs (registry.check_built)."""
+    from pipeline.params import override
+
+    (rogue_plugins / "params.yaml").write_text(yaml.safe_dump(override(default_params, {"loss": loss})))
+    assert _cli(monkeypatch, capsys, "check")[::2] == (2, f"error: {message}\n")
+
+
+def test_a_real_ctrl_c_while_a_plugin_imports_still_interrupts(rogue_plugins, default_params, monkeypatch, capsys):
+    from pipeline.params import override
+
+    (rogue_plugins / "params.yaml").write_text(yaml.safe_dump(override(default_params, {"loss": "ctrlc"})))
+    assert _cli(monkeypatch, capsys, "check")[::2] == (130, "interrupted (Ctrl-C)\n")

@@ -348,7 +348,18 @@ def test_check_builds_plugins_with_the_counts_of_the_folder_params_yaml_names(tm
 
     assert expected_counts(built, prepared) == [3, 3]
     moved = parse({**base, "data": {**base["data"], "root": str(other)}})
-    assert expected_counts(moved, prepared) is None  # not [3, 3]: that folder has 3 classes
-    # another profile of the same folder is not the prepared data either
+    assert expected_counts(moved, prepared) == [2, 2, 2]  # not [3, 3]: that folder's own, listed
+    # another profile of the same folder is not the prepared data either: it is cut from the listed files
     assert expected_counts(parse({**base, "imbalance": "exp", "ratio": 2,
-                                  "data": {**base["data"], "root": str(first)}}), prepared) is None
+                                  "data": {**base["data"], "root": str(first)}}), prepared) == [3, 1]
+
+
+def test_the_fixed_sources_counts_are_the_sources_own():
+    """`longtail check` cuts the digits / CIFAR profiles from SOURCE_COUNTS without reading the source: they
+    must be what the source gives (digits here; CIFAR's 5000 / 500 per class are the archives' documented sizes,
+    and the synthetic archives of testkit.cifar keep them)."""
+    from pipeline.data import SOURCE_COUNTS
+
+    raw = load_source("digits", "")
+    assert tuple(np.bincount(raw.y_train).tolist()) == SOURCE_COUNTS["digits"]
+    assert SOURCE_COUNTS["cifar10"] == (5000,) * 10 and SOURCE_COUNTS["cifar100"] == (500,) * 100

@@ -1,6 +1,7 @@
 """The training stages on a tiny real dataset (digits): resumability and split-run equivalence."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -719,3 +720,58 @@ def test_a_checkpoint_from_before_train_nesterov_still_matches(prepared, default
     for stage in ("pretrain", "finetune"):
         assert training._fingerprint(stage, parse(old), ds) == training._fingerprint(stage, p, ds)
         assert training._fingerprint(stage, parse(on), ds) != training._fingerprint(stage, p, ds)
+
+
+# -- a loss or a sampler that breaks its contract is named at the first batch (row 75) ----------------------------
+
+@pytest.fixture
+def contract_breakers(tmp_path, monkeypatch):
+    """A loss returning one value per sample, and samplers returning a position past the end or floats."""
+    from testkit.plugins import fake_dist
+
+    fake_dist(tmp_path, "breakplug",
+              "[longtail.losses]\nvecloss = vecmod:build\n"
+              "[longtail.samplers]\npastend = sampmod:build_past_end\nfloaty = sampmod:build_floats\n",
+              {"vecmod": "import torch.nn.functional as F\nfrom torch import nn\n\n\nclass Vec(nn.Module):\n"
+                         "    head = 'linear'\n\n    def forward(self, logits, target, class_weight=None):\n"
+                         "        return F.cross_entropy(logits, target, reduction='none')\n\n\n"
+                         "def build(class_counts):\n    return Vec()\n",
+               "sampmod": "import torch\n\n\nclass PastEnd:\n    def indices(self, labels, epoch, epochs, generator):\n"
+                          "        return torch.arange(len(labels)) + 1\n\n\n"
+                          "class Floats:\n    def indices(self, labels, epoch, epochs, generator):\n"
+                          "        return torch.zeros(len(labels))\n\n\n"
+                          "def build_past_end(class_counts):\n    return PastEnd()\n\n\n"
+                          "def build_floats(class_counts):\n    return Floats()\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for mod in ("vecmod", "sampmod"):
+        sys.modules.pop(mod, None)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"loss": "vecloss"}, "pretrain: losses plugin 'vecloss' (breakplug, vecmod:build) returned a float32 tensor of "
+                          "shape [64] from forward(logits, target, class_weight); a loss must return the batch mean: "
+                          "a float scalar (shape []) differentiable w.r.t. the logits"),
+    ({"train.sampler": "pastend"}, "samplers plugin 'pastend' (breakplug, sampmod:build_past_end) returned indices "
+                                   "1..{n}, outside 0..{last} from indices() for epoch 1; a sampler must return "
+                                   "positions 0..{last} of the {n} training images as a 1-D int64 tensor"),
+    ({"train.sampler": "floaty"}, "samplers plugin 'floaty' (breakplug, sampmod:build_floats) returned a float32 "
+                                  "tensor of shape [{n}] from indices() for epoch 1; a sampler must return "
+                                  "positions 0..{last} of the {n} training images as a 1-D int64 tensor"),
+])
+def test_a_loss_or_sampler_that_breaks_its_contract_is_one_line_before_any_checkpoint(
+        contract_breakers, tmp_path, default_params, settings, message):
+    """A loss returning a per-sample vector crashed pretrain after training started ("grad can be implicitly
+    created only for scalar outputs"), and a sampler's out-of-range positions gave an IndexError traceback.
+    Both are now checked where they are used (Trainer.loss on every call, engine.contract.sample_order on every
+    draw): one line naming the plugin and what it returned, before any update or checkpoint."""
+    from pipeline.errors import LongtailError
+
+    p, ds = prepare(tmp_path, tiny_pretrain_finetune(default_params))
+    p = parse(override(p.raw, settings))
+    n = sum(training.load_dataset(ds).class_counts)
+    files = dict(dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=tmp_path / "r")
+    with pytest.raises(LongtailError) as err:
+        training.run("pretrain", p, **files)
+    assert str(err.value) == message.format(n=n, last=n - 1)
+    assert not (tmp_path / "pre.pt").exists() and not list((tmp_path / "r").glob("*"))
