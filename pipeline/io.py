@@ -126,6 +126,17 @@ def atomic_folder(path: str | Path, by: str = "process"):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_outputs(folder: str | Path, last: str | Path) -> None:
+    """What `atomic_outputs(folder, last)` can refuse at once (a file where `folder` must be, a folder
+    where `last` must be): a stage calls it before any work, so the refusal is its first and only line."""
+    from .errors import LongtailError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LongtailError(f"cannot write {folder}/: {folder} is a file")
+    _not_a_folder(Path(last))
+
+
 @contextmanager
 def atomic_outputs(folder: str | Path, last: str | Path):
     """An output set that appears whole or not at all: the files a block writes into `folder`, and the
@@ -137,12 +148,8 @@ def atomic_outputs(folder: str | Path, last: str | Path):
     set stays whole. A crash inside the moves themselves (kill -9, a power cut, that second Ctrl-C) can
     leave the new files without `last`. Under `dvc repro` DVC removes a stage's outputs before it runs
     it, so there is no previous set; what stays true is that `last` never stands beside a partial set."""
-    from .errors import LongtailError
-
     folder, last = Path(folder), Path(last)
-    if folder.exists() and not folder.is_dir():  # checked before any work, and before the old `last` goes
-        raise LongtailError(f"cannot write {folder}/: {folder} is a file")
-    _not_a_folder(last)
+    check_outputs(folder, last)  # again here: before the old `last` goes
     staging = []
     try:
         for target in (folder, last):

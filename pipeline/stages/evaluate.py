@@ -29,6 +29,7 @@ SUMMARY_KEYS = ("top1", "error", "many", "medium", "few")
 
 def run(p: Params, log=None, dataset: Path = DATASET, final: Path = FINAL, metrics: Path = METRICS,
         plots: Path = PLOTS) -> dict:
+    io.check_outputs(plots, metrics)  # before any work
     ds = load_dataset(dataset)
     check_built_with(ds, p, dataset)
     state = io.load_checkpoint(final, "final checkpoint", "finetune", require=FINAL_CHECKPOINT)
