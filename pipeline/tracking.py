@@ -124,8 +124,9 @@ def _check_server(uri: str, stage: bool) -> None:
     """A plain TCP connect to the tracking server (or the proxy that requests would use for it), with
     SERVER_TIMEOUT: MLflow's own client retries a server that is down for minutes before it fails."""
     import socket
-    import urllib.request
     from urllib.parse import urlsplit
+
+    import requests.utils  # MLflow's client: the check takes the proxy it would (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY)
 
     how = "start it, fix MLFLOW_TRACKING_URI" + (", or use --no-track" if stage else "")
     parts = urlsplit(uri)
@@ -137,8 +138,8 @@ def _check_server(uri: str, stage: bool) -> None:
         raise LongtailError(f"the MLflow server {_shown(uri)} (MLFLOW_TRACKING_URI) names no valid host and port "
                             f"(valid: http(s)://HOST[:PORT])")
     where = ""
-    proxy = urllib.request.getproxies().get(parts.scheme.lower())
-    if proxy and not urllib.request.proxy_bypass(host):  # requests (MLflow's client) goes through it
+    proxy = requests.utils.select_proxy(uri, requests.utils.get_environ_proxies(uri))
+    if proxy:
         try:
             p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
             host, port, where = p.hostname, p.port or 80, f" through the proxy {p.hostname}:{p.port or 80}"

@@ -69,4 +69,4 @@ def sample_order(sampler, labels: torch.Tensor, epoch: int, epochs: int, generat
     else:
         return order
     raise LongtailError(f"{registry.describe(sampler)} returned {got} from indices() for epoch {epoch + 1}; a sampler "
-                        f"must return positions 0..{n - 1} of the {n} training images as a 1-D int64 tensor")
+                        f"must return positions 0..{n - 1} of the {n} training images as a 1-D int64 (or int32) tensor")

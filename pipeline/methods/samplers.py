@@ -1,7 +1,7 @@
 """Re-sampling (docs/methods.md §3). Entry points of group longtail.samplers.
 
 Contract: build_<name>(class_counts, **params) -> a sampler with
-  indices(labels, epoch, epochs, generator) -> int64 tensor: the sample order of one epoch, positions
+  indices(labels, epoch, epochs, generator) -> 1-D int64 (or int32) tensor: the sample order of one epoch, positions
       0..len(labels)-1 (labels: int64 CPU tensor whose class counts equal class_counts; epoch 0-based;
       CPU generator); checked at every draw (engine.contract.sample_order: anything else is one line),
   class_probabilities(epoch, epochs) -> list[float]: the probability p_j of drawing class j,

@@ -53,7 +53,9 @@ def _count(v):
 def _weights(v):
     if not isinstance(v, dict):
         return f"must be a state dict (parameter name -> tensor), got {_kind(v)}"
-    bad = next((k for k, t in v.items() if not isinstance(k, str) or not isinstance(t, torch.Tensor)), None)
+    # a module's get_extra_state() is saved as '<prefix>_extra_state' and may be any object torch.load reads
+    bad = next((k for k, t in v.items() if not isinstance(k, str)
+                or not (isinstance(t, torch.Tensor) or k.endswith("_extra_state"))), None)
     if bad is not None:
         return f"must be a state dict (parameter name -> tensor), but {bad!r} holds {_kind(v[bad])}"
 
@@ -106,7 +108,8 @@ def misfit(model, weights: dict) -> str | None:
     """What keeps `weights` from loading into `model` (a strict load_state_dict), or None."""
     own = model.state_dict()
     for k, t in own.items():
-        if k in weights and tuple(weights[k].shape) != tuple(t.shape):
+        if (k in weights and isinstance(t, torch.Tensor) and isinstance(weights[k], torch.Tensor)
+                and tuple(weights[k].shape) != tuple(t.shape)):
             return (f"size mismatch for {k}: {list(weights[k].shape)} in the checkpoint, "
                     f"{list(t.shape)} in the model")
     missing = [k for k in own if k not in weights]

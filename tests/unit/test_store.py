@@ -249,3 +249,25 @@ def test_a_dataset_built_at_another_image_size_is_refused_and_an_older_record_co
     check_built_with(load_dataset(path), auto, path)  # accepted
     with pytest.raises(LongtailError, match="built with data.image_size=auto, but params.yaml has data.image_size=32"):
         check_built_with(load_dataset(path), fitted, path)
+
+
+def test_a_model_with_extra_state_fits_its_checkpoint():
+    """A model plugin whose module keeps `get_extra_state` (saved as '<prefix>_extra_state', any object
+    torch.load reads) must load: the structure check asked every state-dict value to be a tensor."""
+    import torch
+
+    from pipeline.stages.training import _weights, misfit
+
+    class Versioned(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"version": 2}
+
+        def set_extra_state(self, state):
+            self.version = state["version"]
+
+    model = torch.nn.Sequential(Versioned(3, 2))
+    weights = model.state_dict()
+    assert "0._extra_state" in weights
+    assert _weights(weights) is None and misfit(model, weights) is None
+    assert "holds" in _weights({**weights, "0.weight": {"not": "a tensor"}})
+    assert misfit(model, {**weights, "0.weight": torch.zeros(5, 3)}).startswith("size mismatch for 0.weight")

@@ -328,6 +328,12 @@ def test_a_tracking_server_that_is_down_or_a_mistyped_store_uri_fails_at_once(tm
         assert f"cannot be reached through the proxy 127.0.0.1:{proxy} (connection refused)" in str(err.value)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         tracking._check_store(f"http://127.0.0.1:{port}")
+        # ALL_PROXY alone (common on clusters): requests goes through it, so the check does too; a server
+        # name only the proxy can resolve is not "unknown host"
+        for key in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{port}")
+        tracking._check_store("http://mlflow.internal.invalid:5000")
     # a URI of no store type; the ones MLflow opens pass the check
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
     for call in (tracking.ensure_experiment, tracking.finished_runs):

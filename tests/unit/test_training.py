@@ -754,10 +754,10 @@ def contract_breakers(tmp_path, monkeypatch):
                           "a float scalar (shape []) differentiable w.r.t. the logits"),
     ({"train.sampler": "pastend"}, "samplers plugin 'pastend' (breakplug, sampmod:build_past_end) returned indices "
                                    "1..{n}, outside 0..{last} from indices() for epoch 1; a sampler must return "
-                                   "positions 0..{last} of the {n} training images as a 1-D int64 tensor"),
+                                   "positions 0..{last} of the {n} training images as a 1-D int64 (or int32) tensor"),
     ({"train.sampler": "floaty"}, "samplers plugin 'floaty' (breakplug, sampmod:build_floats) returned a float32 "
                                   "tensor of shape [{n}] from indices() for epoch 1; a sampler must return "
-                                  "positions 0..{last} of the {n} training images as a 1-D int64 tensor"),
+                                  "positions 0..{last} of the {n} training images as a 1-D int64 (or int32) tensor"),
 ])
 def test_a_loss_or_sampler_that_breaks_its_contract_is_one_line_before_any_checkpoint(
         contract_breakers, tmp_path, default_params, settings, message):
