@@ -354,9 +354,4 @@ def load_source(name: str, root: str, image_size: int | None = None) -> RawData:
     return SOURCES[name](root)
 
 
-def source_n_max(raw: RawData) -> int:
-    """n_max of the long-tailed profile: the smallest per-class train count (5000 CIFAR-10, 500 CIFAR-100)."""
-    return int(np.bincount(raw.y_train, minlength=len(raw.classes)).min())
-
-
 assert tuple(SOURCES) == DATASETS, "pipeline.data.DATASETS and SOURCES must list the same datasets"

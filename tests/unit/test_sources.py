@@ -7,7 +7,7 @@ from PIL import Image
 from testkit.cifar import LAYOUT, write_cifar
 
 from pipeline.data import sources
-from pipeline.data.sources import load_source, source_n_max
+from pipeline.data.sources import load_source
 from pipeline.errors import LongtailError
 
 
@@ -19,7 +19,7 @@ def test_digits_split_is_balanced_and_deterministic():
     assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
     assert np.bincount(raw.y_test).tolist() == [50] * 10
     assert raw.x_train.max() == 255 and raw.hflip is False and raw.classes == [str(i) for i in range(10)]
-    assert source_n_max(raw) == 124  # class 8: 174 images - 50
+    assert np.bincount(raw.y_train).min() == 124  # class 8: 174 images - 50
     assert len(raw.mean) == len(raw.std) == 1 and 0 < raw.mean[0] < 1
     assert np.allclose(raw.mean[0], (raw.x_train / 255).mean()) and np.allclose(raw.std[0], (raw.x_train / 255).std())
     # the test images are the last 50 of each class in the original order
@@ -238,12 +238,6 @@ def test_cifar_no_data_no_network(tmp_path, monkeypatch):
     assert "cifar-10-python.tar.gz" in msg and "dataset=imagefolder" in msg and "data.root=" in msg
     with pytest.raises(LongtailError, match="cifar-100-python.tar.gz"):
         load_source("cifar100", str(tmp_path))
-
-
-def test_source_n_max():
-    raw = sources.RawData(np.zeros((7, 1, 1, 1), np.uint8), np.array([0, 0, 0, 1, 1, 2, 2]), None, None,
-                          ["a", "b", "c"], (0.0,), (1.0,), False)
-    assert source_n_max(raw) == 2
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
