@@ -41,8 +41,10 @@ def install() -> None:
 
 
 def installed() -> bool:
-    """Whether this process handles SIGINT with `install`'s handler (so `received` counts every Ctrl-C)."""
-    return signal.getsignal(signal.SIGINT) is _handle
+    """Whether every KeyboardInterrupt a signal could raise here is counted by `received`: SIGINT is
+    handled by `install`'s handler, or ignored (a background job of a non-interactive shell, where no
+    Ctrl-C arrives at all). Python's own SIGINT handler counts nothing."""
+    return signal.getsignal(signal.SIGINT) in (_handle, signal.SIG_IGN)
 
 
 def received() -> int:

@@ -167,7 +167,7 @@ def _plugin_code(which: str, doing: str):
         raise
     except KeyboardInterrupt as exc:
         if interrupts.received() != signals or not interrupts.installed():
-            raise  # a real Ctrl-C / SIGTERM (or no handler to tell one from a raise)
+            raise  # a real Ctrl-C / SIGTERM (or a Ctrl-C no handler would count)
         raise LongtailError(f"{which} failed to {doing}: {exc.__class__.__name__}: {exc}") from exc
     except BaseException as exc:  # a broken third-party package must not crash with a traceback, nor exit
         raise LongtailError(f"{which} failed to {doing}: {exc.__class__.__name__}: {exc}") from exc

@@ -1,8 +1,10 @@
 """The registry against real package metadata: fake distributions put on sys.path."""
 
 import resource
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import yaml
@@ -168,6 +170,18 @@ def test_check_reports_a_selected_plugins_failure_in_one_line(faulty_plugins, de
 EXIT_LINE = "fakeplug needs libfoo; please install it"
 
 
+@contextmanager
+def _sigint(handler):
+    """Start the command with this SIGINT disposition: Python's own handler (a shell's foreground job) or
+    SIG_IGN (a background job of a non-interactive shell, e.g. `nohup ... &`: CI may start the suite so,
+    and install() leaves an ignored SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def rogue_plugins(tmp_path, monkeypatch, default_params):
     """Losses whose import calls sys.exit(...), raises KeyboardInterrupt itself, or sends this process a real
@@ -196,7 +210,8 @@ def test_plugins_check_reports_a_plugin_that_exits_or_interrupts_at_import(rogue
     exit 130. Both are now that plugin's failure to import, marked BROKEN among all the others."""
     monkeypatch.setattr(registry, "discover", lambda group=None, _d=registry.discover: [
         p for p in _d(group) if p.name != "ctrlc"])  # the real Ctrl-C has its own test below
-    code, out, err = _cli(monkeypatch, capsys, "plugins", "check")
+    with _sigint(signal.default_int_handler):
+        code, out, err = _cli(monkeypatch, capsys, "plugins", "check")
     problems = {line.split()[0]: line.partition("  BROKEN: ")[2] for line in out.splitlines() if line.startswith("  ")}
     assert code == 1 and err == "", err
     assert problems["exitloss"] == f"losses plugin 'exitloss' (rogueplug, exitmod:build) failed to import: SystemExit: {EXIT_LINE}"
@@ -221,11 +236,25 @@ def test_check_names_a_selected_plugin_that_exits_or_breaks_the_contract(rogue_p
     from pipeline.params import override
 
     (rogue_plugins / "params.yaml").write_text(yaml.safe_dump(override(default_params, {"loss": loss})))
-    assert _cli(monkeypatch, capsys, "check")[::2] == (2, f"error: {message}\n")
+    with _sigint(signal.default_int_handler):
+        assert _cli(monkeypatch, capsys, "check")[::2] == (2, f"error: {message}\n")
+
+
+def test_a_plugins_own_keyboard_interrupt_is_its_failure_also_where_sigint_is_ignored(rogue_plugins, default_params,
+                                                                                      monkeypatch, capsys):
+    """CI ran the suite as a background job, SIGINT ignored: install() left it so, and the plugin's own
+    KeyboardInterrupt was taken for a Ctrl-C (exit 130). No Ctrl-C can arrive there, so it is the plugin's."""
+    from pipeline.params import override
+
+    (rogue_plugins / "params.yaml").write_text(yaml.safe_dump(override(default_params, {"loss": "kiloss"})))
+    with _sigint(signal.SIG_IGN):
+        assert _cli(monkeypatch, capsys, "check")[::2] == (
+            2, "error: losses plugin 'kiloss' (rogueplug, kimod:build) failed to import: KeyboardInterrupt: from the plugin\n")
 
 
 def test_a_real_ctrl_c_while_a_plugin_imports_still_interrupts(rogue_plugins, default_params, monkeypatch, capsys):
     from pipeline.params import override
 
     (rogue_plugins / "params.yaml").write_text(yaml.safe_dump(override(default_params, {"loss": "ctrlc"})))
-    assert _cli(monkeypatch, capsys, "check")[::2] == (130, "interrupted (Ctrl-C)\n")
+    with _sigint(signal.default_int_handler):
+        assert _cli(monkeypatch, capsys, "check")[::2] == (130, "interrupted (Ctrl-C)\n")
