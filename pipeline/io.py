@@ -42,16 +42,21 @@ def cannot_write(target: str | Path, exc: OSError):
 def make_folder(folder: str | Path, target: str | Path | None = None) -> Path:
     """mkdir -p `folder` (the folder of the output `target`, default the folder itself); one that cannot
     be made is one line naming the output and why (`cannot write params.yaml/out: params.yaml is a file`)."""
-    from .errors import LongtailError
-
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if target is None and folder.exists() and not folder.is_dir():
-            raise LongtailError(f"cannot write {folder}/: {folder} is a file") from None
+        if target is None:
+            _not_a_file(folder)
         raise cannot_write(target or folder, exc) from None
     return folder
+
+
+def _not_a_file(folder: Path):
+    from .errors import LongtailError
+
+    if folder.exists() and not folder.is_dir():
+        raise LongtailError(f"cannot write {folder}/: {folder} is a file")
 
 
 def _not_a_folder(path: Path):
@@ -129,11 +134,7 @@ def atomic_folder(path: str | Path, by: str = "process"):
 def check_outputs(folder: str | Path, last: str | Path) -> None:
     """What `atomic_outputs(folder, last)` can refuse at once (a file where `folder` must be, a folder
     where `last` must be): a stage calls it before any work, so the refusal is its first and only line."""
-    from .errors import LongtailError
-
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise LongtailError(f"cannot write {folder}/: {folder} is a file")
+    _not_a_file(Path(folder))
     _not_a_folder(Path(last))
 
 
