@@ -5,7 +5,10 @@
   loss and the optimizer stay float32 (heads compute their logits outside autocast, see
   `pipeline.models.heads`).
 - ``auto``: bf16 on CUDA, and on a CPU only where the processor has native bf16 arithmetic
-  (AVX-512 BF16 or AMX); fp32 everywhere else, because emulated bf16 is slower than fp32.
+  (AVX-512 BF16 or AMX) and torch's kernels may use it; fp32 everywhere else, because emulated bf16
+  is slower than fp32. `ATEN_CPU_CAPABILITY=avx2` with `ONEDNN_MAX_CPU_ISA=AVX2` (the kernels of
+  an AVX2 CPU, for fp32 results that repeat bit for bit across x86 CPUs: README "Reproducing a
+  result bit for bit") keeps them from it.
 
 The memory layout is channels_last in every mode: it measured faster than NCHW on CUDA and on both
 CPUs we measured (fp32 ResNet-32 training steps: +19% on an AVX-512 EPYC, +10-20% on an AVX2 EPYC;
@@ -13,6 +16,7 @@ CPUs we measured (fp32 ResNet-32 training steps: +19% on an AVX-512 EPYC, +10-20
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,31 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return any(f in cpu_flags(cpuinfo) for f in NATIVE_BF16_FLAGS)
 
 
+def kernels_restricted(env=None) -> str | None:
+    """The setting that keeps torch's CPU kernels below native bf16 (as `NAME=value`), or None: ATen
+    held to AVX2 or less by ATEN_CPU_CAPABILITY, or oneDNN to an ISA without bf16 by
+    ONEDNN_MAX_CPU_ISA (DNNL_MAX_CPU_ISA)."""
+    env = os.environ if env is None else env
+    aten = env.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if aten in ("default", "avx2"):
+        return f"ATEN_CPU_CAPABILITY={aten}"
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        isa = env.get(name, "").strip().upper()
+        if isa and isa not in ("ALL", "DEFAULT") and not any(k in isa for k in ("BF16", "FP16", "AMX", "AVX10")):
+            return f"{name}={isa}"
+    return None
+
+
+def cpu_kernels(env=None) -> str:
+    """Which CPU kernels torch runs, e.g. 'ATen AVX512, oneDNN all' or 'ATen AVX2, oneDNN AVX2': with
+    the precision, what decides the float rounding of a CPU run (MLflow `resolved.cpu_kernels`)."""
+    import torch
+
+    env = os.environ if env is None else env
+    isa = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "all").strip()
+    return f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {isa}"
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str  # fp32 | bf16: what runs
@@ -45,20 +74,25 @@ class Precision:
     reason: str  # one line: why this mode (printed at stage start)
 
 
-def resolve(setting: str, device_type: str, cpuinfo: str | None = None) -> Precision:
-    """The precision mode for train.precision = `setting` on a device of `device_type`."""
+def resolve(setting: str, device_type: str, cpuinfo: str | None = None, env=None) -> Precision:
+    """The precision mode for train.precision = `setting` on a device of `device_type` (`cpuinfo` and
+    `env`: /proc/cpuinfo's text and the environment, for tests)."""
     if setting not in PRECISIONS:
         raise ValueError(setting)
     if device_type == "cuda":
         name = "fp32" if setting == "fp32" else "bf16"
         return Precision(name, True, f"{name} on CUDA" + (" (auto)" if setting == "auto" else ""))
-    native = cpu_has_native_bf16(cpuinfo)
+    flag, restricted = cpu_has_native_bf16(cpuinfo), kernels_restricted(env)
+    native = flag and restricted is None
     if setting == "auto":
         name = "bf16" if native else "fp32"
         why = ("the CPU has native bf16 (avx512_bf16/amx_bf16)" if native
-               else "the CPU has no native bf16 (no avx512_bf16/amx_bf16 flag), so bf16 would be emulated and slow")
-        return Precision(name, True, f"{name} (auto: {why})")
+               else f"the CPU has native bf16 but {restricted} keeps torch's kernels from it" if flag
+               else "the CPU has no native bf16 (no avx512_bf16/amx_bf16 flag)")
+        return Precision(name, True, f"{name} (auto: {why}" + ("" if native else ", so bf16 would be emulated and slow")
+                         + ")")
     if setting == "bf16" and not native:
-        return Precision("bf16", True, "bf16 as set, although this CPU has no native bf16: expect it to be slower "
-                                       "than fp32")
+        return Precision("bf16", True, "bf16 as set, although " + (f"{restricted} keeps torch's kernels from native "
+                                                                   "bf16" if flag else "this CPU has no native bf16")
+                         + ": expect it to be slower than fp32")
     return Precision(setting, True, f"{setting} as set")

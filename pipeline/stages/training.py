@@ -22,6 +22,7 @@ from ..build import (augmentation, build_loss, build_model, build_policy, descri
                      pick_device)
 from ..data.store import check_built_with, load_dataset
 from ..engine import distributed
+from ..engine.precision import cpu_kernels
 from ..engine.progress import Progress
 from ..engine.trainer import Trainer
 from ..errors import LongtailError
@@ -377,7 +378,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
             log.set_tags({"longtail.device": meta["device_name"]})
             log.log_params({"resolved.pad": meta["pad"], "resolved.flip": meta["flip"], "resolved.head": meta["head"],
                             "resolved.device": meta["device"], "resolved.precision": meta["precision"],
-                            "resolved.channels_last": meta["channels_last"]})
+                            "resolved.channels_last": meta["channels_last"],
+                            **({"resolved.cpu_kernels": cpu_kernels()} if meta["device"] == "cpu" else {})})
         fit_kwargs = dict(on_epoch=on_epoch, save=save, checkpoint_every=p.train.checkpoint_every,
                           on_batch=progress.batch if progress.tty and main else None)
         if stage == "pretrain":

@@ -21,7 +21,7 @@ def _workdir(path: Path) -> Path:
     raw = project_params()
     raw.update(dataset="digits", ratio=10)  # a gentle, stable schedule so that two runs can be compared
     raw["train"].update(epochs=3, lr=0.02, warmup_epochs=0, milestones=[2], milestone_factors=[0.1],
-                        batch_size=64, device="cpu")
+                        batch_size=64, device="cpu", precision="fp32")  # auto = bf16 on some CPUs
     raw["finetune"]["start_epoch"] = 2
     (path / "params.yaml").write_text(yaml.safe_dump(raw))
     return path

@@ -1,6 +1,7 @@
 """The whole pipeline through `dvc exp run`, the CLI and MLflow, on the embedded digits data."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,10 @@ def test_mlflow_has_every_stage_with_curves_and_per_class_results(ran, monkeypat
         assert run.info.status == "FINISHED"
         assert run.data.params["loss"] == "ce" and run.data.params["train.epochs"] == "8"
         assert len(run.data.tags["longtail.commit"]) == 40
+    # what decides a CPU run's float rounding besides the params: the precision and torch's kernels
+    resolved = by_stage["pretrain"].data.params
+    assert resolved["resolved.precision"] in ("fp32", "bf16")
+    assert re.fullmatch(r"ATen \w+, oneDNN \w+", resolved["resolved.cpu_kernels"]), resolved["resolved.cpu_kernels"]
     pre = client.get_metric_history(by_stage["pretrain"].info.run_id, "test_acc")
     fin = client.get_metric_history(by_stage["finetune"].info.run_id, "test_acc")
     assert [m.step for m in pre] == list(range(1, 7)) and [m.step for m in fin] == [7, 8]

@@ -7,6 +7,7 @@ puts tests/ on pytest's pythonpath): one home for each fact the tests rely on.
 - twostage (import it by name: torch and the training stages): a prepared tiny dataset, a pretrained trainer for
   the two-stage method tests, a recording MLflow stand-in, a bit-exact state dict comparison
 - cifar (import it by name): synthetic CIFAR-10 / CIFAR-100 in the official layout, as a folder or a tarball
+- golden (import it by name): the golden run of tests/unit/test_golden.py, in a process of its own
 - plugins (import it by name): fake plugin packages (a dist-info with entry points, and modules) to put on sys.path
 """
 

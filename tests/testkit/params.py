@@ -23,9 +23,12 @@ def named_method_params(name: str) -> dict:
 
 def _tiny_digits(raw: dict, settings: dict) -> dict:
     """What every tiny training test shares: the embedded digits data at r = 10 with 40 images in the
-    largest class, on the CPU, a resume checkpoint after every epoch; then `settings` (dotted keys)."""
-    return override(raw, {"dataset": "digits", "ratio": 10, "train.device": "cpu", "train.checkpoint_every": 1,
-                          "data.n_max": 40, **settings})
+    largest class, on the CPU in float32, a resume checkpoint after every epoch; then `settings` (dotted
+    keys). float32, not `auto`: `auto` is bf16 on a CPU with native bf16 and fp32 elsewhere, and the
+    tests' references and tolerances are float32 ones, so they must compute the same on every machine
+    (bf16 has tests of its own that set it)."""
+    return override(raw, {"dataset": "digits", "ratio": 10, "train.device": "cpu", "train.precision": "fp32",
+                          "train.checkpoint_every": 1, "data.n_max": 40, **settings})
 
 
 def tiny_pretrain_finetune(raw: dict, **train) -> dict:

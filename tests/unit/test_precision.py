@@ -25,9 +25,31 @@ def test_native_bf16_comes_from_the_cpu_flags(cpuinfo, native):
     ("bf16", "cpu", ZEN4, "bf16", True),
 ])
 def test_each_setting_resolves_to_one_mode(setting, device, cpuinfo, name, channels_last):
-    mode = resolve(setting, device, cpuinfo)
+    mode = resolve(setting, device, cpuinfo, {})  # {}: whatever this process's environment holds
     assert (mode.name, mode.channels_last) == (name, channels_last)
 
 
 def test_forcing_bf16_on_a_cpu_without_it_says_so():
-    assert "slower" in resolve("bf16", "cpu", ZEN3).reason
+    assert "slower" in resolve("bf16", "cpu", ZEN3, {}).reason
+
+
+@pytest.mark.parametrize("env, restricted", [
+    ({}, None),
+    ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "ATEN_CPU_CAPABILITY=avx2"),
+    ({"ATEN_CPU_CAPABILITY": "default"}, "ATEN_CPU_CAPABILITY=default"),
+    ({"ATEN_CPU_CAPABILITY": "avx512"}, None),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "ONEDNN_MAX_CPU_ISA=AVX512_CORE"),  # AVX-512 without its bf16
+    ({"DNNL_MAX_CPU_ISA": "avx2"}, "DNNL_MAX_CPU_ISA=AVX2"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, None),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, None),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, None),
+])
+def test_kernels_held_below_bf16_make_auto_fp32_on_a_bf16_cpu(env, restricted):
+    """With torch's CPU kernels held to AVX2 (the bit-for-bit reproduction settings), bf16 would be
+    emulated although the processor has it, so `auto` must not pick it, and must say why."""
+    mode = resolve("auto", "cpu", ZEN4, env)
+    assert mode.name == ("bf16" if restricted is None else "fp32")
+    if restricted:
+        assert restricted in mode.reason and "emulated" in mode.reason
+        assert "slower" in resolve("bf16", "cpu", ZEN4, env).reason
+    assert resolve("auto", "cpu", ZEN3, env).name == "fp32" and resolve("auto", "cuda", ZEN4, env).name == "bf16"
