@@ -238,16 +238,17 @@ def _shared_resume_root() -> Path:
     return project_root() / RESUME_DIR
 
 
-def _resume_dir(fingerprint: str) -> Path:
+def _resume_dir(fingerprint: str, precision: str) -> Path:
     """Where a stage keeps its resume checkpoint: `.longtail/resume/` of the workspace it runs in
     (the project, or a SLURM job's workspace, which outlives a killed job); in a DVC temp copy
     (`dvc exp run --temp`, queue workers: `<project>/.dvc/tmp/exps/...`), which is deleted when
-    the run ends or dies, a folder per fingerprint under the project root's, so a re-queued killed
-    experiment resumes."""
+    the run ends or dies, a folder per fingerprint and resolved precision under the project root's,
+    so a re-queued killed experiment resumes (and only in the arithmetic it trained in: `auto`
+    resolves by machine and environment)."""
     from ..tracking import project_root
 
     if Path.cwd().resolve().is_relative_to(project_root() / ".dvc" / "tmp"):
-        return _shared_resume_root() / fingerprint[:16]
+        return _shared_resume_root() / f"{fingerprint[:16]}-{precision}"
     return RESUME_DIR
 
 
@@ -319,7 +320,7 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
     until = p.finetune.start_epoch if stage == "pretrain" else p.train.epochs
     out = pretrain if stage == "pretrain" else final
     fingerprint = _fingerprint(stage, p, dataset)
-    with _claimed(resume_dir or _resume_dir(fingerprint), stage) as folder:
+    with _claimed(resume_dir or _resume_dir(fingerprint, meta["precision"]), stage) as folder:
         resume = folder / f"{stage}.pt"
 
         if stage == "finetune":
@@ -341,6 +342,13 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
                 _set_aside(resume, str(exc))
                 return
             if state.get("fingerprint") != fingerprint:
+                resume.unlink()
+                return
+            trained_in = (state.get("meta") or {}).get("precision")
+            if trained_in != meta["precision"]:  # same params, other arithmetic: not this run's first epochs
+                print(f"{stage}: the resume checkpoint {resume} trained in {trained_in}, this run resolves to "
+                      f"{meta['precision']} (train.precision: {p.train.precision}); starting from the beginning",
+                      file=sys.stderr)
                 resume.unlink()
                 return
             trainer.load_state_dict(state)

@@ -94,6 +94,26 @@ def test_a_resumed_stage_relogs_the_killed_epochs(prepared, tmp_path):
     assert log.steps("test_acc") == [1, 2]  # one complete curve in the new run, epochs numbered from 1
 
 
+def test_a_resume_checkpoint_trained_in_another_precision_is_not_resumed(prepared, tmp_path, capsys):
+    """`train.precision: auto` resolves by machine and environment (bf16 on a CPU with native bf16,
+    fp32 where torch's kernels are held to AVX2), so the same params can train in either. A queued
+    run resumed a bf16 run's epoch-10 checkpoint and went on in fp32: one run of two arithmetics.
+    A checkpoint from another precision must be dropped, and the stage start from the beginning."""
+    p, ds = prepared
+    r = tmp_path / "r"
+    _killed_after_one_epoch(p, ds, r)
+    state = io.load_checkpoint(r / "pretrain.pt")
+    other = {k: v * 0 if v.is_floating_point() else v for k, v in state["model"].items()}  # shows if used
+    io.save_torch(r / "pretrain.pt", {**state, "model": other, "meta": {**state["meta"], "precision": "bf16"}})
+    training.run("pretrain", p, dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=r)
+    out = capsys.readouterr()
+    assert "resuming" not in out.out
+    assert "trained in bf16, this run resolves to fp32 (train.precision: fp32); starting from the beginning" in out.err
+    trainer, _ = training.setup(p, ds)
+    trainer.fit(2)
+    assert_same(io.load_checkpoint(tmp_path / "pre.pt")["model"], trainer.state_dict()["model"])
+
+
 class _Killed(Exception):
     pass
 
@@ -597,7 +617,7 @@ def test_two_queued_runs_with_the_same_params_do_not_share_a_resume_folder(prepa
     root = tmp_path / "project"
     root.mkdir()
     monkeypatch.setenv("LONGTAIL_ROOT", str(root))
-    shared = root / ".longtail" / "resume" / training._fingerprint("pretrain", p, ds)[:16]
+    shared = root / ".longtail" / "resume" / (training._fingerprint("pretrain", p, ds)[:16] + "-fp32")
     seen = {}
 
     def copy(name):
@@ -637,7 +657,7 @@ def test_every_rank_of_a_distributed_run_uses_rank_0s_resume_folder(tmp_path, mo
     (root / ".dvc" / "tmp" / "exps" / "tmp-a").mkdir(parents=True)
     monkeypatch.setenv("LONGTAIL_ROOT", str(root))
     monkeypatch.chdir(root / ".dvc" / "tmp" / "exps" / "tmp-a")
-    shared = training._resume_dir("0123456789abcdef0123")
+    shared = training._resume_dir("0123456789abcdef0123", "fp32")
     told = []
     monkeypatch.setattr(training.distributed, "from_main", lambda v: told.append(v) or str(training.RESUME_DIR))
     monkeypatch.setenv("RANK", "1")
@@ -662,11 +682,11 @@ def test_a_slurm_workspace_keeps_its_resume_checkpoint_in_itself(tmp_path, monke
         d.mkdir(parents=True)
     monkeypatch.setenv("LONGTAIL_ROOT", str(root))
     monkeypatch.chdir(ws)
-    assert training._resume_dir("0123456789abcdef0123") == training.RESUME_DIR
+    assert training._resume_dir("0123456789abcdef0123", "fp32") == training.RESUME_DIR
     monkeypatch.chdir(temp)
-    assert training._resume_dir("0123456789abcdef0123") == root.resolve() / ".longtail" / "resume" / "0123456789abcdef"
+    assert training._resume_dir("0123456789abcdef0123", "fp32") == root.resolve() / ".longtail" / "resume" / "0123456789abcdef-fp32"
     monkeypatch.chdir(root)
-    assert training._resume_dir("0123456789abcdef0123") == training.RESUME_DIR
+    assert training._resume_dir("0123456789abcdef0123", "fp32") == training.RESUME_DIR
 
 
 @pytest.mark.parametrize("key, value", [("ratio", 5), ("imbalance", "step"), ("data.n_max", 30)])
