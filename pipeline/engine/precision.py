@@ -6,9 +6,9 @@
   `pipeline.models.heads`).
 - ``auto``: bf16 on CUDA, and on a CPU only where the processor has native bf16 arithmetic
   (AVX-512 BF16 or AMX) and torch's kernels may use it; fp32 everywhere else, because emulated bf16
-  is slower than fp32. `ATEN_CPU_CAPABILITY=avx2` with `ONEDNN_MAX_CPU_ISA=AVX2` (the kernels of
-  an AVX2 CPU, for fp32 results that repeat bit for bit across x86 CPUs: README "Reproducing a
-  result bit for bit") keeps them from it.
+  is slower than fp32. `ONEDNN_MAX_CPU_ISA=AVX2` (with `ATEN_CPU_CAPABILITY=avx2`: the kernels of
+  an AVX2 CPU, for fp32 results that repeat bit for bit across CPUs: README "Reproducing a result
+  bit for bit") keeps them from it.
 
 The memory layout is channels_last in every mode: it measured faster than NCHW on CUDA and on both
 CPUs we measured (fp32 ResNet-32 training steps: +19% on an AVX-512 EPYC, +10-20% on an AVX2 EPYC;
@@ -43,17 +43,16 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def kernels_restricted(env=None) -> str | None:
-    """The setting that keeps torch's CPU kernels below native bf16 (as `NAME=value`), or None: ATen
-    held to AVX2 or less by ATEN_CPU_CAPABILITY, or oneDNN to an ISA without bf16 by
-    ONEDNN_MAX_CPU_ISA (DNNL_MAX_CPU_ISA)."""
+    """The setting that keeps torch's bf16 kernels from native bf16 (as `NAME=value`), or None.
+    Convolutions and matrix products in bf16 run in oneDNN, so oneDNN's ISA limit decides: the first of
+    ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA that is set (oneDNN's own order), when it names an ISA
+    without bf16 (AVX2, AVX512_CORE, ...)."""
     env = os.environ if env is None else env
-    aten = env.get("ATEN_CPU_CAPABILITY", "").strip().lower()
-    if aten in ("default", "avx2"):
-        return f"ATEN_CPU_CAPABILITY={aten}"
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         isa = env.get(name, "").strip().upper()
-        if isa and isa not in ("ALL", "DEFAULT") and not any(k in isa for k in ("BF16", "FP16", "AMX", "AVX10")):
-            return f"{name}={isa}"
+        if isa:
+            native = isa in ("ALL", "DEFAULT") or any(k in isa for k in ("BF16", "FP16", "AMX", "AVX10"))
+            return None if native else f"{name}={isa}"
     return None
 
 

@@ -243,8 +243,9 @@ def _resume_dir(fingerprint: str, precision: str) -> Path:
     (the project, or a SLURM job's workspace, which outlives a killed job); in a DVC temp copy
     (`dvc exp run --temp`, queue workers: `<project>/.dvc/tmp/exps/...`), which is deleted when
     the run ends or dies, a folder per fingerprint and resolved precision under the project root's,
-    so a re-queued killed experiment resumes (and only in the arithmetic it trained in: `auto`
-    resolves by machine and environment)."""
+    so a re-queued killed experiment resumes (and only in the precision it trained in: `auto`
+    resolves by machine and environment; the CPU kernels are not compared, so a resume on another
+    CPU continues the run in the same precision, not bit for bit)."""
     from ..tracking import project_root
 
     if Path.cwd().resolve().is_relative_to(project_root() / ".dvc" / "tmp"):
@@ -346,10 +347,8 @@ def run(stage: str, p: Params, log=None, dataset: Path = DATASET, pretrain: Path
                 return
             trained_in = (state.get("meta") or {}).get("precision")
             if trained_in != meta["precision"]:  # same params, other arithmetic: not this run's first epochs
-                print(f"{stage}: the resume checkpoint {resume} trained in {trained_in}, this run resolves to "
-                      f"{meta['precision']} (train.precision: {p.train.precision}); starting from the beginning",
-                      file=sys.stderr)
-                resume.unlink()
+                _set_aside(resume, f"{stage}: the resume checkpoint {resume} trained in {trained_in}, this run "
+                                   f"resolves to {meta['precision']} (train.precision: {p.train.precision})")
                 return
             trainer.load_state_dict(state)
             print(f"{stage}: resuming from {resume} at epoch {trainer.epoch}")

@@ -3,8 +3,9 @@ Run as `python -m testkit.golden DIR` (with tests/ on the path) it prints the re
 
 Float rounding depends on which CPU kernels torch picks: fp32 on one thread gives other digits with
 the AVX-512 kernels than with the AVX2 ones (the first epoch's training loss 2.54191 against
-2.54315). KERNELS holds torch to the AVX2 kernels, which every x86-64 CPU of the last decade has, so
-the pin holds on any of them: set before torch is imported, hence a process of its own."""
+2.54315). KERNELS holds torch to the AVX2 kernels, so the pin made on an AVX2 AMD EPYC holds on an
+AVX-512 one too (checked; an Intel CPU's MKL may pick its own path for fp32 matmuls, not checked):
+set before torch is imported, hence a process of its own."""
 
 from __future__ import annotations
 

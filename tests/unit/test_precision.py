@@ -25,7 +25,7 @@ def test_native_bf16_comes_from_the_cpu_flags(cpuinfo, native):
     ("bf16", "cpu", ZEN4, "bf16", True),
 ])
 def test_each_setting_resolves_to_one_mode(setting, device, cpuinfo, name, channels_last):
-    mode = resolve(setting, device, cpuinfo, {})  # {}: whatever this process's environment holds
+    mode = resolve(setting, device, cpuinfo, {})  # {}: no kernel limits, whatever this process's environment
     assert (mode.name, mode.channels_last) == (name, channels_last)
 
 
@@ -35,11 +35,11 @@ def test_forcing_bf16_on_a_cpu_without_it_says_so():
 
 @pytest.mark.parametrize("env, restricted", [
     ({}, None),
-    ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "ATEN_CPU_CAPABILITY=avx2"),
-    ({"ATEN_CPU_CAPABILITY": "default"}, "ATEN_CPU_CAPABILITY=default"),
-    ({"ATEN_CPU_CAPABILITY": "avx512"}, None),
+    ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2"),
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, None),  # ATen's limit: bf16 convolutions and matmuls are oneDNN's
     ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "ONEDNN_MAX_CPU_ISA=AVX512_CORE"),  # AVX-512 without its bf16
     ({"DNNL_MAX_CPU_ISA": "avx2"}, "DNNL_MAX_CPU_ISA=AVX2"),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL", "DNNL_MAX_CPU_ISA": "AVX2"}, None),  # oneDNN reads ONEDNN_ first
     ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, None),
     ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, None),
     ({"ONEDNN_MAX_CPU_ISA": "ALL"}, None),

@@ -108,7 +108,9 @@ def test_a_resume_checkpoint_trained_in_another_precision_is_not_resumed(prepare
     training.run("pretrain", p, dataset=ds, pretrain=tmp_path / "pre.pt", final=tmp_path / "final.pt", resume_dir=r)
     out = capsys.readouterr()
     assert "resuming" not in out.out
-    assert "trained in bf16, this run resolves to fp32 (train.precision: fp32); starting from the beginning" in out.err
+    assert "trained in bf16, this run resolves to fp32 (train.precision: fp32); moved it to" in out.err
+    assert "starting the stage from the beginning" in out.err
+    assert len(list(r.glob("pretrain.pt.corrupt-*"))) == 1  # kept, not deleted: hours of training, maybe
     trainer, _ = training.setup(p, ds)
     trainer.fit(2)
     assert_same(io.load_checkpoint(tmp_path / "pre.pt")["model"], trainer.state_dict()["model"])
