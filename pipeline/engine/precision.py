@@ -42,18 +42,26 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return any(f in cpu_flags(cpuinfo) for f in NATIVE_BF16_FLAGS)
 
 
-def kernels_restricted(env=None) -> str | None:
-    """The setting that keeps torch's bf16 kernels from native bf16 (as `NAME=value`), or None.
-    Convolutions and matrix products in bf16 run in oneDNN, so oneDNN's ISA limit decides: the first of
-    ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA that is set (oneDNN's own order), when it names an ISA
-    without bf16 (AVX2, AVX512_CORE, ...)."""
-    env = os.environ if env is None else env
+def _onednn_limit(env) -> tuple[str, str] | None:
+    """oneDNN's ISA limit as (variable, value): the first of ONEDNN_MAX_CPU_ISA and DNNL_MAX_CPU_ISA
+    that is set (oneDNN's own order), or None."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         isa = env.get(name, "").strip().upper()
         if isa:
-            native = isa in ("ALL", "DEFAULT") or any(k in isa for k in ("BF16", "FP16", "AMX", "AVX10"))
-            return None if native else f"{name}={isa}"
+            return name, isa
     return None
+
+
+def kernels_restricted(env=None) -> str | None:
+    """The setting that keeps torch's bf16 kernels from native bf16 (as `NAME=value`), or None.
+    Convolutions and matrix products in bf16 run in oneDNN, so oneDNN's ISA limit decides, when it
+    names an ISA without bf16 (AVX2, AVX512_CORE, ...)."""
+    limit = _onednn_limit(os.environ if env is None else env)
+    if limit is None:
+        return None
+    name, isa = limit
+    native = isa in ("ALL", "DEFAULT") or any(k in isa for k in ("BF16", "FP16", "AMX", "AVX10"))
+    return None if native else f"{name}={isa}"
 
 
 def cpu_kernels(env=None) -> str:
@@ -61,9 +69,8 @@ def cpu_kernels(env=None) -> str:
     the precision, what decides the float rounding of a CPU run (MLflow `resolved.cpu_kernels`)."""
     import torch
 
-    env = os.environ if env is None else env
-    isa = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "all").strip()
-    return f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {isa}"
+    limit = _onednn_limit(os.environ if env is None else env)
+    return f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {limit[1] if limit else 'all'}"
 
 
 @dataclass(frozen=True)
