@@ -20,6 +20,13 @@ def full_stage_one_error(name: str, epochs: int, start_epoch: int) -> LongtailEr
         f"set finetune.start_epoch to train.epochs ({epochs}), not {start_epoch}")
 
 
+def ignored_rebalancing_error(name: str, ignored: list[str]) -> LongtailError:
+    """finetune.reweighting / finetune.sampler set for a strategy that picks its own batches and weights."""
+    return LongtailError(
+        f"finetune.strategy={name} picks its own batches and weights, so {' and '.join(ignored)} would be "
+        f"silently ignored: set finetune.reweighting=none and finetune.sampler=instance (its own settings: finetunes.{name})")
+
+
 def n_max_error(dataset: str, n_max: int, available: int) -> LongtailError:
     """data.n_max above the images per class that the source has (the check and the build say it alike)."""
     return LongtailError(f"data.n_max ({n_max}) is more than the {available} images per class that {dataset} has "

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import registry
 from .checks import check_number, check_seed, checking, find_non_finite, params_file, unknown_key, yaml_file
 from .data import DATASETS, IMAGE_SIDES, IMBALANCES, SOURCE_COUNTS, SOURCE_PROFILE
-from .errors import LongtailError, full_stage_one_error
+from .errors import LongtailError, full_stage_one_error, ignored_rebalancing_error
 from .tracking import DEFAULT_EXPERIMENT
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("device", "reference")
@@ -452,6 +452,8 @@ def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts
 
 
 # a plugin parameter with one of these names (or ending in _NAME) names a plugin of that group
+# the finetune.* values that re-balance nothing (what a strategy with its own batches and weights needs)
+PLAIN_FINETUNE = {"reweighting": "none", "sampler": "instance"}
 PLUGIN_REFERENCES = {"sampler": "samplers", "reweighting": "reweighting"}
 
 
@@ -503,6 +505,12 @@ def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
         if (group, name) == ("finetune", p.finetune.strategy) and getattr(built, "after_full_stage_one", False) \
                 and p.finetune.start_epoch != p.train.epochs:
             raise full_stage_one_error(name, p.train.epochs, p.finetune.start_epoch)
+        if (group, name) == ("finetune", p.finetune.strategy) \
+                and not getattr(built, "uses_finetune_rebalancing", True):
+            ignored = [f"finetune.{k}={v}" for k, v in (("reweighting", p.finetune.reweighting),
+                                                         ("sampler", p.finetune.sampler)) if v != PLAIN_FINETUNE[k]]
+            if ignored:
+                raise ignored_rebalancing_error(name, ignored)
 
 
 

@@ -27,7 +27,8 @@ GROUPS = {
     "samplers": "build(class_counts, **params) -> sampler with .indices(labels, epoch, epochs, generator)",
     "models": "build(num_classes, in_channels, head, **params) -> nn.Module with .features(x) and .classifier",
     "finetune": "build(**params) -> strategy with .run(context) for the fine-tune stage (and, if it needs the "
-                "whole stage-1 schedule first, after_full_stage_one = True)",
+                "whole stage-1 schedule first, after_full_stage_one = True; if it picks its own batches and "
+                "weights, uses_finetune_rebalancing = False)",
 }
 # the classifiers a loss may ask for with `.head` (the loss contract: pipeline.plugin_kit, which exports this list)
 LOSS_HEADS = ("linear", "linear_nobias", "cosine")

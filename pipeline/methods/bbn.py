@@ -10,7 +10,7 @@ alpha = 1 - (T / T_max)^2 (T = 0-based epoch, T_max = train.epochs):
 
 L is the configured loss plugin (CE in the paper), with class weights only if this strategy's own
 `reweighting` names a re-weighting plugin (default none, as in the paper); finetune.reweighting
-and finetune.sampler are not used. The factor 2 is the authors' combiner (`bbn_mix`); the model's
+and finetune.sampler are not used (the check refuses any but none / instance). The factor 2 is the authors' combiner (`bbn_mix`); the model's
 plain forward mixes the branches with alpha = 0.5, i.e. W [f_c ; f_r], which is what evaluation
 uses (the authors test on the concatenated features). The strategy hands the trainer its steps (`BBNSteps`), so the lr
 schedule (train.lr, warm-up, train.milestones), evaluation, history, best-epoch tracking and the
@@ -19,7 +19,7 @@ drops the last partial batch. The CIFAR setting of the authors' code (Nesterov S
 lr x0.01 from 0-based epoch 120 and x0.0001 from 160: their scheduler runs under the PyTorch 1.0 they pin):
 
     model.arch=bbn_resnet32 finetune.strategy=bbn finetune.start_epoch=0 train.nesterov=true
-    train.milestones=[120,160] train.milestone_factors=[0.01,0.0001]
+    train.milestones=[120,160] train.milestone_factors=[0.01,0.0001] finetune.reweighting=none
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def _plugin_params(ctx, group_key: str, name: str) -> dict:
 
 
 class BBN:
+    uses_finetune_rebalancing = False  # its two branches' samplers and its own `reweighting`
+
     def __init__(self, conventional_sampler: str, rebalancing_sampler: str, reweighting: str):
         self.conventional_sampler, self.rebalancing_sampler = conventional_sampler, rebalancing_sampler
         self.reweighting = reweighting

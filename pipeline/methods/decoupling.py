@@ -14,7 +14,8 @@ instance-balanced sampling over the whole schedule (stage 1: set finetune.start_
 
 The shared classifier-stage toolkit (frozen-backbone features, `ClassifierTraining`, BatchNorm and
 epoch-size options) is pipeline/methods/classifier_stage.py.
-finetune.reweighting / finetune.sampler are not used: each strategy names its own sampler.
+finetune.reweighting / finetune.sampler are not used: each strategy names its own sampler (the check
+refuses any but none / instance: uses_finetune_rebalancing = False).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ClassifierRetraining:
     unweighted, on class-balanced batches from the frozen backbone."""
 
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+    uses_finetune_rebalancing = False  # its own sampler (finetunes.*), no class weights
 
     def __init__(self, training: ClassifierTraining, init_seed: int):
         self.training, self.init_seed = training, init_seed
@@ -105,6 +107,7 @@ def pick_tau(sweep: list[dict]) -> float:
 
 class TauNorm:
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+    uses_finetune_rebalancing = False  # its own sampler (finetunes.*), no class weights
 
     def __init__(self, tau, grid, holdout_per_class: int, holdout_seed: int, sweep_file):
         self.tau, self.grid = tau, grid
@@ -214,6 +217,7 @@ def fold_state(state: dict, prefix: str = "classifier.") -> dict:
 
 class LearnableWeightScaling:
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+    uses_finetune_rebalancing = False  # its own sampler (finetunes.*), no class weights
 
     def __init__(self, training: ClassifierTraining):
         self.training = training
@@ -273,6 +277,7 @@ def ncm_head(means: torch.Tensor, metric: str = "euclidean", center: torch.Tenso
 
 class NearestClassMean:
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+    uses_finetune_rebalancing = False  # its own sampler (finetunes.*), no class weights
 
     def __init__(self, metric: str, features: str):
         self.metric, self.features = metric, features

@@ -227,6 +227,7 @@ class MetaSamplerTraining:
 
 class MetaSampler:
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
+    uses_finetune_rebalancing = False  # its learned sampler and Balanced Softmax re-balance
 
     def __init__(self, **kw):
         self.kw = kw

@@ -163,6 +163,16 @@ def test_image_size_is_optional_auto_or_a_side(default_params):
                                    "whole schedule: set finetune.start_epoch to train.epochs (200), not 160"),
     ({"finetune.strategy": "ncm"}, "finetune.strategy=ncm re-trains only the classifier"),
     ({"finetune.strategy": "meta_sampler"}, "finetune.strategy=meta_sampler re-trains only the classifier"),
+    # a strategy that picks its own batches and weights ignored params.yaml's DRW (finetune.reweighting: cb),
+    # and the run was labelled ce+DRW:cb+FT:bbn (reliability row 78)
+    ({"loss": "ce", "model.arch": "bbn_resnet32", "finetune.strategy": "bbn", "finetune.start_epoch": 0},
+     "finetune.strategy=bbn picks its own batches and weights, so finetune.reweighting=cb would be silently "
+     "ignored: set finetune.reweighting=none and finetune.sampler=instance (its own settings: finetunes.bbn)"),
+    ({"finetune.strategy": "crt", "finetune.start_epoch": 200, "finetune.reweighting": "none",
+      "finetune.sampler": "class_balanced"}, "finetune.strategy=crt picks its own batches and weights, so "
+                                             "finetune.sampler=class_balanced would be silently ignored"),
+    ({"finetune.strategy": "meta_sampler", "finetune.start_epoch": 200},
+     "finetune.strategy=meta_sampler picks its own batches and weights, so finetune.reweighting=cb"),
 ])
 def test_plugin_params_are_bound_and_built_before_any_work(default_params, overrides, message):
     p = parse(override(default_params, overrides))
@@ -326,3 +336,20 @@ def test_errors_about_a_params_file_name_that_file(tmp_path, default_params):
     with pytest.raises(LongtailError) as err:  # the settings of params.yaml (sweep, demo) say so, as before
         parse({**default_params, "train": {**default_params["train"], "epoch": 3}})
     assert str(err.value) == "unknown key train.epoch in params.yaml (did you mean train.epochs?)"
+
+
+@pytest.mark.parametrize("strategy, arch, start", [("crt", "resnet32", 200), ("tau_norm", "resnet32", 200),
+                                                   ("lws", "resnet32", 200), ("ncm", "resnet32", 200),
+                                                   ("meta_sampler", "resnet32", 200), ("bbn", "bbn_resnet32", 0)])
+def test_a_strategy_with_its_own_batches_passes_with_plain_finetune_rebalancing(default_params, strategy, arch, start):
+    check_plugins(parse(override(default_params, {"finetune.strategy": strategy, "model.arch": arch,
+                                                  "finetune.start_epoch": start, "finetune.reweighting": "none"})),
+                  class_counts=[50, 5])
+
+
+def test_plain_finetune_values_are_the_method_names_plain_ones():
+    from pipeline.method_names import MethodNames
+    from pipeline.params import PLAIN_FINETUNE
+
+    plain = MethodNames.load().plain
+    assert {k: plain[f"finetune.{k}"] for k in PLAIN_FINETUNE} == PLAIN_FINETUNE
