@@ -21,10 +21,12 @@ def full_stage_one_error(name: str, epochs: int, start_epoch: int) -> LongtailEr
 
 
 def ignored_rebalancing_error(name: str, ignored: list[str]) -> LongtailError:
-    """finetune.reweighting / finetune.sampler set for a strategy that picks its own batches and weights."""
+    """finetune.reweighting / finetune.sampler set for a strategy that does not use them (params.yaml's
+    default finetune.reweighting is cb, the DRW of LDAM-DRW)."""
     return LongtailError(
-        f"finetune.strategy={name} picks its own batches and weights, so {' and '.join(ignored)} would be "
-        f"silently ignored: set finetune.reweighting=none and finetune.sampler=instance (its own settings: finetunes.{name})")
+        f"finetune.strategy={name} does not use finetune.reweighting / finetune.sampler (its settings are "
+        f"finetunes.{name}), so {' and '.join(ignored)} would be silently ignored: set finetune.reweighting=none and "
+        f"finetune.sampler=instance (`longtail sweep --method NAME` sets them)")
 
 
 def n_max_error(dataset: str, n_max: int, available: int) -> LongtailError:

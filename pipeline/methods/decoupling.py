@@ -1,6 +1,7 @@
 """Decoupling representation and classifier (Kang et al., ICLR 2020; docs/methods.md §4): fine-tune strategies of group
 `longtail.finetune` that re-balance only the classifier of a model trained with plain
-instance-balanced sampling over the whole schedule (stage 1: set finetune.start_epoch = train.epochs).
+instance-balanced sampling over the whole schedule (stage 1: set finetune.start_epoch = train.epochs, and
+finetune.reweighting = none).
 
 - `crt`: re-initialise the classifier and retrain it on the frozen backbone with class-balanced
   sampling (cosine lr, 10 epochs by default).

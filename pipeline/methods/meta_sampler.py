@@ -2,7 +2,7 @@
 strategy, as the authors' BalancedMetaSoftmax-Classification code runs it.
 
 Stage 1 is a plain softmax (CE) model over the whole schedule (loss=ce,
-finetune.start_epoch=train.epochs); Balanced Softmax and the meta sampler act only in this
+finetune.start_epoch=train.epochs, finetune.reweighting=none); Balanced Softmax and the meta sampler act only in this
 classifier stage. It re-trains a fresh classifier on the frozen backbone with Balanced Softmax,
 CE(z + log n, y), for `iterations` steps (their 2,000) in epochs of floor(N / batch_size) steps.
 Each step:

@@ -166,13 +166,19 @@ def test_image_size_is_optional_auto_or_a_side(default_params):
     # a strategy that picks its own batches and weights ignored params.yaml's DRW (finetune.reweighting: cb),
     # and the run was labelled ce+DRW:cb+FT:bbn (reliability row 78)
     ({"loss": "ce", "model.arch": "bbn_resnet32", "finetune.strategy": "bbn", "finetune.start_epoch": 0},
-     "finetune.strategy=bbn picks its own batches and weights, so finetune.reweighting=cb would be silently "
-     "ignored: set finetune.reweighting=none and finetune.sampler=instance (its own settings: finetunes.bbn)"),
+     "finetune.strategy=bbn does not use finetune.reweighting / finetune.sampler (its settings are finetunes.bbn), "
+     "so finetune.reweighting=cb would be silently ignored: set finetune.reweighting=none and "
+     "finetune.sampler=instance (`longtail sweep --method NAME` sets them)"),
     ({"finetune.strategy": "crt", "finetune.start_epoch": 200, "finetune.reweighting": "none",
-      "finetune.sampler": "class_balanced"}, "finetune.strategy=crt picks its own batches and weights, so "
+      "finetune.sampler": "class_balanced"}, "finetune.strategy=crt does not use finetune.reweighting / "
+                                             "finetune.sampler (its settings are finetunes.crt), so "
                                              "finetune.sampler=class_balanced would be silently ignored"),
     ({"finetune.strategy": "meta_sampler", "finetune.start_epoch": 200},
-     "finetune.strategy=meta_sampler picks its own batches and weights, so finetune.reweighting=cb"),
+     "so finetune.reweighting=cb would be silently ignored"),
+    ({"finetune.strategy": "tau_norm", "finetune.start_epoch": 200}, "finetune.strategy=tau_norm does not use"),
+    ({"finetune.strategy": "lws", "finetune.start_epoch": 200}, "finetune.strategy=lws does not use"),
+    ({"finetune.strategy": "ncm", "finetune.start_epoch": 200, "finetune.reweighting": "none",
+      "finetune.sampler": "class_aware"}, "so finetune.sampler=class_aware would be silently ignored"),
 ])
 def test_plugin_params_are_bound_and_built_before_any_work(default_params, overrides, message):
     p = parse(override(default_params, overrides))

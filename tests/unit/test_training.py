@@ -546,7 +546,7 @@ def test_one_stage_1_serves_every_fine_tune_strategy(prepared, tmp_path):
     from pipeline.params import override
 
     p, ds = prepared
-    raw = override(p.raw, {"finetune.start_epoch": 4})
+    raw = override(p.raw, {"finetune.start_epoch": 4, "finetune.reweighting": "none"})
     crt, tau = parse(override(raw, {"finetune.strategy": "crt"})), parse(override(raw, {"finetune.strategy": "tau_norm"}))
     assert training._fingerprint("pretrain", crt, ds) == training._fingerprint("pretrain", tau, ds)
     assert training._fingerprint("finetune", crt, ds) != training._fingerprint("finetune", tau, ds)
@@ -594,7 +594,8 @@ def test_a_strategy_that_trains_nothing_finishes_in_a_dvc_temp_copy(prepared, tm
     from pipeline.params import override
 
     p, ds = prepared
-    p = parse(override(p.raw, {"finetune.strategy": strategy, "finetune.start_epoch": p.train.epochs}))
+    p = parse(override(p.raw, {"finetune.strategy": strategy, "finetune.start_epoch": p.train.epochs,
+                               "finetune.reweighting": "none"}))
     root = tmp_path / "project"
     root.mkdir()
     monkeypatch.setenv("LONGTAIL_ROOT", str(root))
