@@ -363,6 +363,11 @@ def _parse(raw: dict, source: str) -> Params:
             f"finetune.start_epoch ({finetune.start_epoch}) is beyond the last epoch: "
             f"it must be between 0 and train.epochs ({epochs})"
         )
+    unused = _not_plain("train", train)
+    if finetune.start_epoch == 0 and unused:  # e.g. BBN, which runs the whole schedule as its fine-tune stage
+        raise LongtailError(
+            f"finetune.start_epoch=0 leaves the train.* re-balancing no epoch, so {' and '.join(unused)} would be "
+            f"silently ignored: set train.reweighting=none and train.sampler=instance (finetune.* covers the whole run)")
 
     tracking = raw.get("tracking") or {}
     experiment = tracking.get("experiment", DEFAULT_EXPERIMENT) if isinstance(tracking, dict) else None
@@ -452,9 +457,14 @@ def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts
 
 
 # a plugin parameter with one of these names (or ending in _NAME) names a plugin of that group
-# the finetune.* values that re-balance nothing (what a strategy with its own batches and weights needs)
-PLAIN_FINETUNE = {"reweighting": "none", "sampler": "instance"}
+# the re-balancing choices that re-balance nothing (method_names.yaml's `plain`, in both phases)
+PLAIN_REBALANCING = {"reweighting": "none", "sampler": "instance"}
 PLUGIN_REFERENCES = {"sampler": "samplers", "reweighting": "reweighting"}
+
+
+def _not_plain(phase: str, choice) -> list[str]:
+    """`phase.key=value` for each of a phase's re-balancing choices that re-balances something."""
+    return [f"{phase}.{k}={getattr(choice, k)}" for k in PLAIN_REBALANCING if getattr(choice, k) != PLAIN_REBALANCING[k]]
 
 
 def check_plugins(p: Params, class_counts: list[int] | None = None) -> None:
@@ -505,12 +515,15 @@ def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
         if (group, name) == ("finetune", p.finetune.strategy) and getattr(built, "after_full_stage_one", False) \
                 and p.finetune.start_epoch != p.train.epochs:
             raise full_stage_one_error(name, p.train.epochs, p.finetune.start_epoch)
-        if (group, name) == ("finetune", p.finetune.strategy) \
-                and not getattr(built, "uses_finetune_rebalancing", True):
-            ignored = [f"finetune.{k}={v}" for k, v in (("reweighting", p.finetune.reweighting),
-                                                         ("sampler", p.finetune.sampler)) if v != PLAIN_FINETUNE[k]]
-            if ignored:
-                raise ignored_rebalancing_error(name, ignored)
+        if (group, name) == ("finetune", p.finetune.strategy):
+            unused = _not_plain("finetune", p.finetune)
+            if unused and not getattr(built, "uses_finetune_rebalancing", True):
+                raise ignored_rebalancing_error(name, unused)
+            if unused and p.finetune.start_epoch == p.train.epochs:
+                raise LongtailError(
+                    f"finetune.start_epoch=train.epochs ({p.train.epochs}) leaves the finetune.* re-balancing no epoch, "
+                    f"so {' and '.join(unused)} would be silently ignored: set finetune.start_epoch below "
+                    f"{p.train.epochs}, or finetune.reweighting=none and finetune.sampler=instance")
 
 
 

@@ -23,6 +23,10 @@ def test_default_params_are_valid(default_params):
     (lambda d: d.update(dataset="mnist"), "dataset must be one of cifar10, cifar100, imagefolder, digits"),
     (lambda d: d.update(imbalance="linear"), "imbalance must be one of exp, step"),
     (lambda d: d["finetune"].update(start_epoch=250), "finetune.start_epoch (250) is beyond the last epoch"),
+    # BBN runs the whole schedule as its fine-tune stage: a train.* re-balancing would be ignored (row 78)
+    (lambda d: (d["finetune"].update(start_epoch=0, reweighting="none"), d["train"].update(reweighting="cb")),
+     "finetune.start_epoch=0 leaves the train.* re-balancing no epoch, so train.reweighting=cb would be silently "
+     "ignored: set train.reweighting=none and train.sampler=instance (finetune.* covers the whole run)"),
     (lambda d: d["train"].update(epochs=0), "train.epochs must be >= 1"),
     (lambda d: d["train"].update(sampler="magic"), "train.sampler: unknown samplers plugin 'magic'"),
     (lambda d: d["finetune"].update(reweighting="x"), "finetune.reweighting: unknown reweighting plugin 'x'"),
@@ -179,6 +183,11 @@ def test_image_size_is_optional_auto_or_a_side(default_params):
     ({"finetune.strategy": "lws", "finetune.start_epoch": 200}, "finetune.strategy=lws does not use"),
     ({"finetune.strategy": "ncm", "finetune.start_epoch": 200, "finetune.reweighting": "none",
       "finetune.sampler": "class_aware"}, "so finetune.sampler=class_aware would be silently ignored"),
+    # the same for a phase with no epoch: DRW from the last epoch on (continue)
+    ({"finetune.start_epoch": 200}, "finetune.start_epoch=train.epochs (200) leaves the finetune.* re-balancing "
+                                    "no epoch, so finetune.reweighting=cb would be silently ignored: set "
+                                    "finetune.start_epoch below 200, or finetune.reweighting=none and "
+                                    "finetune.sampler=instance"),
 ])
 def test_plugin_params_are_bound_and_built_before_any_work(default_params, overrides, message):
     p = parse(override(default_params, overrides))
@@ -353,9 +362,10 @@ def test_a_strategy_with_its_own_batches_passes_with_plain_finetune_rebalancing(
                   class_counts=[50, 5])
 
 
-def test_plain_finetune_values_are_the_method_names_plain_ones():
+def test_plain_rebalancing_values_are_the_method_names_plain_ones():
     from pipeline.method_names import MethodNames
-    from pipeline.params import PLAIN_FINETUNE
+    from pipeline.params import PLAIN_REBALANCING
 
     plain = MethodNames.load().plain
-    assert {k: plain[f"finetune.{k}"] for k in PLAIN_FINETUNE} == PLAIN_FINETUNE
+    for phase in ("train", "finetune"):
+        assert {k: plain[f"{phase}.{k}"] for k in PLAIN_REBALANCING} == PLAIN_REBALANCING
