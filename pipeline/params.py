@@ -519,11 +519,6 @@ def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
             unused = _not_plain("finetune", p.finetune)
             if unused and not getattr(built, "uses_finetune_rebalancing", True):
                 raise ignored_rebalancing_error(name, unused)
-            if unused and p.finetune.start_epoch == p.train.epochs:
-                raise LongtailError(
-                    f"finetune.start_epoch=train.epochs ({p.train.epochs}) leaves the finetune.* re-balancing no epoch, "
-                    f"so {' and '.join(unused)} would be silently ignored: set finetune.start_epoch below "
-                    f"{p.train.epochs}, or finetune.reweighting=none and finetune.sampler=instance")
 
 
 
