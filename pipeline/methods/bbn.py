@@ -10,8 +10,8 @@ alpha = 1 - (T / T_max)^2 (T = 0-based epoch, T_max = train.epochs):
 
 L is the configured loss plugin (CE in the paper), with class weights only if this strategy's own
 `reweighting` names a re-weighting plugin (default none, as in the paper); finetune.reweighting
-and finetune.sampler are not used (the check refuses any but none / instance). The factor 2 is the authors' combiner (`bbn_mix`); the model's
-plain forward mixes the branches with alpha = 0.5, i.e. W [f_c ; f_r], which is what evaluation
+and finetune.sampler are not used (the check refuses any but none / instance). The factor 2 is
+the authors' combiner (`bbn_mix`); the model's plain forward mixes the branches with alpha = 0.5, i.e. W [f_c ; f_r], which is what evaluation
 uses (the authors test on the concatenated features). The strategy hands the trainer its steps (`BBNSteps`), so the lr
 schedule (train.lr, warm-up, train.milestones), evaluation, history, best-epoch tracking and the
 resume checkpoints are the trainer's own. An epoch is floor(N / batch_size) steps: the authors' loader

@@ -108,7 +108,7 @@ def pick_tau(sweep: list[dict]) -> float:
 
 class TauNorm:
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
-    uses_finetune_rebalancing = False  # its own sampler (finetunes.*), no class weights
+    uses_finetune_rebalancing = False  # trains nothing: no batches, no class weights
 
     def __init__(self, tau, grid, holdout_per_class: int, holdout_seed: int, sweep_file):
         self.tau, self.grid = tau, grid
@@ -278,7 +278,7 @@ def ncm_head(means: torch.Tensor, metric: str = "euclidean", center: torch.Tenso
 
 class NearestClassMean:
     after_full_stage_one = True  # stage 1 must run the whole schedule (checked before any work)
-    uses_finetune_rebalancing = False  # its own sampler (finetunes.*), no class weights
+    uses_finetune_rebalancing = False  # trains nothing: no batches, no class weights
 
     def __init__(self, metric: str, features: str):
         self.metric, self.features = metric, features
