@@ -456,9 +456,9 @@ def expected_counts(p: Params, prepared: Path = Path("data/prepared/class_counts
     return _cut(p.dataset, p.data, p.imbalance, p.ratio, [len(f) for f in train_files], classes)
 
 
-# a plugin parameter with one of these names (or ending in _NAME) names a plugin of that group
 # the re-balancing choices that re-balance nothing (method_names.yaml's `plain`, in both phases)
 PLAIN_REBALANCING = {"reweighting": "none", "sampler": "instance"}
+# a plugin parameter with one of these names (or ending in _NAME) names a plugin of that group
 PLUGIN_REFERENCES = {"sampler": "samplers", "reweighting": "reweighting"}
 
 
@@ -512,10 +512,9 @@ def _check_plugins(p: Params, class_counts: list[int] | None) -> None:
                 raise LongtailError(f"{key}.{pkey}: unknown {ref} plugin {value!r}"
                                     f"{f' (did you mean {match[0]}?)' if match else ''}; valid: {', '.join(valid)}")
         built = registry.build(group, name, *args, params=params, param_key=key)
-        if (group, name) == ("finetune", p.finetune.strategy) and getattr(built, "after_full_stage_one", False) \
-                and p.finetune.start_epoch != p.train.epochs:
-            raise full_stage_one_error(name, p.train.epochs, p.finetune.start_epoch)
-        if (group, name) == ("finetune", p.finetune.strategy):
+        if (group, name) == ("finetune", p.finetune.strategy):  # what the selected strategy says of itself
+            if getattr(built, "after_full_stage_one", False) and p.finetune.start_epoch != p.train.epochs:
+                raise full_stage_one_error(name, p.train.epochs, p.finetune.start_epoch)
             unused = _not_plain("finetune", p.finetune)
             if unused and not getattr(built, "uses_finetune_rebalancing", True):
                 raise ignored_rebalancing_error(name, unused)
